@@ -1,0 +1,108 @@
+"""One component through the stages: read headers -> detect + derive config -> plan + coverage
+proof -> write (streamed, one tensor at a time) -> verify the written headers against the plan."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .errors import ConversionError
+from .mapping import transforms
+from .mapping.tables import load_table
+from .plan.detect import detect
+from .plan.plan import Plan, PlannedTensor, build_plan
+from .plan.target import build_target
+from .read.safetensors_file import DTYPES, read_header, read_tensor
+from .read.source import SourceCheckpoint, open_safetensors_source
+from .write.naming import ShardLayout, plan_shards
+from .write.safetensors_writer import write_safetensors
+
+
+@dataclass
+class ComponentPlan:
+    component: str
+    source: SourceCheckpoint
+    plan: Plan
+    weights_name: str
+
+
+def plan_component(component: str, src_path: Path, dtype: str = "keep") -> ComponentPlan:
+    table = load_table(component)
+    src = open_safetensors_source(src_path, table.source.weights_name, table.source.strip_prefixes)
+    det = detect(table, src)
+    target = build_target(det.target_class, det.config)
+    plan = build_plan(table, src, det, target, dtype)
+    return ComponentPlan(component, src, plan, table.source.weights_name)
+
+
+def require_coverage(cp: ComponentPlan) -> None:
+    if not cp.plan.ok:
+        n = len(cp.plan.problems)
+        raise ConversionError(
+            f"{cp.source.path}: {cp.component}: coverage check failed ({n} problem{'s' * (n != 1)}); "
+            f"nothing was written", cp.plan.problems)
+
+
+def produce(pt: PlannedTensor):
+    """The output tensor, or the source TensorRef when its bytes can be copied unchanged."""
+    if pt.is_byte_copy:
+        return pt.sources[0]
+    inputs = [read_tensor(r) for r in pt.sources]
+    out = transforms.apply(pt.rule, inputs)[pt.part]
+    return out.to(DTYPES[pt.dtype])
+
+
+def write_component(cp: ComponentPlan, folder: Path, max_shard_size, progress: bool = True) -> ShardLayout:
+    folder.mkdir(parents=True, exist_ok=True)
+    by_key = {pt.key: pt for pt in cp.plan.tensors}
+    layout = plan_shards({k: pt.nbytes for k, pt in by_key.items()}, cp.weights_name, max_shard_size)
+    total = sum(pt.nbytes for pt in cp.plan.tensors)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {cp.component}",
+              disable=None if progress else True, leave=False) as bar:
+        for name, keys in layout.files.items():
+            pts = [by_key[k] for k in keys]
+            entries = [(pt.key, pt.dtype, pt.shape, pt.nbytes) for pt in pts]
+            write_safetensors(folder / name, entries, lambda i: produce(pts[i]), {"format": "pt"}, bar.update)
+    if layout.index_name:
+        (folder / layout.index_name).write_text(json.dumps(layout.index, indent=2, sort_keys=True) + "\n")
+    cp.plan.target.save_config(folder)
+    return layout
+
+
+def verify_written(cp: ComponentPlan, folder: Path, layout: ShardLayout) -> None:
+    """Read back the written headers: every planned key, with its shape and dtype, and nothing else."""
+    seen = {}
+    for name in layout.files:
+        for key, ref in read_header(folder / name).tensors.items():
+            seen[key] = (ref.dtype, ref.shape)
+    want = {pt.key: (pt.dtype, pt.shape) for pt in cp.plan.tensors}
+    if seen != want:
+        diff = sorted(set(seen.items()) ^ set(want.items()))[:5]
+        raise ConversionError(f"{folder}: written headers differ from the plan: {diff}")
+
+
+def describe(cp: ComponentPlan) -> dict:
+    p, src = cp.plan, cp.source
+    return {
+        "component": cp.component,
+        "source": str(src.path),
+        "source_layout": src.layout + (f" (prefix {src.prefix!r} removed)" if src.prefix else ""),
+        "source_files": [str(f) for f in src.files],
+        "variant": p.detection.variant,
+        "size": p.detection.size,
+        "class": p.target.class_name,
+        "config": p.detection.config,
+        "notes": p.detection.notes,
+        "source_tensors": len(src.tensors),
+        "target_tensors": len(p.target.shapes),
+        "converted": len(p.tensors),
+        "dropped": [{"key": d.key, "reason": d.reason} for d in p.dropped],
+        "bytes": sum(pt.nbytes for pt in p.tensors),
+        "dtypes": sorted({pt.dtype for pt in p.tensors}),
+        "coverage": "ok" if p.ok else "failed",
+        "problems": p.problems,
+    }

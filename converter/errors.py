@@ -1,0 +1,9 @@
+"""The one exception type whose message is meant for the user (one line, names the file)."""
+
+
+class ConversionError(Exception):
+    """Bad input or a refused operation. The CLI prints `error: <message>` and exits non-zero."""
+
+    def __init__(self, message: str, details: list[str] | None = None):
+        super().__init__(message)
+        self.details = details or []  # e.g. the offending keys, printed below the line

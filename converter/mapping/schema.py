@@ -1,0 +1,119 @@
+"""The schema of a mapping table (mappings/<component>.yaml), as frozen pydantic models.
+A table that does not fit is refused when loaded, with the file and the rule named."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+OPS = ("rename", "chunk", "concat", "transpose", "reshape", "squeeze", "unsqueeze", "drop")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceSpec(Strict):
+    weights_name: str | None = None  # safetensors components: file name (an index is <name>.index.json)
+    file_names: list[str] = []  # .pth components: the original file name(s)
+    strip_prefixes: list[str] = []
+    required_keys: list[str] = Field(min_length=1)
+
+
+class Variant(Strict):
+    name: str
+    when_present: list[str] = []
+    target_class: str
+
+
+class Size(Strict):
+    name: str
+    dim: int
+    num_heads: int | None = None
+
+
+class Fact(Strict):
+    """How one fact is derived; exactly one primary source: shape, present, count, config,
+    divide, const.  `else*` is the fallback when the key/config field is absent."""
+
+    shape: tuple[str, Union[int, str]] | None = None
+    present: str | None = None
+    count: str | None = None
+    config: str | None = None
+    divide: tuple[str, str] | None = None
+    const: Any = None
+    then: Any = None
+    then_fact: str | None = None
+    else_: Any = Field(default="__required__", alias="else")
+    else_size: str | None = None
+    else_every: tuple[int, str] | None = None
+    divide_by_product_of: str | None = None
+    check: str | None = None
+    variant: list[str] | None = None
+
+    @model_validator(mode="after")
+    def one_source(self):
+        primary = [f for f in ("shape", "present", "count", "config", "divide") if getattr(self, f) is not None]
+        if len(primary) + ("const" in self.model_fields_set) != 1:
+            raise ValueError("a fact needs exactly one of shape, present, count, config, divide, const")
+        return self
+
+
+class ConfigEntry(Strict):
+    fact: str | None = None
+    const: Any = None
+    variant: list[str] | None = None
+
+
+class Rule(Strict):
+    from_: Union[str, list[str]] = Field(alias="from")
+    to: Union[str, list[str], None] = None
+    op: Literal[OPS] = "rename"  # type: ignore[valid-type]
+    dim: int | None = None  # chunk, concat, squeeze, unsqueeze
+    dims: tuple[int, int] | None = None  # transpose
+    shape: list[int] | None = None  # reshape (-1 allowed once)
+    reason: str | None = None  # drop
+    variant: list[str] | None = None  # active only for these detected variants
+
+    @model_validator(mode="after")
+    def op_arguments(self):
+        sources = [self.from_] if isinstance(self.from_, str) else self.from_
+        targets = [] if self.to is None else [self.to] if isinstance(self.to, str) else self.to
+        need = {
+            "rename": (1, 1, ()), "transpose": (1, 1, ("dims",)), "reshape": (1, 1, ("shape",)),
+            "squeeze": (1, 1, ("dim",)), "unsqueeze": (1, 1, ("dim",)),
+            "chunk": (1, None, ("dim",)), "concat": (None, 1, ("dim",)), "drop": (1, 0, ("reason",)),
+        }[self.op]
+        n_src, n_dst, args = need
+        if n_src is not None and len(sources) != n_src:
+            raise ValueError(f"op {self.op} takes {n_src} source key(s), got {len(sources)}")
+        if n_dst is not None and len(targets) != n_dst:
+            raise ValueError(f"op {self.op} makes {n_dst} target key(s), got {len(targets)}")
+        if self.op == "chunk" and len(targets) < 2 or self.op == "concat" and len(sources) < 2:
+            raise ValueError(f"op {self.op} needs at least two keys on its many side")
+        for a in args:
+            if getattr(self, a) in (None, ""):
+                raise ValueError(f"op {self.op} needs `{a}`")
+        return self
+
+    @property
+    def sources(self) -> list[str]:
+        return [self.from_] if isinstance(self.from_, str) else list(self.from_)
+
+    @property
+    def targets(self) -> list[str]:
+        return [] if self.to is None else [self.to] if isinstance(self.to, str) else list(self.to)
+
+
+class Table(Strict):
+    schema_version: Literal[1]
+    component: str
+    description: str
+    source: SourceSpec
+    variants: list[Variant] = Field(min_length=1)
+    sizes: list[Size] = []
+    facts: dict[str, Fact] = {}
+    config: dict[str, Union[str, ConfigEntry]] = {}
+    rules: list[Rule] = Field(min_length=1)
+    placeholders: dict[str, Union[Literal["index"], list[str]]] = {}

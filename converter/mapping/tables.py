@@ -1,0 +1,54 @@
+"""Load the YAML mapping tables shipped as package data (converter.mappings)."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from ..errors import ConversionError
+from .schema import Table
+
+TABLE_PACKAGE = "converter.mappings"
+
+
+def table_path(component: str):
+    return resources.files(TABLE_PACKAGE).joinpath(f"{component}.yaml")
+
+
+@lru_cache(maxsize=None)
+def load_table(component: str) -> Table:
+    path = table_path(component)
+    if not path.is_file():
+        raise ConversionError(f"no mapping table for component {component!r} ({path})")
+    return parse_table(path.read_text(encoding="utf-8"), str(path))
+
+
+def parse_table(text: str, where: str) -> Table:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConversionError(f"{where}: not valid YAML: {e}".replace("\n", " ")) from None
+    try:
+        table = Table.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = first["loc"]
+        what = ".".join(str(x) for x in loc)
+        if len(loc) >= 2 and loc[0] == "rules" and isinstance(loc[1], int):
+            rule = data["rules"][loc[1]]
+            what = f"rule {loc[1] + 1} ({rule.get('from') if isinstance(rule, dict) else rule!r})"
+        raise ConversionError(f"{where}: invalid table at {what}: {first['msg']}") from None
+    undeclared = {name for r in table.rules for t in r.sources + r.targets
+                  for name in re.findall(r"\{(\w+)\}", t)} - set(table.placeholders)
+    if undeclared:
+        raise ConversionError(f"{where}: placeholders {sorted(undeclared)} are used but not declared")
+    return table
+
+
+def table_file(component: str) -> Path:
+    return Path(str(table_path(component)))

@@ -1,0 +1,124 @@
+"""Recognise what a checkpoint is (variant, size) and derive the complete target config from
+the table's `variants`, `sizes`, `facts` and `config` sections and the weights' shapes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConversionError
+from ..mapping.rules import template_for
+from ..mapping.schema import Fact, Table
+from ..read.source import SourceCheckpoint
+
+MISSING = "__required__"
+
+
+@dataclass
+class Detection:
+    component: str
+    variant: str
+    size: str
+    target_class: str
+    facts: dict[str, Any]
+    config: dict[str, Any]
+    notes: list[str]
+
+
+def detect(table: Table, src: SourceCheckpoint) -> Detection:
+    keys = src.tensors
+    absent = [k for k in table.source.required_keys if k not in keys]
+    if absent:
+        sample = ", ".join(sorted(keys)[:3]) or "no tensors at all"
+        raise ConversionError(
+            f"{src.path}: not a Wan 2.1 {table.component} checkpoint: no {absent[0]} "
+            f"(holds {len(keys)} tensors, e.g. {sample})")
+    variant = next(v for v in table.variants if all(k in keys for k in v.when_present))
+    notes: list[str] = []
+    cfg = src.original_config or {}
+    model_type = cfg.get("model_type")
+    if model_type and model_type != variant.name:
+        notes.append(f"config.json says model_type={model_type!r}; the weights say {variant.name} (trusted)")
+
+    facts: dict[str, Any] = {}
+    for name, fact in table.facts.items():
+        facts[name] = _evaluate(name, fact, table, src, variant.name, facts)
+
+    size = "custom"
+    if "dim" in facts:
+        size = next((s.name for s in table.sizes if s.dim == facts["dim"]), f"custom (dim {facts['dim']})")
+
+    config: dict[str, Any] = {}
+    for field, entry in table.config.items():
+        if isinstance(entry, str):
+            config[field] = facts[entry]
+        elif entry.variant is None or variant.name in entry.variant:
+            config[field] = facts[entry.fact] if entry.fact else entry.const
+    return Detection(table.component, variant.name, size, variant.target_class, facts, config, notes)
+
+
+def _evaluate(name: str, f: Fact, table: Table, src: SourceCheckpoint, variant: str, facts: dict) -> Any:
+    if f.variant is not None and variant not in f.variant:
+        return None
+    keys, cfg = src.tensors, src.original_config or {}
+
+    def fallback(why: str):
+        if f.else_size is not None:
+            size = next((s for s in table.sizes if s.dim == facts.get("dim")), None)
+            if size is not None and getattr(size, f.else_size) is not None:
+                return getattr(size, f.else_size)
+            known = ", ".join(f"{s.name} (dim {s.dim})" for s in table.sizes)
+            raise ConversionError(
+                f"{src.path}: {why}, and dim {facts.get('dim')} is not a known size ({known}); "
+                f"put {f.config or name} in a config.json beside the weights")
+        if f.else_every is not None:
+            step, upto = f.else_every
+            return list(range(0, facts[upto], step))
+        if f.else_ != MISSING:
+            return f.else_
+        raise ConversionError(f"{src.path}: cannot derive {name}: {why}")
+
+    if "const" in f.model_fields_set:
+        value = f.const
+    elif f.shape is not None:
+        key, index = f.shape
+        if key not in keys:
+            return fallback(f"no {key}")
+        shape = keys[key].shape
+        try:
+            if isinstance(index, int):
+                value = shape[index]
+            else:
+                a, _, b = index.partition(":")
+                value = list(shape[slice(int(a) if a else None, int(b) if b else None)])
+        except IndexError:
+            raise ConversionError(f"{keys[key].file}: {key} has shape {list(shape)}, too few dims") from None
+    elif f.present is not None:
+        if f.present not in keys:
+            return fallback(f"no {f.present}") if f.else_ != MISSING else False
+        value = facts[f.then_fact] if f.then_fact else (f.then if "then" in f.model_fields_set else True)
+    elif f.count is not None:
+        t = template_for(table, f.count)
+        found = [int(b["n"]) for k in keys if (b := t.match(k))]
+        value = max(found) + 1 if found else 0
+    elif f.config is not None:
+        if f.config in cfg:
+            value = cfg[f.config]
+        else:
+            return fallback(f"config.json has no {f.config}" if src.original_config else "there is no config.json")
+    else:  # divide
+        a, b = (facts[x] for x in f.divide)
+        if not b or a % b:
+            raise ConversionError(f"{src.path}: {f.divide[0]}={a} is not divisible by {f.divide[1]}={b}")
+        value = a // b
+
+    if f.divide_by_product_of is not None:
+        d = math.prod(facts[f.divide_by_product_of])
+        if value % d:
+            raise ConversionError(f"{src.path}: {name}: {value} is not divisible by {d}")
+        value //= d
+    if f.check is not None and f.check in cfg and cfg[f.check] != value:
+        raise ConversionError(
+            f"{src.path / 'config.json'}: {f.check}={cfg[f.check]!r} contradicts the weights ({value!r})")
+    return value

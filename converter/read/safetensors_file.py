@@ -1,0 +1,157 @@
+"""Read safetensors files without mapping them: parse and validate the header, then read one
+tensor's bytes at a time (or let the kernel copy them), so memory never holds more than one
+tensor.  safetensors' own `safe_open` maps the whole file: every page it touches counts in RSS
+until the file is closed, which is why this module uses plain positioned reads."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ConversionError
+
+# safetensors dtype tag -> (torch dtype, bytes per element)
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+TAGS: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
+
+
+def itemsize(tag: str) -> int:
+    return torch.empty((), dtype=DTYPES[tag]).element_size()
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor's bytes live: file, absolute byte offset, size, dtype tag and shape."""
+
+    file: Path
+    key: str  # the key as stored in the file
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    path: Path
+    tensors: dict[str, TensorRef]
+    metadata: dict[str, str]
+
+
+def read_header(path: Path) -> SafetensorsHeader:
+    """Parse and validate a safetensors header; raise ConversionError naming the file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ConversionError(f"{path}: not a safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise ConversionError(
+                    f"{path}: corrupt or truncated safetensors header "
+                    f"(header length {n} bytes, file {size} bytes)")
+            raw = f.read(n)
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: corrupt safetensors header (not a JSON object)")
+
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    tensors: dict[str, TensorRef] = {}
+    spans = []
+    for key, entry in header.items():
+        try:
+            tag, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            shape = tuple(int(d) for d in shape)
+            begin, end = int(begin), int(end)
+        except (KeyError, TypeError, ValueError):
+            raise ConversionError(f"{path}: corrupt safetensors header (bad entry for {key!r})") from None
+        if tag not in DTYPES:
+            raise ConversionError(f"{path}: {key}: unsupported dtype {tag!r}")
+        if any(d < 0 for d in shape) or begin < 0 or end < begin:
+            raise ConversionError(f"{path}: {key}: corrupt safetensors header (negative size or offsets)")
+        expected = math.prod(shape) * itemsize(tag)
+        if end - begin != expected:
+            raise ConversionError(
+                f"{path}: {key}: corrupt safetensors header ({end - begin} bytes for shape "
+                f"{list(shape)} {tag}, expected {expected})")
+        tensors[key] = TensorRef(path, key, tag, shape, data_start + begin, end - begin)
+        spans.append((begin, end, key))
+
+    spans.sort()
+    for (b0, e0, k0), (b1, _, k1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise ConversionError(f"{path}: corrupt safetensors header ({k0} and {k1} overlap)")
+    data_end = max((e for _, e, _ in spans), default=0)
+    if data_start + data_end > size:
+        raise ConversionError(
+            f"{path}: truncated: the header promises {data_end} bytes of tensor data, "
+            f"the file holds {size - data_start}")
+    return SafetensorsHeader(path, tensors, dict(metadata))
+
+
+def read_tensor(ref: TensorRef) -> torch.Tensor:
+    """Read exactly one tensor into fresh memory (no mmap)."""
+    buf = bytearray(ref.nbytes)
+    try:
+        with open(ref.file, "rb", buffering=0) as f:
+            f.seek(ref.offset)
+            view = memoryview(buf)
+            got = 0
+            while got < ref.nbytes:
+                k = f.readinto(view[got:])
+                if not k:
+                    break
+                got += k
+    except OSError as e:
+        raise ConversionError(f"{ref.file}: cannot read {ref.key}: {e.strerror or e}") from None
+    if got != ref.nbytes:
+        raise ConversionError(f"{ref.file}: truncated while reading {ref.key}")
+    if ref.nbytes == 0:
+        return torch.empty(ref.shape, dtype=DTYPES[ref.dtype])
+    return torch.frombuffer(buf, dtype=DTYPES[ref.dtype]).reshape(ref.shape)
+
+
+def copy_bytes(ref: TensorRef, out, chunk: int = 64 * 1024 * 1024) -> None:
+    """Append a tensor's bytes to the open file `out`, kernel-side when the OS allows it
+    (os.copy_file_range: the bytes never enter this process)."""
+    with open(ref.file, "rb", buffering=0) as src:
+        out.flush()
+        remaining, src_off = ref.nbytes, ref.offset
+        if hasattr(os, "copy_file_range"):
+            try:
+                while remaining:
+                    k = os.copy_file_range(src.fileno(), out.fileno(), min(remaining, 1 << 30), src_off)
+                    if k == 0:
+                        raise ConversionError(f"{ref.file}: truncated while reading {ref.key}")
+                    remaining -= k
+                    src_off += k
+                return
+            except OSError:
+                pass  # e.g. EXDEV/EINVAL on some filesystems: fall back to plain reads
+        src.seek(src_off)
+        while remaining:
+            data = src.read(min(chunk, remaining))
+            if not data:
+                raise ConversionError(f"{ref.file}: truncated while reading {ref.key}")
+            out.write(data)
+            remaining -= len(data)

@@ -1,0 +1,117 @@
+"""Find a component's weights on disk and read their headers: a folder with one file, a sharded
+folder with an index, or a single file whose keys may carry a prefix.  Only headers are read."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConversionError
+from .safetensors_file import SafetensorsHeader, TensorRef, read_header
+
+
+@dataclass
+class SourceCheckpoint:
+    path: Path
+    layout: str  # "folder", "sharded folder" or "single file"
+    files: list[Path]
+    tensors: dict[str, TensorRef]  # canonical key (prefix removed) -> where its bytes are
+    original_config: dict | None = None
+    prefix: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.nbytes for r in self.tensors.values())
+
+
+def load_json(path: Path, what: str) -> object:
+    def no_duplicates(pairs):
+        seen = {}
+        for k, v in pairs:
+            if k in seen:
+                raise ConversionError(f"{path}: {what} names {k!r} twice")
+            seen[k] = v
+        return seen
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def open_safetensors_source(path: Path, weights_name: str, strip_prefixes: list[str]) -> SourceCheckpoint:
+    """`weights_name` is e.g. diffusion_pytorch_model.safetensors; its index is `<name>.index.json`."""
+    path = Path(path)
+    if not path.exists():
+        raise ConversionError(f"{path}: no such file or folder")
+    if path.is_file():
+        header = read_header(path)
+        prefix = common_prefix(header.tensors, strip_prefixes)
+        tensors = {k[len(prefix):]: r for k, r in header.tensors.items()}
+        return SourceCheckpoint(path, "single file", [path], tensors, None, prefix, header.metadata)
+
+    config_path = path / "config.json"
+    config = load_json(config_path, "config") if config_path.exists() else None
+    if config is not None and not isinstance(config, dict):
+        raise ConversionError(f"{config_path}: not a JSON object")
+    index_path = path / (weights_name + ".index.json")
+    single_path = path / weights_name
+    if index_path.exists():
+        files, tensors = read_index(path, index_path)
+        return SourceCheckpoint(path, "sharded folder", files, tensors, config)
+    if single_path.exists():
+        header = read_header(single_path)
+        return SourceCheckpoint(path, "folder", [single_path], dict(header.tensors), config,
+                                metadata=header.metadata)
+    stray = sorted(p.name for p in path.glob("*.safetensors"))
+    hint = f" (found {', '.join(stray[:3])}; pass the file itself)" if stray else ""
+    raise ConversionError(f"{path}: no {weights_name} or {index_path.name} in this folder{hint}")
+
+
+def common_prefix(tensors: dict[str, TensorRef], candidates: list[str]) -> str:
+    for prefix in sorted(candidates, key=len, reverse=True):
+        if tensors and all(k.startswith(prefix) for k in tensors):
+            return prefix
+    return ""
+
+
+def read_index(folder: Path, index_path: Path) -> tuple[list[Path], dict[str, TensorRef]]:
+    index = load_json(index_path, "index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ConversionError(f"{index_path}: no weight_map in the index")
+    root = folder.resolve()
+    headers: dict[str, SafetensorsHeader] = {}
+    for name in dict.fromkeys(weight_map.values()):
+        if not isinstance(name, str) or not name:
+            raise ConversionError(f"{index_path}: a weight_map entry is not a file name: {name!r}")
+        shard = (folder / name).resolve()
+        if Path(name).is_absolute() or root not in shard.parents:
+            raise ConversionError(f"{index_path}: {name!r} points outside the source folder")
+        if not shard.is_file():
+            raise ConversionError(f"{index_path}: names {name}, which does not exist")
+        headers[name] = read_header(folder / name)
+
+    owner: dict[str, str] = {}
+    for name, header in headers.items():
+        for key in header.tensors:
+            if key in owner:
+                raise ConversionError(f"{folder}: duplicate key {key} in {owner[key]} and {name}")
+            owner[key] = name
+    tensors: dict[str, TensorRef] = {}
+    for key, name in weight_map.items():
+        ref = headers[name].tensors.get(key)
+        if ref is None:
+            where = f" (it is in {owner[key]})" if key in owner else ""
+            raise ConversionError(f"{index_path}: key {key} is not in {name}{where}")
+        tensors[key] = ref
+    unlisted = sorted(set(owner) - set(weight_map))
+    if unlisted:
+        raise ConversionError(
+            f"{folder / owner[unlisted[0]]}: holds {unlisted[0]}, which {index_path.name} does not list"
+            + (f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""), unlisted)
+    return [folder / n for n in headers], tensors

@@ -1,0 +1,52 @@
+"""Write a safetensors file without holding it: the header is computed from the plan (names,
+dtypes, shapes), then each tensor's bytes are appended one at a time."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from ..read.safetensors_file import TensorRef, copy_bytes
+
+
+def header_bytes(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]) -> bytes:
+    """entries: (key, dtype tag, shape, nbytes) in data order."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for key, tag, shape, nbytes in entries:
+        header[key] = {"dtype": tag, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # align the data section, as safetensors does
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def write_safetensors(path: Path, entries: list[tuple[str, str, tuple[int, ...], int]],
+                      produce: Callable[[int], TensorRef | torch.Tensor], metadata: dict[str, str],
+                      on_bytes: Callable[[int], None] = lambda n: None) -> None:
+    """`produce(i)` returns entry i as a tensor (already in its final dtype and shape) or as a
+    TensorRef whose bytes are copied unchanged."""
+    with open(path, "wb", buffering=0) as out:
+        out.write(header_bytes(entries, metadata))
+        for i, (key, tag, shape, nbytes) in enumerate(entries):
+            item = produce(i)
+            if isinstance(item, TensorRef):
+                if item.nbytes != nbytes:
+                    raise AssertionError(f"{key}: planned {nbytes} bytes, source has {item.nbytes}")
+                copy_bytes(item, out)
+            else:
+                t = item.contiguous()
+                if tuple(t.shape) != tuple(shape) or t.numel() * t.element_size() != nbytes:
+                    raise AssertionError(f"{key}: planned {list(shape)}, produced {list(t.shape)} {t.dtype}")
+                _write_all(out, t.reshape(-1).view(torch.uint8).numpy().data if nbytes else b"")
+            on_bytes(nbytes)
+
+
+def _write_all(out, data: Iterable) -> None:
+    view = memoryview(data)
+    while view:
+        n = out.write(view)
+        view = view[n:]

@@ -1,0 +1,1 @@
+"""The YAML mapping tables (package data: converter.mappings)."""
