@@ -27,16 +27,24 @@ class ComponentPlan:
     component: str
     source: SourceCheckpoint
     plan: Plan
-    weights_name: str
+    weights_name: str  # output file name (sharded: <stem>-0000i-of-0000n.safetensors)
+    folder: str  # output subfolder
+
+
+def open_source(component: str, src_path: Path) -> SourceCheckpoint:
+    table = load_table(component)
+    if table.source.weights_name:
+        return open_safetensors_source(src_path, table.source.weights_name, table.source.strip_prefixes)
+    raise ConversionError(f"{src_path}: reading the {component} source is not supported yet")
 
 
 def plan_component(component: str, src_path: Path, dtype: str = "keep") -> ComponentPlan:
     table = load_table(component)
-    src = open_safetensors_source(src_path, table.source.weights_name, table.source.strip_prefixes)
+    src = open_source(component, src_path)
     det = detect(table, src)
     target = build_target(det.target_class, det.config)
     plan = build_plan(table, src, det, target, dtype)
-    return ComponentPlan(component, src, plan, table.source.weights_name)
+    return ComponentPlan(component, src, plan, table.output.weights_name, table.output.folder)
 
 
 def require_coverage(cp: ComponentPlan) -> None:

@@ -21,6 +21,11 @@ class SourceSpec(Strict):
     required_keys: list[str] = Field(min_length=1)
 
 
+class OutputSpec(Strict):
+    folder: str  # the pipeline subfolder: transformer, vae, text_encoder, image_encoder
+    weights_name: str  # diffusion_pytorch_model.safetensors (diffusers) or model.safetensors (transformers)
+
+
 class Variant(Strict):
     name: str
     when_present: list[str] = []
@@ -111,6 +116,7 @@ class Table(Strict):
     component: str
     description: str
     source: SourceSpec
+    output: OutputSpec
     variants: list[Variant] = Field(min_length=1)
     sizes: list[Size] = []
     facts: dict[str, Fact] = {}

@@ -39,8 +39,9 @@ class TensorRef:
     key: str  # the key as stored in the file
     dtype: str
     shape: tuple[int, ...]
-    offset: int
-    nbytes: int
+    offset: int  # absolute offset in the file of the first byte this tensor uses
+    nbytes: int  # bytes from `offset` that hold the tensor (its span, when strided)
+    stride: tuple[int, ...] | None = None  # None: contiguous (always for safetensors)
 
 
 @dataclass(frozen=True)
