@@ -17,7 +17,7 @@ from .plan.detect import detect
 from .plan.plan import Plan, PlannedTensor, build_plan
 from .plan.target import build_target
 from .read.safetensors_file import DTYPES, read_header, read_tensor
-from .read.source import SourceCheckpoint, open_safetensors_source
+from .read.source import SourceCheckpoint, open_pth_source, open_safetensors_source
 from .write.naming import ShardLayout, plan_shards
 from .write.safetensors_writer import write_safetensors
 
@@ -35,7 +35,7 @@ def open_source(component: str, src_path: Path) -> SourceCheckpoint:
     table = load_table(component)
     if table.source.weights_name:
         return open_safetensors_source(src_path, table.source.weights_name, table.source.strip_prefixes)
-    raise ConversionError(f"{src_path}: reading the {component} source is not supported yet")
+    return open_pth_source(src_path, table.source.file_names, table.source.strip_prefixes)
 
 
 def plan_component(component: str, src_path: Path, dtype: str = "keep") -> ComponentPlan:

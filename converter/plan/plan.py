@@ -37,7 +37,9 @@ class PlannedTensor:
     @property
     def is_byte_copy(self) -> bool:
         """The output is the source's bytes unchanged: the kernel can copy it."""
-        return self.rule.op in ("rename", "squeeze", "unsqueeze", "reshape") and self.dtype == self.sources[0].dtype
+        src = self.sources[0]
+        return (self.rule.op in ("rename", "squeeze", "unsqueeze", "reshape") and self.dtype == src.dtype
+                and src.stride is None)
 
 
 @dataclass

@@ -129,12 +129,16 @@ def read_tensor(ref: TensorRef) -> torch.Tensor:
         raise ConversionError(f"{ref.file}: truncated while reading {ref.key}")
     if ref.nbytes == 0:
         return torch.empty(ref.shape, dtype=DTYPES[ref.dtype])
-    return torch.frombuffer(buf, dtype=DTYPES[ref.dtype]).reshape(ref.shape)
+    flat = torch.frombuffer(buf, dtype=DTYPES[ref.dtype])
+    if ref.stride is not None:
+        return flat.as_strided(ref.shape, ref.stride).contiguous()
+    return flat.reshape(ref.shape)
 
 
 def copy_bytes(ref: TensorRef, out, chunk: int = 64 * 1024 * 1024) -> None:
     """Append a tensor's bytes to the open file `out`, kernel-side when the OS allows it
-    (os.copy_file_range: the bytes never enter this process)."""
+    (os.copy_file_range: the bytes never enter this process).  Contiguous tensors only."""
+    assert ref.stride is None, ref.key
     with open(ref.file, "rb", buffering=0) as src:
         out.flush()
         remaining, src_off = ref.nbytes, ref.offset

@@ -115,3 +115,20 @@ def read_index(folder: Path, index_path: Path) -> tuple[list[Path], dict[str, Te
             f"{folder / owner[unlisted[0]]}: holds {unlisted[0]}, which {index_path.name} does not list"
             + (f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""), unlisted)
     return [folder / n for n in headers], tensors
+
+
+def open_pth_source(path: Path, file_names: list[str], strip_prefixes: list[str]) -> SourceCheckpoint:
+    """A `torch.save` state dict: the file itself, or a folder holding one of `file_names`."""
+    from .pth_file import read_pth_index
+
+    path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in file_names if (path / n).is_file()]
+        if not found:
+            raise ConversionError(f"{path}: none of {', '.join(file_names)} in this folder")
+        path = found[0]
+    elif not path.exists():
+        raise ConversionError(f"{path}: no such file or folder")
+    refs = read_pth_index(path)
+    prefix = common_prefix(refs, strip_prefixes)
+    return SourceCheckpoint(path, "pth file", [path], {k[len(prefix):]: r for k, r in refs.items()}, None, prefix)

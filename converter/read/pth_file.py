@@ -1,0 +1,141 @@
+"""Read a `torch.save` state dict (.pth, zip format) tensor by tensor, like a safetensors header:
+the pickle is walked by a restricted unpickler that only knows how tensors and storages are
+described (the same allow-list spirit as `torch.load(weights_only=True)`; no code in the file
+runs), and each tensor becomes a TensorRef into the uncompressed zip member holding its storage.
+No tensor data is read here."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import struct
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+
+from ..errors import ConversionError
+from .safetensors_file import TensorRef, itemsize
+
+STORAGE_TAGS = {
+    "FloatStorage": "F32", "DoubleStorage": "F64", "HalfStorage": "F16", "BFloat16Storage": "BF16",
+    "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16", "CharStorage": "I8",
+    "ByteStorage": "U8", "BoolStorage": "BOOL",
+}
+
+
+class _Storage:
+    def __init__(self, tag: str, key: str, numel: int):
+        self.tag, self.key, self.numel = tag, key, numel
+
+
+class _Tensor:
+    def __init__(self, storage: _Storage, offset: int, size, stride):
+        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+
+
+class _StorageType:
+    def __init__(self, tag: str):
+        self.tag = tag
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *args, **kwargs):
+    return _Tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks, *args):
+    return data
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, f, path: Path):
+        super().__init__(f)
+        self.path = path
+
+    def find_class(self, module, name):
+        if module == "collections" and name == "OrderedDict":
+            return OrderedDict
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return _rebuild_parameter
+        if module == "torch" and name in STORAGE_TAGS:
+            return _StorageType(STORAGE_TAGS[name])
+        raise ConversionError(f"{self.path}: refusing to load: the pickle asks for {module}.{name}, "
+                              f"which a plain state dict of tensors does not need")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise ConversionError(f"{self.path}: unsupported storage reference {pid!r}")
+        _, stype, key, _location, numel = pid
+        if not isinstance(stype, _StorageType):
+            raise ConversionError(f"{self.path}: unsupported storage type {stype!r}")
+        return _Storage(stype.tag, str(key), int(numel))
+
+
+def read_pth_index(path: Path) -> dict[str, TensorRef]:
+    """Key -> TensorRef for every tensor of a zip-format torch.save state dict."""
+    path = Path(path)
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise ConversionError(f"{path}: not a zip-format torch.save file (truncated, corrupt, or the "
+                              f"legacy format; re-save it with a recent torch)") from None
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read: {e.strerror or e}") from None
+    with zf:
+        names = zf.namelist()
+        pkl = next((n for n in names if n.endswith("/data.pkl") or n == "data.pkl"), None)
+        if pkl is None:
+            raise ConversionError(f"{path}: no data.pkl inside: not a torch.save file")
+        prefix = pkl[: -len("data.pkl")]
+        try:
+            with zf.open(pkl) as f:
+                obj = _Unpickler(f, path).load()
+        except ConversionError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is a corrupt file
+            raise ConversionError(f"{path}: corrupt pickle ({type(e).__name__}: {e})") from None
+        if not isinstance(obj, dict) or not all(isinstance(v, _Tensor) for v in obj.values()):
+            raise ConversionError(f"{path}: not a flat state dict of tensors")
+        size = path.stat().st_size
+        members: dict[str, tuple[int, int]] = {}
+        refs: dict[str, TensorRef] = {}
+        with open(path, "rb") as raw:
+            for key, t in obj.items():
+                st = t.storage
+                if st.key not in members:
+                    members[st.key] = _member_span(zf, raw, path, f"{prefix}data/{st.key}", size)
+                start, length = members[st.key]
+                refs[str(key)] = _tensor_ref(path, str(key), t, start, length)
+    return refs
+
+
+def _member_span(zf: zipfile.ZipFile, raw, path: Path, name: str, size: int) -> tuple[int, int]:
+    try:
+        info = zf.getinfo(name)
+    except KeyError:
+        raise ConversionError(f"{path}: storage {name} is missing from the archive") from None
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise ConversionError(f"{path}: storage {name} is compressed; cannot read it in place")
+    raw.seek(info.header_offset)
+    local = raw.read(30)
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+        raise ConversionError(f"{path}: corrupt archive at {name}")
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    start = info.header_offset + 30 + name_len + extra_len
+    if start + info.file_size > size:
+        raise ConversionError(f"{path}: truncated: {name} ends past the end of the file")
+    return start, info.file_size
+
+
+def _tensor_ref(path: Path, key: str, t: _Tensor, start: int, length: int) -> TensorRef:
+    item = itemsize(t.storage.tag)
+    shape, stride = t.size, t.stride
+    numel = math.prod(shape)
+    contiguous = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    span = 0 if numel == 0 else 1 + sum((s - 1) * st for s, st in zip(shape, stride))
+    if t.offset < 0 or (t.offset + span) * item > length or t.storage.numel * item > length:
+        raise ConversionError(f"{path}: {key}: tensor lies outside its storage (corrupt file)")
+    dense = numel == 0 or all(st == c for s, st, c in zip(shape, stride, contiguous) if s != 1)
+    return TensorRef(path, key, t.storage.tag, shape, start + t.offset * item, span * item,
+                     None if dense else stride)
