@@ -42,22 +42,32 @@ def main():
 @main.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
+@click.option("--only", default=None, metavar="LIST",
+              help="Comma-separated components to convert: transformer,vae,text_encoder,image_encoder.")
 @click.option("--max-shard-size", default="5GB", show_default=True,
               help="Largest output shard (e.g. 5GB, 500MB), as save_pretrained splits.")
 @click.option("--dtype", type=click.Choice(["keep", "fp32", "bf16", "fp16"]), default="keep", show_default=True,
               help="Output dtype of floating tensors. In bf16/fp16 the modules diffusers keeps in "
                    "float32 (_keep_in_fp32_modules) stay float32.")
+@click.option("--clip-heads", type=int, default=None,
+              help="Attention heads of the CLIP vision tower, which the weights cannot tell "
+                   "(default: from the table of known towers; ViT-H/14: 16).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, when the new one is complete).")
 @click.option("--dry-run", is_flag=True, help="Read headers, detect, plan and prove coverage; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
-def convert(src: Path, out: Path, max_shard_size: str, dtype: str, overwrite: bool, dry_run: bool, as_json: bool):
-    """Convert the original-layout Wan 2.1 transformer in SRC into OUT/transformer/.
+def convert(src: Path, out: Path, only: str | None, max_shard_size: str, dtype: str, clip_heads: int | None,
+            overwrite: bool, dry_run: bool, as_json: bool):
+    """Convert the original-layout Wan 2.1 weights in SRC into a Diffusers folder OUT.
 
-    SRC is a folder with config.json and diffusion_pytorch_model.safetensors (or its shards and
-    diffusion_pytorch_model.safetensors.index.json), or a single original-layout .safetensors
-    file, whose keys may carry a `model.diffusion_model.` or `model.` prefix."""
+    SRC is a folder in the original repo layout (config.json with diffusion_pytorch_model.safetensors
+    or its shards and index; Wan2.1_VAE.pth; models_t5_umt5-xxl-enc-bf16.pth;
+    models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth), or one such file. A single
+    .safetensors file may carry a `model.diffusion_model.` or `model.` key prefix.
+    Each component goes to OUT/<component>/."""
+    overrides = {"image_encoder": {"num_heads": clip_heads}} if clip_heads else {}
+    components = [c.strip() for c in only.split(",") if c.strip()] if only else None
     try:
-        report = run_convert(src, out, max_shard_size, dtype, overwrite, dry_run, as_json)
+        report = run_convert(src, out, components, max_shard_size, dtype, overrides, overwrite, dry_run, as_json)
     except ConversionError as e:
         fail(e, as_json)
     except KeyboardInterrupt:
@@ -67,8 +77,9 @@ def convert(src: Path, out: Path, max_shard_size: str, dtype: str, overwrite: bo
         click.echo(json.dumps(report, indent=2))
 
 
-def run_convert(src, out, max_shard_size, dtype, overwrite, dry_run, as_json) -> dict:
+def run_convert(src, out, only, max_shard_size, dtype, overrides, overwrite, dry_run, as_json) -> dict:
     from .convert import describe, plan_component, require_coverage, verify_written, write_component
+    from .discover import discover
     from .write.atomic import atomic_output_dir, check_destination
 
     say = (lambda *a, **k: None) if as_json else click.echo
@@ -79,36 +90,42 @@ def run_convert(src, out, max_shard_size, dtype, overwrite, dry_run, as_json) ->
         if o == s or o in s.parents:
             raise ConversionError(f"{out}: would replace the source {src}; choose another OUT")
     started = time.perf_counter()
-    cp = plan_component("transformer", src, dtype)
-    info = describe(cp)
-    det = cp.plan.detection
-    say(f"source:   {src} ({info['source_layout']}, {len(cp.source.files)} file(s), "
-        f"{info['source_tensors']} tensors, {human_size(cp.source.total_bytes)})")
-    say(f"detected: Wan 2.1 {det.variant.upper()}, size {det.size} -> {cp.plan.target.class_name}")
-    for note in det.notes:
-        say(f"note:     {note}")
-    require_coverage(cp)
-    say(f"coverage: {len(cp.source.tensors)}/{len(cp.source.tensors)} source tensors used "
-        f"({len(cp.plan.dropped)} dropped by rule), {info['converted']}/{info['target_tensors']} "
-        f"target tensors produced, shapes match")
-    report = {"ok": True, "dry_run": dry_run, "components": [info]}
+    plans = []
+    for component, path in discover(src, only).items():
+        cp = plan_component(component, path, dtype, overrides.get(component))
+        det = cp.plan.detection
+        say(f"{component}:")
+        say(f"  source:   {cp.source.path} ({describe(cp)['source_layout']}, {len(cp.source.files)} file(s), "
+            f"{len(cp.source.tensors)} tensors, {human_size(cp.source.total_bytes)})")
+        say(f"  detected: {det.variant}, size {det.size} -> {cp.plan.target.class_name}")
+        for note in det.notes:
+            say(f"  note:     {note}")
+        require_coverage(cp)
+        say(f"  coverage: {len(cp.source.tensors)}/{len(cp.source.tensors)} source tensors used "
+            f"({len(cp.plan.dropped)} dropped by rule), {len(cp.plan.tensors)}/{len(cp.plan.target.shapes)} "
+            f"target tensors produced, shapes match")
+        plans.append(cp)
+    report = {"ok": True, "dry_run": dry_run, "components": [describe(cp) for cp in plans]}
     if dry_run:
-        say(f"dry run:  would write {out / 'transformer'} ({human_size(info['bytes'])}, {', '.join(info['dtypes'])})")
+        total = sum(c["bytes"] for c in report["components"])
+        say(f"dry run: would write {out} ({human_size(total)}); nothing written")
         return report
 
     with atomic_output_dir(out, overwrite) as work:
-        folder = work / "transformer"
-        layout = write_component(cp, folder, max_shard_size)
-        verify_written(cp, folder, layout)
-        files = sorted(p.name for p in folder.iterdir())
+        for cp, info in zip(plans, report["components"]):
+            folder = work / cp.folder
+            layout = write_component(cp, folder, max_shard_size)
+            verify_written(cp, folder, layout)
+            info["output"] = str((out / cp.folder).resolve())
+            info["files"] = sorted(p.name for p in folder.iterdir())
     elapsed = time.perf_counter() - started
-    info["output"] = str((out / "transformer").resolve())
-    info["files"] = files
     report["output"] = str(out.resolve())
     report["seconds"] = round(elapsed, 3)
-    say(f"wrote:    {len(layout.files)} weight file(s), {human_size(info['bytes'])}, "
-        f"{', '.join(info['dtypes'])}, in {elapsed:.1f} s")
-    say(f"result:   {out.resolve() / 'transformer'}")
+    for info in report["components"]:
+        say(f"wrote {info['component']}: {len(info['files'])} file(s), {human_size(info['bytes'])}, "
+            f"{', '.join(info['dtypes'])}")
+    say(f"done in {elapsed:.1f} s")
+    say(f"result: {out.resolve()}")
     return report
 
 

@@ -38,10 +38,11 @@ def open_source(component: str, src_path: Path) -> SourceCheckpoint:
     return open_pth_source(src_path, table.source.file_names, table.source.strip_prefixes)
 
 
-def plan_component(component: str, src_path: Path, dtype: str = "keep") -> ComponentPlan:
+def plan_component(component: str, src_path: Path, dtype: str = "keep",
+                   overrides: dict | None = None) -> ComponentPlan:
     table = load_table(component)
     src = open_source(component, src_path)
-    det = detect(table, src)
+    det = detect(table, src, overrides)
     target = build_target(det.target_class, det.config)
     plan = build_plan(table, src, det, target, dtype)
     return ComponentPlan(component, src, plan, table.output.weights_name, table.output.folder)

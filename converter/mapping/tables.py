@@ -16,6 +16,16 @@ from .schema import Table
 TABLE_PACKAGE = "converter.mappings"
 
 
+# pipeline order
+KNOWN_COMPONENTS = ("transformer", "vae", "text_encoder", "image_encoder")
+
+
+def table_names() -> list[str]:
+    """The components that have a table shipped, in pipeline order."""
+    root = resources.files(TABLE_PACKAGE)
+    return [c for c in KNOWN_COMPONENTS if root.joinpath(f"{c}.yaml").is_file()]
+
+
 def table_path(component: str):
     return resources.files(TABLE_PACKAGE).joinpath(f"{component}.yaml")
 

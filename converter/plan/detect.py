@@ -26,7 +26,12 @@ class Detection:
     notes: list[str]
 
 
-def detect(table: Table, src: SourceCheckpoint) -> Detection:
+def detect(table: Table, src: SourceCheckpoint, overrides: dict[str, Any] | None = None) -> Detection:
+    """`overrides`: fact name -> value given by the user (e.g. a head count the weights cannot tell)."""
+    overrides = overrides or {}
+    unknown = set(overrides) - set(table.facts)
+    if unknown:
+        raise ConversionError(f"{table.component}: cannot override {sorted(unknown)}; known facts: {sorted(table.facts)}")
     keys = src.tensors
     absent = [k for k in table.source.required_keys if k not in keys]
     if absent:
@@ -43,7 +48,11 @@ def detect(table: Table, src: SourceCheckpoint) -> Detection:
 
     facts: dict[str, Any] = {}
     for name, fact in table.facts.items():
-        facts[name] = _evaluate(name, fact, table, src, variant.name, facts)
+        if name in overrides:
+            facts[name] = overrides[name]
+            notes.append(f"{name}={overrides[name]!r} as given (not derived)")
+        else:
+            facts[name] = _evaluate(name, fact, table, src, variant.name, facts)
 
     size = "custom"
     if "dim" in facts:
