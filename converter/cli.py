@@ -26,6 +26,28 @@ def fail(e: ConversionError, as_json: bool) -> None:
     sys.exit(1)
 
 
+def parse_settings(settings) -> dict[str, dict]:
+    import yaml
+
+    out: dict[str, dict] = {}
+    for item in settings:
+        name, eq, value = item.partition("=")
+        component, dot, fact = name.partition(".")
+        if not (eq and dot and component and fact):
+            raise ConversionError(f"--set {item!r}: expected COMPONENT.FACT=VALUE, e.g. transformer.num_heads=12")
+        out.setdefault(component, {})[fact] = yaml.safe_load(value)
+    return out
+
+
+def check_size(size: str) -> None:
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        parse_size_to_int(size)
+    except ValueError:
+        raise ConversionError(f"--max-shard-size {size!r}: expected a size such as 5GB or 500MB") from None
+
+
 def human_size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -52,11 +74,14 @@ def main():
 @click.option("--clip-heads", type=int, default=None,
               help="Attention heads of the CLIP vision tower, which the weights cannot tell "
                    "(default: from the table of known towers; ViT-H/14: 16).")
+@click.option("--set", "settings", multiple=True, metavar="COMPONENT.FACT=VALUE",
+              help="Give a fact the weights cannot tell, e.g. transformer.num_heads=12 for a single "
+                   "file of an unknown size (value parsed as YAML). Repeatable.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, when the new one is complete).")
 @click.option("--dry-run", is_flag=True, help="Read headers, detect, plan and prove coverage; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 def convert(src: Path, out: Path, only: str | None, max_shard_size: str, dtype: str, clip_heads: int | None,
-            overwrite: bool, dry_run: bool, as_json: bool):
+            settings: tuple[str, ...], overwrite: bool, dry_run: bool, as_json: bool):
     """Convert the original-layout Wan 2.1 weights in SRC into a Diffusers folder OUT.
 
     SRC is a folder in the original repo layout (config.json with diffusion_pytorch_model.safetensors
@@ -64,9 +89,12 @@ def convert(src: Path, out: Path, only: str | None, max_shard_size: str, dtype: 
     models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth), or one such file. A single
     .safetensors file may carry a `model.diffusion_model.` or `model.` key prefix.
     Each component goes to OUT/<component>/."""
-    overrides = {"image_encoder": {"num_heads": clip_heads}} if clip_heads else {}
     components = [c.strip() for c in only.split(",") if c.strip()] if only else None
     try:
+        overrides = parse_settings(settings)
+        if clip_heads:
+            overrides.setdefault("image_encoder", {})["num_heads"] = clip_heads
+        check_size(max_shard_size)
         report = run_convert(src, out, components, max_shard_size, dtype, overrides, overwrite, dry_run, as_json)
     except ConversionError as e:
         fail(e, as_json)
@@ -91,7 +119,12 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, overwrite, dry
             raise ConversionError(f"{out}: would replace the source {src}; choose another OUT")
     started = time.perf_counter()
     plans = []
-    for component, path in discover(src, only).items():
+    found = discover(src, only)
+    stray = set(overrides) - set(found)
+    if stray:
+        raise ConversionError(f"--set: {', '.join(sorted(stray))} is not among the components found in {src} "
+                              f"({', '.join(found)})")
+    for component, path in found.items():
         cp = plan_component(component, path, dtype, overrides.get(component))
         det = cp.plan.detection
         say(f"{component}:")
