@@ -98,6 +98,8 @@ def convert(src: Path, out: Path, only: str | None, max_shard_size: str, dtype: 
         report = run_convert(src, out, components, max_shard_size, dtype, overrides, overwrite, dry_run, as_json)
     except ConversionError as e:
         fail(e, as_json)
+    except OSError as e:  # e.g. disk full or permission denied while writing
+        fail(ConversionError(f"{e.filename or out}: {e.strerror or e}; nothing was written"), as_json)
     except KeyboardInterrupt:
         click.echo("error: interrupted; nothing was written", err=True)
         sys.exit(130)

@@ -11,10 +11,13 @@ What it does, for each layer count L given with --layers (default: 1 and 3):
    random float32 pool file, so nothing large is ever held in memory.  One 14B block is ~1.4 GB,
    the embeddings and head ~0.93 GB.
 2. Times `cp -r SRC DST` and `wan2diffusers convert SRC OUT --overwrite`, each under
-   `/usr/bin/time -v`.  Before each timed run the page cache is dropped (`sync; echo 3 >
-   /proc/sys/vm/drop_caches`, "cold") when that works, otherwise the source is read once before each
-   run so both start warm ("warm").  `sync` runs before each run, and the time of the `sync` right
-   after a run (the writeback of what it left dirty) is reported separately ("+sync").
+   `/usr/bin/time -v`.  Page cache (--cache): "cold" (default when we may write
+   /proc/sys/vm/drop_caches) drops it before each timed run (`sync; echo 3 > ...`) and then warms
+   only the programs (python, torch, diffusers, our package, cp) with an untimed import, so the
+   checkpoint is read from disk but the program start is that of a machine where Python was used
+   recently; "cold-all" drops it and warms nothing (startup then includes reading torch/diffusers from
+   disk); "warm" reads the source once before each run.  `sync` runs before each run, and the time
+   of the `sync` right after a run (the writeback of what it left dirty) is reported as "+sync".
 3. Runs `wan2diffusers convert --dry-run` (headers, detection, plan; no writing) to split ours into
    "startup + plan" and "write + verify".
 4. Runs "the diffusers-script method" (what diffusers' scripts/convert_wan_to_diffusers.py does): load
@@ -32,7 +35,7 @@ RSS is in MiB.
 
 Usage (from the repository root):
     .venv/bin/python scripts/bench_convert.py [--layers 1 3] [--repeat 1] [--shard-gb auto]
-        [--workdir DIR] [--keep] [--json] [--cache auto|cold|warm] [--skip-diffusers]
+        [--workdir DIR] [--keep] [--json] [--cache auto|cold|cold-all|warm] [--skip-diffusers]
 
 Everything is written under a fresh temporary folder (default under $TMPDIR, or ./.bench when that is
 a tmpfs) and removed at the end unless --keep.  The disk needed is printed before anything is written.
@@ -226,6 +229,10 @@ def parse_time_v(text: str) -> dict:
             "user_s": float(field("User time (seconds)")), "sys_s": float(field("System time (seconds)"))}
 
 
+WARM_PROGRAMS = ("import converter.cli, converter.convert, safetensors.torch, accelerate, tqdm; "
+                 "from diffusers import WanTransformer3DModel")
+
+
 class Bench:
     def __init__(self, work: Path, cache: str):
         self.work, self.cache = work, cache
@@ -235,19 +242,22 @@ class Bench:
 
     def prepare(self, src: Path) -> None:
         subprocess.run(["sync"], check=True)
-        if self.cache == "cold":
+        if self.cache in ("cold", "cold-all"):
             Path("/proc/sys/vm/drop_caches").write_text("3\n")
+            if self.cache == "cold":
+                subprocess.run([sys.executable, "-c", WARM_PROGRAMS], check=True)
+                subprocess.run(["cp", "--version"], check=True, stdout=subprocess.DEVNULL)
         else:
             for f in sorted(src.iterdir()):
                 with open(f, "rb", buffering=0) as fh:
                     while fh.read(64 << 20):
                         pass
 
-    def run(self, label: str, argv: list[str], src: Path) -> dict:
+    def run(self, label: str, argv: list[str], src: Path, shown: str | None = None) -> dict:
         self.prepare(src)
         self.n += 1
         tfile, ofile = self.logs / f"{self.n:02d}-{label}.time", self.logs / f"{self.n:02d}-{label}.log"
-        log(f"  running {label}: {' '.join(argv)}")
+        log(f"  running {label}: {shown or ' '.join(argv)}")
         t0 = time.perf_counter()
         with open(ofile, "wb") as out:
             rc = subprocess.run([TIME, "-v", "-o", str(tfile), *argv], stdout=out, stderr=subprocess.STDOUT).returncode
@@ -312,9 +322,10 @@ def main() -> None:
                          "so there are always at least 2 shards)")
     ap.add_argument("--max-shard-size", default="5GB", help="output shard size, ours and diffusers' (default 5GB)")
     ap.add_argument("--repeat", type=int, default=1, help="timed runs of cp and ours per layer count (order alternates)")
-    ap.add_argument("--cache", choices=["auto", "cold", "warm"], default="auto",
-                    help="cold: drop the page cache before each timed run (needs root); warm: read the "
-                         "source first; auto: cold when possible")
+    ap.add_argument("--cache", choices=["auto", "cold", "cold-all", "warm"], default="auto",
+                    help="cold: drop the page cache before each timed run (needs root), then warm the "
+                         "programs only; cold-all: drop it, warm nothing; warm: read the source first; "
+                         "auto (default): cold when possible, else warm")
     ap.add_argument("--skip-diffusers", action="store_true", help="do not run the diffusers-script method")
     ap.add_argument("--workdir", type=Path, default=None, help="parent folder for the work folder")
     ap.add_argument("--keep", action="store_true", help="keep everything written (default: remove it all)")
@@ -327,13 +338,13 @@ def main() -> None:
         raise SystemExit(f"{cli} not found: run with the project's virtualenv python")
 
     cache = args.cache
-    if cache in ("auto", "cold"):
+    if cache in ("auto", "cold", "cold-all"):
         try:
             subprocess.run(["sync"], check=True)
             Path("/proc/sys/vm/drop_caches").write_text("3\n")
-            cache = "cold"
+            cache = "cold" if cache == "auto" else cache
         except OSError as e:
-            if args.cache == "cold":
+            if args.cache != "auto":
                 raise SystemExit(f"cannot drop the page cache: {e}")
             cache = "warm"
 
@@ -357,8 +368,10 @@ def main() -> None:
         raise SystemExit("not enough free disk")
     work = Path(tempfile.mkdtemp(prefix="wan2diffusers-bench-", dir=parent))
     log(f"work dir:    {work}")
-    log(f"page cache:  {cache}" + (" (sync; echo 3 > /proc/sys/vm/drop_caches before each timed run)"
-                                    if cache == "cold" else " (source read once before each timed run)"))
+    log(f"page cache:  {cache}" + {
+        "cold": " (sync; echo 3 > /proc/sys/vm/drop_caches before each timed run, then programs warmed)",
+        "cold-all": " (sync; echo 3 > /proc/sys/vm/drop_caches before each timed run, nothing warmed)",
+        "warm": " (source read once before each timed run)"}[cache])
 
     results = {"cache": cache, "repeat": args.repeat, "max_shard_size": args.max_shard_size,
                "workdir": str(work), "runs": []}
@@ -403,7 +416,8 @@ def main() -> None:
                 dout = work / f"diffusers-{L}L"
                 m = bench.run(f"diffusers-{L}L", [sys.executable, "-c", DIFFUSERS_METHOD, str(src),
                                                   str(out / "transformer" / "config.json"), str(ren), str(dout),
-                                                  args.max_shard_size], src)
+                                                  args.max_shard_size], src,
+                              shown=f"python -c <diffusers-script method> {src} ... {dout}")
                 m.pop("output")
                 run["diffusers"] = m
                 run["outputs_match"] = compare_outputs(out / "transformer", dout)
@@ -446,6 +460,7 @@ def summarize(results: dict) -> None:
              "ours_rss_bytes": ours_rss, "cp_rss_bytes": max(m["rss_kib"] for m in run["cp"]) * 1024,
              "ours_startup_plan_s": run["ours_dry_run"]["wall_s"],
              "ours_write_verify_s": round(ours_w - run["ours_dry_run"]["wall_s"], 2),
+             "ratio_write_only": round((ours_w - run["ours_dry_run"]["wall_s"]) / cp_w, 3),
              "ratio_ok": ours_w / cp_w <= RATIO_TARGET, "rss_ok": ours_rss < RSS_TARGET}
         if "diffusers" in run:
             s["diffusers_rss_bytes"] = run["diffusers"]["rss_kib"] * 1024
@@ -475,7 +490,8 @@ def print_table(results: dict) -> None:
     for run in results["runs"]:
         s = run["summary"]
         print(f"{run['layers']} layer(s): ours = {s['ours_startup_plan_s']:.2f} s startup+plan (--dry-run, "
-              f"RSS {run['ours_dry_run']['rss_mib']:.0f} MiB) + {s['ours_write_verify_s']:.2f} s write+verify; "
+              f"RSS {run['ours_dry_run']['rss_mib']:.0f} MiB) + {s['ours_write_verify_s']:.2f} s write+verify "
+              f"(= {s['ratio_write_only']:.2f}x cp); "
               f"ours user {median([m['user_s'] for m in run['ours']]):.1f} s / sys "
               f"{median([m['sys_s'] for m in run['ours']]):.1f} s, cp user "
               f"{median([m['user_s'] for m in run['cp']]):.1f} s / sys {median([m['sys_s'] for m in run['cp']]):.1f} s"
