@@ -20,14 +20,23 @@ TABLE_PACKAGE = "converter.mappings"
 KNOWN_COMPONENTS = ("transformer", "vae", "text_encoder", "image_encoder")
 
 
+def tables_root():
+    """Installed: the package data `converter.mappings`. Imported from a source checkout that is
+    not installed (e.g. `python -m pytest` in the clone): the checkout's top-level mappings/."""
+    try:
+        return resources.files(TABLE_PACKAGE)
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "mappings"
+
+
 def table_names() -> list[str]:
     """The components that have a table shipped, in pipeline order."""
-    root = resources.files(TABLE_PACKAGE)
+    root = tables_root()
     return [c for c in KNOWN_COMPONENTS if root.joinpath(f"{c}.yaml").is_file()]
 
 
 def table_path(component: str):
-    return resources.files(TABLE_PACKAGE).joinpath(f"{component}.yaml")
+    return tables_root().joinpath(f"{component}.yaml")
 
 
 @lru_cache(maxsize=None)
@@ -55,6 +64,7 @@ def parse_table(text: str, where: str) -> Table:
         raise ConversionError(f"{where}: invalid table at {what}: {first['msg']}") from None
     undeclared = {name for r in table.rules for t in r.sources + r.targets
                   for name in re.findall(r"\{(\w+)\}", t)} - set(table.placeholders)
+    undeclared -= {n for v in table.placeholders.values() for n in getattr(v, "nested", [])}  # bound by a Nested
     if undeclared:
         raise ConversionError(f"{where}: placeholders {sorted(undeclared)} are used but not declared")
     return table
