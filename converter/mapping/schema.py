@@ -38,6 +38,9 @@ class Size(Strict):
     num_heads: int | None = None
 
 
+LIST_FACTS = ("indices", "shapes", "present_at", "length", "add")  # primary sources added for layouts
+
+
 class Fact(Strict):
     """How one fact is derived; exactly one primary source: shape, present, count, config,
     divide, const.  `else*` is the fallback when the key/config field is absent."""
@@ -53,13 +56,30 @@ class Fact(Strict):
     else_: Any = Field(default="__required__", alias="else")
     else_size: str | None = None
     else_every: tuple[int, str] | None = None
+    # list-valued facts over the {n} of a template (e.g. a flat list of blocks): the sorted {n} of the
+    # keys it matches; their shape[dim]; whether it is present at each n of a list fact. `length`:
+    # a list fact's length; `add`: the sum of facts/ints. `every`, `divide_by` (fact or int) then
+    # take every k-th item of a list and divide exactly (element-wise for a list).
+    indices: str | None = None
+    shapes: tuple[str, int] | None = None
+    present_at: tuple[str, str] | None = None
+    length: str | None = None
+    add: list[Union[int, str]] | None = None
+    every: Union[int, str, None] = None
+    divide_by: Union[int, str, None] = None
     divide_by_product_of: str | None = None
+    # arithmetic on the derived value, applied in this order (before divide_by_product_of):
+    # subtract a constant, take the exact integer square root, multiply by another fact
+    subtract: int | None = None
+    square_root: bool = False
+    multiply_by: str | None = None
+    hint: str | None = None  # told to the user when the fact cannot be derived (e.g. an override flag)
     check: str | None = None
     variant: list[str] | None = None
 
     @model_validator(mode="after")
     def one_source(self):
-        primary = [f for f in ("shape", "present", "count", "config", "divide") if getattr(self, f) is not None]
+        primary = [f for f in ("shape", "present", "count", "config", "divide") + LIST_FACTS if getattr(self, f) is not None]
         if len(primary) + ("const" in self.model_fields_set) != 1:
             raise ValueError("a fact needs exactly one of shape, present, count, config, divide, const")
         return self
@@ -111,6 +131,23 @@ class Rule(Strict):
         return [] if self.to is None else [self.to] if isinstance(self.to, str) else list(self.to)
 
 
+class Nested(Strict):
+    """A placeholder for a flat list index that stands for nested indices (a flat list of blocks
+    that the target groups by stage): flat = offset + sum(nested_k * strides_k) for each nested_k
+    in range(ranges_k). Numbers may be fact names. Target templates use the `nested` names."""
+
+    nested: list[str] = Field(min_length=1)
+    ranges: list[Union[int, str]]
+    strides: list[Union[int, str]]
+    offset: Union[int, str] = 0
+
+    @model_validator(mode="after")
+    def same_lengths(self):
+        if not len(self.nested) == len(self.ranges) == len(self.strides):
+            raise ValueError("nested, ranges and strides need the same length")
+        return self
+
+
 class Table(Strict):
     schema_version: Literal[1]
     component: str
@@ -122,4 +159,4 @@ class Table(Strict):
     facts: dict[str, Fact] = {}
     config: dict[str, Union[str, ConfigEntry]] = {}
     rules: list[Rule] = Field(min_length=1)
-    placeholders: dict[str, Union[Literal["index"], list[str]]] = {}
+    placeholders: dict[str, Union[Literal["index"], list[str], Nested]] = {}

@@ -80,7 +80,7 @@ def _evaluate(name: str, f: Fact, table: Table, src: SourceCheckpoint, variant: 
             known = ", ".join(f"{s.name} (dim {s.dim})" for s in table.sizes)
             raise ConversionError(
                 f"{src.path}: {why}, and dim {facts.get('dim')} is not a known size ({known}); "
-                f"put {f.config or name} in a config.json beside the weights")
+                + (f.hint or f"put {f.config or name} in a config.json beside the weights"))
         if f.else_every is not None:
             step, upto = f.else_every
             return list(range(0, facts[upto], step))
@@ -116,12 +116,25 @@ def _evaluate(name: str, f: Fact, table: Table, src: SourceCheckpoint, variant: 
             value = cfg[f.config]
         else:
             return fallback(f"config.json has no {f.config}" if src.original_config else "there is no config.json")
+    elif f.divide is None:  # indices, shapes, present_at, length, add
+        value = _list_fact(name, f, table, src, facts)
     else:  # divide
         a, b = (facts[x] for x in f.divide)
         if not b or a % b:
             raise ConversionError(f"{src.path}: {f.divide[0]}={a} is not divisible by {f.divide[1]}={b}")
         value = a // b
 
+    if f.subtract is not None:
+        value -= f.subtract
+    if f.square_root:
+        root = math.isqrt(value) if value >= 0 else -1
+        if root * root != value:
+            raise ConversionError(f"{src.path}: cannot derive {name}: {value} is not a perfect square")
+        value = root
+    if f.multiply_by is not None:
+        value *= facts[f.multiply_by]
+    if f.every is not None or f.divide_by is not None:
+        value = _every_divide(name, f, src, facts, value)
     if f.divide_by_product_of is not None:
         d = math.prod(facts[f.divide_by_product_of])
         if value % d:
@@ -130,4 +143,47 @@ def _evaluate(name: str, f: Fact, table: Table, src: SourceCheckpoint, variant: 
     if f.check is not None and f.check in cfg and cfg[f.check] != value:
         raise ConversionError(
             f"{src.path / 'config.json'}: {f.check}={cfg[f.check]!r} contradicts the weights ({value!r})")
+    return value
+
+
+def _list_fact(name: str, f: Fact, table: Table, src: SourceCheckpoint, facts: dict) -> Any:
+    """The list-valued kinds: over the {n} of a template, in index order (e.g. a flat block list)."""
+    keys = src.tensors
+
+    def matched(text: str) -> list[tuple[int, str]]:
+        t = template_for(table, text)
+        return sorted((int(b["n"]), k) for k in keys if (b := t.match(k)))
+
+    if f.indices is not None:
+        return [n for n, _ in matched(f.indices)]
+    if f.shapes is not None:
+        text, dim = f.shapes
+        try:
+            return [keys[k].shape[dim] for _, k in matched(text)]
+        except IndexError:
+            raise ConversionError(f"{src.path}: {name}: a {text} has too few dims") from None
+    if f.present_at is not None:
+        text, over = f.present_at
+        t = template_for(table, text)
+        return [t.fill({"n": str(n)}) in keys for n in facts[over]]
+    if f.length is not None:
+        return len(facts[f.length])
+    return sum(facts[x] if isinstance(x, str) else x for x in f.add)
+
+
+def _every_divide(name: str, f: Fact, src: SourceCheckpoint, facts: dict, value: Any) -> Any:
+    def number(x):
+        return facts[x] if isinstance(x, str) else x
+
+    if f.every is not None:
+        step = number(f.every)
+        if not isinstance(value, list) or not step or len(value) % step:
+            raise ConversionError(f"{src.path}: {name}: cannot take every {step}th of {value!r}")
+        value = value[::step]
+    if f.divide_by is not None:
+        d = number(f.divide_by)
+        items = value if isinstance(value, list) else [value]
+        if not d or any(v % d for v in items):
+            raise ConversionError(f"{src.path}: {name}: {value!r} is not divisible by {d}")
+        value = [v // d for v in items] if isinstance(value, list) else value // d
     return value

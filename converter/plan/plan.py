@@ -10,7 +10,7 @@ import torch
 
 from ..errors import ConversionError
 from ..mapping import transforms
-from ..mapping.rules import template_for
+from ..mapping.rules import resolve_layouts, template_for
 from ..mapping.schema import Rule, Table
 from ..read.safetensors_file import DTYPES, TAGS, TensorRef
 from ..read.source import SourceCheckpoint
@@ -76,6 +76,7 @@ def build_plan(table: Table, src: SourceCheckpoint, det: Detection, target: Targ
                dtype: str = "keep") -> Plan:
     rules = active_rules(table, det.variant)
     problems: list[str] = []
+    lay = resolve_layouts(table, det.facts)  # nested placeholders: flat index <-> (stage, block)
     # 1. every source key is matched by exactly one active rule
     instances: dict[tuple, dict[int, str]] = {}  # (rule index, bindings) -> {source slot: key}
     unknown = []
@@ -83,7 +84,7 @@ def build_plan(table: Table, src: SourceCheckpoint, det: Detection, target: Targ
         hits = []
         for i, rule in rules:
             for slot, text in enumerate(rule.sources):
-                b = template_for(table, text).match(key)
+                b = template_for(table, text, lay).match(key)
                 if b is not None:
                     hits.append((i, slot, b))
         if not hits:
@@ -103,7 +104,7 @@ def build_plan(table: Table, src: SourceCheckpoint, det: Detection, target: Targ
         rule = table.rules[i]
         b = dict(bindings)
         if len(slots) != len(rule.sources):
-            gone = [template_for(table, t).fill(b) for s, t in enumerate(rule.sources) if s not in slots]
+            gone = [template_for(table, t, lay).fill(b) for s, t in enumerate(rule.sources) if s not in slots]
             problems.append(f"{src.path}: missing key {gone[0]} (needed with {slots[min(slots)]})")
             continue
         refs = [src.tensors[slots[s]] for s in range(len(rule.sources))]
@@ -116,7 +117,7 @@ def build_plan(table: Table, src: SourceCheckpoint, det: Detection, target: Targ
             problems.append(f"{_where(src, slots[0])}: {slots[0]} has the wrong shape: {e}")
             continue
         for part, (text, shape) in enumerate(zip(rule.targets, shapes)):
-            out_key = template_for(table, text).fill(b)
+            out_key = template_for(table, text, lay).fill(b)
             if out_key in produced:
                 problems.append(f"{out_key} would be produced twice (from {slots[0]} and {produced[out_key].sources[0].key})")
                 continue
@@ -132,7 +133,7 @@ def build_plan(table: Table, src: SourceCheckpoint, det: Detection, target: Targ
                             f"{list(pt.sources[0].shape)}, {target.class_name} needs {list(target.shapes[key])}")
     for key in target.shapes:
         if key not in produced:
-            problems.append(f"{src.path}: missing key {_expected_source(table, rules, key)} (for {key})")
+            problems.append(f"{src.path}: missing key {_expected_source(table, rules, key, lay)} (for {key})")
 
     out_tag = DTYPE_CHOICES[dtype]
     ordered = []
@@ -162,11 +163,14 @@ def _where(src: SourceCheckpoint, key: str) -> str:
     return str(ref.file) if ref is not None else str(src.path)
 
 
-def _expected_source(table: Table, rules, target_key: str) -> str:
+def _expected_source(table: Table, rules, target_key: str, lay: dict | None = None) -> str:
     """Run the table backwards to name the source key that should have produced target_key."""
     for _, rule in rules:
         for text in rule.targets:
             b = template_for(table, text).match(target_key)
             if b is not None:
-                return " + ".join(template_for(table, s).fill(b) for s in rule.sources)
+                try:
+                    return " + ".join(template_for(table, s, lay).fill(b) for s in rule.sources)
+                except KeyError:  # a nested index outside its layout
+                    continue
     return "(no rule produces it)"

@@ -4,7 +4,9 @@ state-dict keys and shapes (parameters and persistent buffers), and the config f
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +24,15 @@ class TargetModel:
     model: Any  # on the meta device: holds no memory
     shapes: dict[str, tuple[int, ...]]  # state-dict order, as save_pretrained writes it
     keep_in_fp32: list[str]
+    # transformers tied weights left out of `shapes`: key -> the key written in its place
+    # (save_pretrained writes one tensor per tied group; from_pretrained re-ties the others)
+    tied: dict[str, str] = field(default_factory=dict)
 
     def save_config(self, folder: Path) -> None:
         if self.library == "diffusers":
             self.model.save_config(str(folder))
         else:
+            self.model.config.architectures = [type(self.model).__name__]  # as save_pretrained records it
             self.model.config.save_pretrained(str(folder))
 
 
@@ -49,6 +55,35 @@ def build_target(class_name: str, config: dict[str, Any]) -> TargetModel:
                 model = cls(cls.config_class(**config))
     except Exception as e:  # noqa: BLE001 - a derived config the class refuses is a bug to report clearly
         raise ConversionError(f"{class_name} refuses the derived config: {type(e).__name__}: {e}") from None
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = tied_copies(model, class_name) if library == "transformers" else {}
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
     keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    return TargetModel(class_name, library, model, shapes, keep)
+    return TargetModel(class_name, library, model, shapes, keep, tied)
+
+
+def tied_copies(model, class_name: str) -> dict[str, str]:
+    """The state-dict keys a transformers `save_pretrained` leaves out because they are the same
+    tensor as another key (tied weights), mapped to the key it keeps.  As save_pretrained does:
+    group the keys by tensor identity; in each group drop, in sorted order, the keys the modules
+    declare tied (`_tied_weights_keys`: a dict of tied -> source in transformers 5, a list of
+    patterns in 4), keeping at least one."""
+    groups: dict[int, list[str]] = defaultdict(list)
+    for name, t in model.named_parameters(remove_duplicate=False):
+        groups[id(t)].append(name)
+    declared = []
+    for prefix, module in model.named_modules():
+        for pattern in getattr(module, "_tied_weights_keys", None) or []:  # dict -> its keys
+            declared.append(f"{prefix}.{pattern}" if prefix else pattern)
+    sd_keys = set(model.state_dict())
+    tied: dict[str, str] = {}
+    for names in groups.values():
+        names = sorted(n for n in names if n in sd_keys)
+        if len(names) < 2:
+            continue
+        drop = [n for n in names if any(re.search(p, n) for p in declared)][:len(names) - 1]
+        keep = [n for n in names if n not in drop]
+        if len(keep) > 1:
+            raise ConversionError(f"{class_name}: {keep} share one tensor but are not declared tied; "
+                                  f"cannot tell which one save_pretrained would write")
+        tied.update({n: keep[0] for n in drop})
+    return tied
