@@ -74,6 +74,8 @@ def main():
 @click.option("--clip-heads", type=int, default=None,
               help="Attention heads of the CLIP vision tower, which the weights cannot tell "
                    "(default: from the table of known towers; ViT-H/14: 16).")
+@click.option("--flow-shift", type=float, default=None,
+              help="The scheduler's flow_shift (default per variant, see README: 3.0; FLF2V 16.0).")
 @click.option("--set", "settings", multiple=True, metavar="COMPONENT.FACT=VALUE",
               help="Give a fact the weights cannot tell, e.g. transformer.num_heads=12 for a single "
                    "file of an unknown size (value parsed as YAML). Repeatable.")
@@ -81,7 +83,7 @@ def main():
 @click.option("--dry-run", is_flag=True, help="Read headers, detect, plan and prove coverage; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 def convert(src: Path, out: Path, only: str | None, max_shard_size: str, dtype: str, clip_heads: int | None,
-            settings: tuple[str, ...], overwrite: bool, dry_run: bool, as_json: bool):
+            flow_shift: float | None, settings: tuple[str, ...], overwrite: bool, dry_run: bool, as_json: bool):
     """Convert the original-layout Wan 2.1 weights in SRC into a Diffusers folder OUT.
 
     SRC is a folder in the original repo layout (config.json with diffusion_pytorch_model.safetensors
@@ -92,10 +94,9 @@ def convert(src: Path, out: Path, only: str | None, max_shard_size: str, dtype: 
     components = [c.strip() for c in only.split(",") if c.strip()] if only else None
     try:
         overrides = parse_settings(settings)
-        if clip_heads:
-            overrides.setdefault("image_encoder", {})["num_heads"] = clip_heads
         check_size(max_shard_size)
-        report = run_convert(src, out, components, max_shard_size, dtype, overrides, overwrite, dry_run, as_json)
+        report = run_convert(src, out, components, max_shard_size, dtype, overrides, clip_heads, flow_shift,
+                             overwrite, dry_run, as_json)
     except ConversionError as e:
         fail(e, as_json)
     except OSError as e:  # e.g. disk full or permission denied while writing
@@ -107,9 +108,11 @@ def convert(src: Path, out: Path, only: str | None, max_shard_size: str, dtype: 
         click.echo(json.dumps(report, indent=2))
 
 
-def run_convert(src, out, only, max_shard_size, dtype, overrides, overwrite, dry_run, as_json) -> dict:
+def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, flow_shift, overwrite, dry_run,
+                as_json) -> dict:
     from .convert import describe, plan_component, require_coverage, verify_written, write_component
     from .discover import discover
+    from .pipeline import plan_pipeline, write_pipeline_extras
     from .write.atomic import atomic_output_dir, check_destination
 
     say = (lambda *a, **k: None) if as_json else click.echo
@@ -126,13 +129,15 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, overwrite, dry
     if stray:
         raise ConversionError(f"--set: {', '.join(sorted(stray))} is not among the components found in {src} "
                               f"({', '.join(found)})")
+    if clip_heads and "image_encoder" in found:  # a shorthand: harmless where there is no CLIP
+        overrides.setdefault("image_encoder", {}).setdefault("num_heads", clip_heads)
     for component, path in found.items():
         cp = plan_component(component, path, dtype, overrides.get(component))
         det = cp.plan.detection
         say(f"{component}:")
         say(f"  source:   {cp.source.path} ({describe(cp)['source_layout']}, {len(cp.source.files)} file(s), "
             f"{len(cp.source.tensors)} tensors, {human_size(cp.source.total_bytes)})")
-        say(f"  detected: {det.variant}, size {det.size} -> {cp.plan.target.class_name}")
+        say(f"  detected: {det.variant}{', size ' + det.size if det.size else ''} -> {cp.plan.target.class_name}")
         for note in det.notes:
             say(f"  note:     {note}")
         require_coverage(cp)
@@ -141,6 +146,18 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, overwrite, dry
             f"target tensors produced, shapes match")
         plans.append(cp)
     report = {"ok": True, "dry_run": dry_run, "components": [describe(cp) for cp in plans]}
+    pipe = None
+    transformer = next((cp for cp in plans if cp.component == "transformer"), None)
+    if transformer is not None:
+        weights = {cp.folder: (cp.plan.target.library, cp.plan.target.class_name) for cp in plans}
+        pipe = plan_pipeline(transformer.plan.detection.variant, weights, src, flow_shift, only)
+        report["pipeline"] = {"class": pipe.spec.class_name, "complete": pipe.complete, "missing": pipe.missing,
+                              "extras": pipe.extras, "flow_shift": pipe.flow_shift}
+        if pipe.complete:
+            say(f"pipeline: {pipe.spec.class_name} (scheduler flow_shift {pipe.flow_shift})")
+        else:
+            say(f"pipeline: incomplete for {pipe.spec.class_name}: no {', '.join(pipe.missing)} in {src}; "
+                f"model_index.json is not written (load the components one by one)")
     if dry_run:
         total = sum(c["bytes"] for c in report["components"])
         say(f"dry run: would write {out} ({human_size(total)}); nothing written")
@@ -153,12 +170,18 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, overwrite, dry
             verify_written(cp, folder, layout)
             info["output"] = str((out / cp.folder).resolve())
             info["files"] = sorted(p.name for p in folder.iterdir())
+        if pipe is not None:
+            write_pipeline_extras(pipe, work)
+        written = sorted(p.name for p in work.iterdir())
     elapsed = time.perf_counter() - started
     report["output"] = str(out.resolve())
     report["seconds"] = round(elapsed, 3)
     for info in report["components"]:
         say(f"wrote {info['component']}: {len(info['files'])} file(s), {human_size(info['bytes'])}, "
             f"{', '.join(info['dtypes'])}")
+    if pipe is not None and pipe.extras:
+        say(f"wrote {', '.join(pipe.extras)}{' and model_index.json' if pipe.complete else ''}")
+    report["written"] = written
     say(f"done in {elapsed:.1f} s")
     say(f"result: {out.resolve()}")
     return report

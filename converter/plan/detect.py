@@ -52,10 +52,13 @@ def detect(table: Table, src: SourceCheckpoint, overrides: dict[str, Any] | None
             facts[name] = overrides[name]
             notes.append(f"{name}={overrides[name]!r} as given (not derived)")
         else:
-            facts[name] = _evaluate(name, fact, table, src, variant.name, facts)
+            try:
+                facts[name] = _evaluate(name, fact, table, src, variant.name, facts)
+            except KeyError as e:  # a table bug: a fact used before it is derived
+                raise ConversionError(f"{table.component} table: fact {name} uses {e} before it is derived") from None
 
-    size = "custom"
-    if "dim" in facts:
+    size = ""
+    if "dim" in facts and table.sizes:
         size = next((s.name for s in table.sizes if s.dim == facts["dim"]), f"custom (dim {facts['dim']})")
 
     config: dict[str, Any] = {}

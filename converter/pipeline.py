@@ -1,0 +1,140 @@
+"""The parts of a pipeline folder that are not converted weights: scheduler/, tokenizer/,
+image_processor/ and model_index.json, as mappings/pipeline.yaml declares them per variant."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConversionError
+from .mapping.tables import tables_root
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class PipelineSpec(_Strict):
+    class_name: str = Field(alias="class")
+    flow_shift: float
+    components: list[str]
+
+
+class ClassConfig(_Strict):
+    class_name: str = Field(alias="class")
+    config: dict[str, Any] = {}
+
+
+class TokenizerSpec(_Strict):
+    source_folder: str
+    class_name: str = Field(alias="class")
+
+
+class PipelineTable(_Strict):
+    schema_version: int
+    description: str
+    pipelines: dict[str, PipelineSpec]
+    scheduler: ClassConfig
+    tokenizer: TokenizerSpec
+    image_processor: ClassConfig
+
+
+@lru_cache(maxsize=None)
+def load_pipeline_table() -> PipelineTable:
+    path = tables_root().joinpath("pipeline.yaml")
+    try:
+        return PipelineTable.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+    except (yaml.YAMLError, ValidationError) as e:
+        raise ConversionError(f"{path}: invalid pipeline table: {str(e).splitlines()[0]}") from None
+
+
+@dataclass
+class PipelinePlan:
+    variant: str
+    spec: PipelineSpec
+    flow_shift: float
+    tokenizer_source: Path | None
+    weights: dict[str, tuple[str, str]]  # component -> (library, class) of converted weights
+    extras: list[str] = field(default_factory=list)  # scheduler, tokenizer, image_processor to write
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+
+def plan_pipeline(variant: str, weights: dict[str, tuple[str, str]], src: Path,
+                  flow_shift: float | None = None, only: list[str] | None = None) -> PipelinePlan:
+    table = load_pipeline_table()
+    spec = table.pipelines[variant]
+    tok = src / table.tokenizer.source_folder if src.is_dir() else None
+    tok = tok if tok is not None and tok.is_dir() and any(tok.iterdir()) else None
+    plan = PipelinePlan(variant, spec, spec.flow_shift if flow_shift is None else flow_shift, tok, weights)
+    for c in spec.components:
+        if only and c not in only:
+            continue
+        if c == "scheduler" or c == "image_processor" or (c == "tokenizer" and tok is not None):
+            plan.extras.append(c)
+    plan.missing = [c for c in spec.components if c not in weights and c not in plan.extras]
+    return plan
+
+
+def write_pipeline_extras(plan: PipelinePlan, work: Path) -> None:
+    table = load_pipeline_table()
+    if "scheduler" in plan.extras:
+        import diffusers
+
+        cls = getattr(diffusers, table.scheduler.class_name)
+        cls(**table.scheduler.config, flow_shift=plan.flow_shift).save_config(str(work / "scheduler"))
+    if "tokenizer" in plan.extras:
+        shutil.copytree(plan.tokenizer_source, work / "tokenizer")
+        check_tokenizer(work / "tokenizer", plan.tokenizer_source)
+    if "image_processor" in plan.extras:
+        import transformers
+
+        cls = getattr(transformers, table.image_processor.class_name)
+        cls(**table.image_processor.config).save_pretrained(str(work / "image_processor"))
+    if plan.complete:
+        (work / "model_index.json").write_text(json.dumps(model_index(plan), indent=2) + "\n")
+
+
+def check_tokenizer(folder: Path, source: Path) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # noqa: BLE001 - any failure means the source folder is not a tokenizer
+        raise ConversionError(f"{source}: not a loadable tokenizer ({type(e).__name__}: {e})".splitlines()[0]) from None
+
+
+def model_index(plan: PipelinePlan) -> dict:
+    """What DiffusionPipeline.save_pretrained writes: the class, each component's (library,
+    class), [null, null] for optional components not present, and the pipeline's config args."""
+    import diffusers
+
+    table = load_pipeline_table()
+    cls = getattr(diffusers, plan.spec.class_name)
+    libs = dict(plan.weights)
+    libs["scheduler"] = ("diffusers", table.scheduler.class_name)
+    libs["tokenizer"] = ("transformers", table.tokenizer.class_name)
+    libs["image_processor"] = ("transformers", table.image_processor.class_name)
+    index: dict[str, Any] = {"_class_name": plan.spec.class_name, "_diffusers_version": diffusers.__version__}
+    modules, _ = cls._get_signature_keys(cls)
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        if name == "self":
+            continue
+        if name in plan.spec.components:
+            index[name] = list(libs[name])
+        elif name in modules or name in cls._optional_components:
+            index[name] = [None, None]
+        elif param.default is not inspect.Parameter.empty:
+            index[name] = param.default
+    return dict(sorted(index.items()))
