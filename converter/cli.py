@@ -86,7 +86,8 @@ def convert(src: Path, out: Path, only: str | None, max_shard_size: str, dtype: 
             flow_shift: float | None, settings: tuple[str, ...], overwrite: bool, dry_run: bool, as_json: bool):
     """Convert the original-layout Wan 2.1 weights in SRC into a Diffusers folder OUT.
 
-    SRC is a folder in the original repo layout (config.json with diffusion_pytorch_model.safetensors
+    SRC is a Hub repo id (e.g. Wan-AI/Wan2.1-T2V-14B: only the needed files are downloaded),
+    a folder in the original repo layout (config.json with diffusion_pytorch_model.safetensors
     or its shards and index; Wan2.1_VAE.pth; models_t5_umt5-xxl-enc-bf16.pth;
     models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth), or one such file. A single
     .safetensors file may carry a `model.diffusion_model.` or `model.` key prefix.
@@ -112,6 +113,7 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, fl
                 as_json) -> dict:
     from .convert import describe, plan_component, require_coverage, verify_written, write_component
     from .discover import discover
+    from .hub import download, looks_like_repo_id
     from .pipeline import plan_pipeline, write_pipeline_extras
     from .write.atomic import atomic_output_dir, check_destination
 
@@ -124,6 +126,9 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, fl
             raise ConversionError(f"{out}: would replace the source {src}; choose another OUT")
     started = time.perf_counter()
     plans = []
+    if looks_like_repo_id(str(src)):
+        say(f"downloading from the Hub: {src} (only what the components need)")
+        src = download(str(src), only)
     found = discover(src, only)
     stray = set(overrides) - set(found)
     if stray:

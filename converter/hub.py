@@ -1,0 +1,56 @@
+"""SRC given as a Hub repo id (e.g. Wan-AI/Wan2.1-T2V-14B): download only the files the chosen
+components need, with huggingface_hub (its cache, resumable downloads, HF_TOKEN / stored login)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .errors import ConversionError
+from .mapping.tables import load_table, table_names
+
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def looks_like_repo_id(src: str) -> bool:
+    return not Path(src).exists() and REPO_ID.fullmatch(str(src)) is not None
+
+
+def allow_patterns(only: list[str] | None) -> list[str]:
+    """The files of an original repo the chosen components (default: all) need."""
+    from .pipeline import load_pipeline_table
+
+    patterns = []
+    for name in table_names():
+        if only and name not in only:
+            continue
+        src = load_table(name).source
+        if src.weights_name:
+            stem = src.weights_name.removesuffix(".safetensors")
+            patterns += ["config.json", src.weights_name, f"{src.weights_name}.index.json",
+                         f"{stem}-*-of-*.safetensors"]
+        patterns += list(src.file_names)
+    if not only or "tokenizer" in only or "text_encoder" in only:
+        patterns.append(f"{load_pipeline_table().tokenizer.source_folder}/*")
+    return list(dict.fromkeys(patterns))
+
+
+def download(repo_id: str, only: list[str] | None, revision: str | None = None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns(only)))
+    except GatedRepoError:
+        raise ConversionError(f"{repo_id}: gated repository; accept its terms on the Hub and log in "
+                              f"(hf auth login) or set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise ConversionError(f"{repo_id}: no such repository on the Hub (or no access to it)") from None
+    except RevisionNotFoundError:
+        raise ConversionError(f"{repo_id}: no revision {revision!r}") from None
+    except LocalEntryNotFoundError:
+        raise ConversionError(f"{repo_id}: cannot download: no network (or HF_HUB_OFFLINE is set) and "
+                              f"not in the local Hub cache; pass a local folder instead") from None
+    except Exception as e:  # noqa: BLE001 - network failures come in many types
+        raise ConversionError(f"{repo_id}: download failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None

@@ -1,0 +1,53 @@
+"""SRC as a Hub repo id: only the needed files are asked for; offline, a clear one-line error;
+a repo already in the local Hub cache converts with no network."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from converter.hub import allow_patterns, looks_like_repo_id
+from repos import make_original_repo
+
+
+def cli(args, hf_home, offline=True):
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    else:
+        env.pop("HF_HUB_OFFLINE", None)
+        env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there: no network
+    return subprocess.run([sys.executable, "-m", "converter.cli", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_repo_ids_and_patterns():
+    assert looks_like_repo_id("Wan-AI/Wan2.1-T2V-14B")
+    assert not looks_like_repo_id("some/local/folder") and not looks_like_repo_id("model.safetensors")
+    every = allow_patterns(None)
+    assert {"config.json", "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model-*-of-*.safetensors",
+            "Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl/*",
+            "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"} <= set(every)
+    assert "xlm-roberta-large/*" not in every and "assets/*" not in every
+    assert allow_patterns(["vae"]) == ["Wan2.1_VAE.pth"]
+
+
+def test_no_network_is_one_clear_line(tmp_path):
+    for offline in (True, False):
+        r = cli(["convert", "Wan-AI/Wan2.1-T2V-1.3B", tmp_path / "out"], tmp_path / "hf", offline)
+        assert r.returncode != 0 and "Traceback" not in r.stderr
+        lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "Wan-AI/Wan2.1-T2V-1.3B" in lines[0], r.stderr
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_cached_repo_converts_offline(tmp_path):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--Wan-AI--Wan2.1-T2V-1.3B"
+    make_original_repo(repo / "snapshots" / commit, "t2v")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    r = cli(["convert", "Wan-AI/Wan2.1-T2V-1.3B", tmp_path / "out"], tmp_path / "hf")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "model_index.json").exists()
