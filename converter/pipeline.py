@@ -78,12 +78,12 @@ def plan_pipeline(variant: str, weights: dict[str, tuple[str, str]], src: Path,
     tok = src / table.tokenizer.source_folder if src.is_dir() else None
     tok = tok if tok is not None and tok.is_dir() and any(tok.iterdir()) else None
     plan = PipelinePlan(variant, spec, spec.flow_shift if flow_shift is None else flow_shift, tok, weights)
-    for c in spec.components:
-        if only and c not in only:
-            continue
-        if c == "scheduler" or c == "image_processor" or (c == "tokenizer" and tok is not None):
-            plan.extras.append(c)
-    plan.missing = [c for c in spec.components if c not in weights and c not in plan.extras]
+    generated = ("scheduler", "image_processor")  # made from the table, not found in the source
+    if tok is not None and (not only or "tokenizer" in only):
+        plan.extras.append("tokenizer")
+    plan.missing = [c for c in spec.components if c not in weights and c not in plan.extras and c not in generated]
+    if plan.complete:  # a partial conversion writes only what the source had
+        plan.extras += [c for c in spec.components if c in generated]
     return plan
 
 

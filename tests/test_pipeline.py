@@ -90,7 +90,7 @@ def test_a_partial_folder_writes_what_it_has_and_says_the_pipeline_is_incomplete
     result = run_cli("convert", src, tmp_path / "out")
     assert "incomplete" in result.stdout and "text_encoder" in result.stdout and "tokenizer" in result.stdout
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == ["scheduler", "transformer", "vae"]
+    assert written == ["transformer", "vae"]
 
 
 def test_only_and_flow_shift(tmp_path):

@@ -1,0 +1,52 @@
+"""What every command shares: how an expected failure is printed (one line, exit 1) and sizes."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from ..errors import ConversionError
+
+MAX_DETAILS = 25
+
+
+def fail(e: ConversionError, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"ok": False, "error": str(e), "details": e.details}, indent=2))
+    click.echo(f"error: {e}", err=True)
+    for line in e.details[:MAX_DETAILS]:
+        click.echo(f"  {line}", err=True)
+    if len(e.details) > MAX_DETAILS:
+        click.echo(f"  ... and {len(e.details) - MAX_DETAILS} more", err=True)
+    sys.exit(1)
+
+
+def parse_settings(settings) -> dict[str, dict]:
+    import yaml
+
+    out: dict[str, dict] = {}
+    for item in settings:
+        name, eq, value = item.partition("=")
+        component, dot, fact = name.partition(".")
+        if not (eq and dot and component and fact):
+            raise ConversionError(f"--set {item!r}: expected COMPONENT.FACT=VALUE, e.g. transformer.num_heads=12")
+        out.setdefault(component, {})[fact] = yaml.safe_load(value)
+    return out
+
+
+def check_size(size: str) -> None:
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        parse_size_to_int(size)
+    except ValueError:
+        raise ConversionError(f"--max-shard-size {size!r}: expected a size such as 5GB or 500MB") from None
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
