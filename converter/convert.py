@@ -16,7 +16,7 @@ from .mapping.tables import load_table
 from .plan.detect import detect
 from .plan.plan import Plan, PlannedTensor, build_plan
 from .plan.target import build_target
-from .read.safetensors_file import DTYPES, read_header, read_tensor
+from .read.safetensors_file import DTYPES, iter_cast, read_header, read_tensor
 from .read.source import SourceCheckpoint, open_pth_source, open_safetensors_source
 from .write.naming import ShardLayout, plan_shards
 from .write.safetensors_writer import write_safetensors
@@ -57,9 +57,12 @@ def require_coverage(cp: ComponentPlan) -> None:
 
 
 def produce(pt: PlannedTensor):
-    """The output tensor, or the source TensorRef when its bytes can be copied unchanged."""
+    """The output tensor; the source TensorRef when its bytes can be copied unchanged; or a
+    chunked cast when only the dtype changes."""
     if pt.is_byte_copy:
         return pt.sources[0]
+    if pt.is_elementwise:
+        return iter_cast(pt.sources[0], DTYPES[pt.dtype])
     inputs = [read_tensor(r) for r in pt.sources]
     out = transforms.apply(pt.rule, inputs)[pt.part]
     return out.to(DTYPES[pt.dtype])

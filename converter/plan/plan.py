@@ -35,6 +35,12 @@ class PlannedTensor:
         return torch.empty((), dtype=DTYPES[self.dtype]).element_size() * _numel(self.shape)
 
     @property
+    def is_elementwise(self) -> bool:
+        """Only the name, the view or the dtype changes: values keep their order, so a cast can
+        stream chunk by chunk."""
+        return self.rule.op in ("rename", "squeeze", "unsqueeze", "reshape") and self.sources[0].stride is None
+
+    @property
     def is_byte_copy(self) -> bool:
         """The output is the source's bytes unchanged: the kernel can copy it."""
         src = self.sources[0]

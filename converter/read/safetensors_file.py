@@ -160,3 +160,23 @@ def copy_bytes(ref: TensorRef, out, chunk: int = 64 * 1024 * 1024) -> None:
                 raise ConversionError(f"{ref.file}: truncated while reading {ref.key}")
             out.write(data)
             remaining -= len(data)
+
+
+def iter_cast(ref: TensorRef, dtype: torch.dtype, chunk: int = 64 * 1024 * 1024):
+    """A contiguous tensor's values cast to `dtype`, as raw bytes, one chunk at a time: an
+    elementwise cast needs no more than a chunk of the tensor in memory."""
+    assert ref.stride is None, ref.key
+    src_dtype = DTYPES[ref.dtype]
+    item = torch.empty((), dtype=src_dtype).element_size()
+    step = max(item, chunk - chunk % item)
+    with open(ref.file, "rb", buffering=0) as f:
+        f.seek(ref.offset)
+        done = 0
+        while done < ref.nbytes:
+            n = min(step, ref.nbytes - done)
+            buf = bytearray(n)
+            got = f.readinto(buf)
+            if got != n:
+                raise ConversionError(f"{ref.file}: truncated while reading {ref.key}")
+            yield torch.frombuffer(buf, dtype=src_dtype).to(dtype).view(torch.uint8).numpy().data
+            done += n

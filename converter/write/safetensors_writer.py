@@ -27,8 +27,8 @@ def header_bytes(entries: list[tuple[str, str, tuple[int, ...], int]], metadata:
 def write_safetensors(path: Path, entries: list[tuple[str, str, tuple[int, ...], int]],
                       produce: Callable[[int], TensorRef | torch.Tensor], metadata: dict[str, str],
                       on_bytes: Callable[[int], None] = lambda n: None) -> None:
-    """`produce(i)` returns entry i as a tensor (already in its final dtype and shape) or as a
-    TensorRef whose bytes are copied unchanged."""
+    """`produce(i)` returns entry i as a tensor (already in its final dtype and shape), as a
+    TensorRef whose bytes are copied unchanged, or as an iterator of byte chunks."""
     with open(path, "wb", buffering=0) as out:
         out.write(header_bytes(entries, metadata))
         for i, (key, tag, shape, nbytes) in enumerate(entries):
@@ -37,6 +37,13 @@ def write_safetensors(path: Path, entries: list[tuple[str, str, tuple[int, ...],
                 if item.nbytes != nbytes:
                     raise AssertionError(f"{key}: planned {nbytes} bytes, source has {item.nbytes}")
                 copy_bytes(item, out)
+            elif not isinstance(item, torch.Tensor):  # an iterator of byte chunks (a streamed cast)
+                written = 0
+                for data in item:
+                    _write_all(out, data)
+                    written += len(data)
+                if written != nbytes:
+                    raise AssertionError(f"{key}: planned {nbytes} bytes, streamed {written}")
             else:
                 t = item.contiguous()
                 if tuple(t.shape) != tuple(shape) or t.numel() * t.element_size() != nbytes:
