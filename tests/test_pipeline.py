@@ -102,3 +102,16 @@ def test_only_and_flow_shift(tmp_path):
     assert scheduler["flow_shift"] == 5.0
     bad = run_cli("convert", src, tmp_path / "bad", "--only", "unet", ok=False)
     assert "unknown component" in bad.stderr
+
+
+def test_the_bundled_example_becomes_a_pipeline_that_generates(tmp_path, capfd):
+    """README's first command: the example shipped with the project converts to a whole pipeline."""
+    from pathlib import Path
+
+    example = Path(__file__).parents[1] / "examples" / "Wan2.1-T2V-tiny"
+    result = run_cli("convert", example, tmp_path / "out")
+    assert f"result: {(tmp_path / 'out').resolve()}" in result.stdout
+    pipe = load_pipeline(tmp_path / "out", capfd)
+    frames = pipe(prompt="a cat on the beach", height=16, width=16, num_frames=1, num_inference_steps=2,
+                  max_sequence_length=8, output_type="pt").frames
+    assert tuple(frames.shape) == (1, 1, 3, 16, 16) and torch.isfinite(frames).all()
