@@ -77,6 +77,7 @@ GB = 10**9
 RSS_TARGET = 1 * GB
 RATIO_TARGET = 1.25
 TIME = "/usr/bin/time"
+CLI = Path(sys.executable).parent / "wan2diffusers"
 
 DIFFUSERS_METHOD = r'''
 import json, sys
@@ -229,8 +230,7 @@ def parse_time_v(text: str) -> dict:
             "user_s": float(field("User time (seconds)")), "sys_s": float(field("System time (seconds)"))}
 
 
-WARM_PROGRAMS = ("import converter.cli, converter.convert, safetensors.torch, accelerate, tqdm; "
-                 "from diffusers import WanTransformer3DModel")
+WARM_PROGRAMS = "import safetensors.torch, accelerate; from diffusers import WanTransformer3DModel"
 
 
 class Bench:
@@ -244,7 +244,9 @@ class Bench:
         subprocess.run(["sync"], check=True)
         if self.cache in ("cold", "cold-all"):
             Path("/proc/sys/vm/drop_caches").write_text("3\n")
-            if self.cache == "cold":
+            if self.cache == "cold":  # warm the programs (not the data): our CLI on the tiny fixture
+                subprocess.run([str(CLI), "convert", str(FIXTURE), str(self.work / "warm"), "--dry-run"],
+                               check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 subprocess.run([sys.executable, "-c", WARM_PROGRAMS], check=True)
                 subprocess.run(["cp", "--version"], check=True, stdout=subprocess.DEVNULL)
         else:
@@ -333,7 +335,7 @@ def main() -> None:
     args = ap.parse_args()
     if not os.access(TIME, os.X_OK):
         raise SystemExit(f"{TIME} is needed (apt-get install time)")
-    cli = Path(sys.executable).parent / "wan2diffusers"
+    cli = CLI
     if not cli.exists():
         raise SystemExit(f"{cli} not found: run with the project's virtualenv python")
 
@@ -373,7 +375,12 @@ def main() -> None:
         "cold-all": " (sync; echo 3 > /proc/sys/vm/drop_caches before each timed run, nothing warmed)",
         "warm": " (source read once before each timed run)"}[cache])
 
-    results = {"cache": cache, "repeat": args.repeat, "max_shard_size": args.max_shard_size,
+    git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout.strip()
+    start_diff = git("diff", "HEAD", "--stat")
+    results = {"git_head": git("rev-parse", "--short", "HEAD"),
+               "git_dirty": [l.split(maxsplit=1)[1] for l in git("status", "--porcelain").splitlines()],
+               "loadavg_start": os.getloadavg()[0],
+               "cache": cache, "repeat": args.repeat, "max_shard_size": args.max_shard_size,
                "workdir": str(work), "runs": []}
     try:
         pool = work / "random-pool.f32"
@@ -405,6 +412,8 @@ def main() -> None:
                                                      "--max-shard-size", args.max_shard_size], src)
                         w = re.search(r"in ([\d.]+) s", m["output"])
                         m["in_process_s"] = float(w.group(1)) if w else None
+                        if r < args.repeat - 1:  # the last output is kept for the comparison
+                            rmtree(out)  # deleted right after the run, like cp's copy
                     m.pop("output")
                     run[what].append(m)
             dry = bench.run(f"ours-dry-{L}L", [str(cli), "convert", str(src), str(work / "dry"), "--dry-run"], src)
@@ -436,6 +445,9 @@ def main() -> None:
         else:
             log(f"kept: {work}")
 
+    end = (git("rev-parse", "--short", "HEAD"), git("diff", "HEAD", "--stat"))
+    results["tree_changed_during_run"] = end != (results["git_head"], start_diff)
+    results["loadavg_end"] = os.getloadavg()[0]
     summarize(results)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -476,6 +488,11 @@ def print_table(results: dict) -> None:
     mib = lambda b: f"{b / 2**20:.0f} MiB"
     print(f"\nwan2diffusers convert vs cp -r vs diffusers-script method "
           f"(page cache: {results['cache']}, {results['repeat']} run(s) each, median)")
+    print(f"tree: {results['git_head']}" + (f" + uncommitted changes in {', '.join(results['git_dirty'])}"
+                                           if results["git_dirty"] else " (clean)")
+          + (" -- WARNING: the tree changed during the run" if results["tree_changed_during_run"] else ""))
+    print(f"1-min load average: {results['loadavg_start']:.2f} at start, {results['loadavg_end']:.2f} at end "
+          f"({os.cpu_count()} cores; other work on the machine makes the wall times noisy)")
     hdr = f"{'layers':>6} {'source':>9} {'cp wall':>9} {'ours wall':>10} {'ours/cp':>8} {'(+sync)':>8} " \
           f"{'ours RSS':>9} {'diffusers RSS':>14} {'diffusers wall':>15}"
     print(hdr)
@@ -489,6 +506,8 @@ def print_table(results: dict) -> None:
     print()
     for run in results["runs"]:
         s = run["summary"]
+        print(f"{run['layers']} layer(s): each run's wall: cp " + ", ".join(f"{m['wall_s']:.2f}" for m in run["cp"])
+              + " s; ours " + ", ".join(f"{m['wall_s']:.2f}" for m in run["ours"]) + " s")
         print(f"{run['layers']} layer(s): ours = {s['ours_startup_plan_s']:.2f} s startup+plan (--dry-run, "
               f"RSS {run['ours_dry_run']['rss_mib']:.0f} MiB) + {s['ours_write_verify_s']:.2f} s write+verify "
               f"(= {s['ratio_write_only']:.2f}x cp); "
