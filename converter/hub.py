@@ -30,6 +30,7 @@ def allow_patterns(only: list[str] | None) -> list[str]:
             patterns += ["config.json", src.weights_name, f"{src.weights_name}.index.json",
                          f"{stem}-*-of-*.safetensors"]
         patterns += list(src.file_names)
+    patterns.append("README.md")  # license and tags for the model card (publish)
     if not only or "tokenizer" in only or "text_encoder" in only:
         patterns.append(f"{load_pipeline_table().tokenizer.source_folder}/*")
     return list(dict.fromkeys(patterns))
