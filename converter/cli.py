@@ -6,6 +6,11 @@ import click
 
 from . import __version__
 from .commands.convert import convert
+from .commands.publish import publish
+from .commands.inspect import inspect_cmd
+from .commands.repair import repair
+from .commands.verify import verify
+from .commands.quantize import quantize
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -15,6 +20,11 @@ def main():
 
 
 main.add_command(convert)
+main.add_command(publish)
+main.add_command(inspect_cmd)
+main.add_command(verify)
+main.add_command(repair)
+main.add_command(quantize)
 
 if __name__ == "__main__":
     main()

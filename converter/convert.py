@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -29,6 +30,7 @@ class ComponentPlan:
     plan: Plan
     weights_name: str  # output file name (sharded: <stem>-0000i-of-0000n.safetensors)
     folder: str  # output subfolder
+    quantized: Any = None  # a converter.quantize.plan.QuantizedPlan: write its entries instead
 
 
 def open_source(component: str, src_path: Path) -> SourceCheckpoint:
@@ -68,20 +70,28 @@ def produce(pt: PlannedTensor):
     return out.to(DTYPES[pt.dtype])
 
 
+def written_tensors(cp: ComponentPlan) -> list:
+    """What is written: the plan's tensors, or the entries of its quantized variant."""
+    return cp.quantized.tensors if cp.quantized is not None else cp.plan.tensors
+
+
 def write_component(cp: ComponentPlan, folder: Path, max_shard_size, progress: bool = True) -> ShardLayout:
     folder.mkdir(parents=True, exist_ok=True)
-    by_key = {pt.key: pt for pt in cp.plan.tensors}
+    by_key = {pt.key: pt for pt in written_tensors(cp)}
+    make = cp.quantized.produce if cp.quantized is not None else produce
     layout = plan_shards({k: pt.nbytes for k, pt in by_key.items()}, cp.weights_name, max_shard_size)
-    total = sum(pt.nbytes for pt in cp.plan.tensors)
+    total = sum(pt.nbytes for pt in by_key.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {cp.component}",
               disable=None if progress else True, leave=False) as bar:
         for name, keys in layout.files.items():
             pts = [by_key[k] for k in keys]
             entries = [(pt.key, pt.dtype, pt.shape, pt.nbytes) for pt in pts]
-            write_safetensors(folder / name, entries, lambda i: produce(pts[i]), {"format": "pt"}, bar.update)
+            write_safetensors(folder / name, entries, lambda i: make(pts[i]), {"format": "pt"}, bar.update)
     if layout.index_name:
         (folder / layout.index_name).write_text(json.dumps(layout.index, indent=2, sort_keys=True) + "\n")
     cp.plan.target.save_config(folder)
+    if cp.quantized is not None:
+        cp.quantized.write_config(folder)  # adds quantization_config
     return layout
 
 
@@ -91,7 +101,7 @@ def verify_written(cp: ComponentPlan, folder: Path, layout: ShardLayout) -> None
     for name in layout.files:
         for key, ref in read_header(folder / name).tensors.items():
             seen[key] = (ref.dtype, ref.shape)
-    want = {pt.key: (pt.dtype, pt.shape) for pt in cp.plan.tensors}
+    want = {pt.key: (pt.dtype, tuple(pt.shape)) for pt in written_tensors(cp)}
     if seen != want:
         diff = sorted(set(seen.items()) ^ set(want.items()))[:5]
         raise ConversionError(f"{folder}: written headers differ from the plan: {diff}")

@@ -90,13 +90,13 @@ def test_a_partial_folder_writes_what_it_has_and_says_the_pipeline_is_incomplete
     result = run_cli("convert", src, tmp_path / "out")
     assert "incomplete" in result.stdout and "text_encoder" in result.stdout and "tokenizer" in result.stdout
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == ["transformer", "vae"]
+    assert written == ["transformer", "vae", "wan2diffusers.json"]  # + the conversion record
 
 
 def test_only_and_flow_shift(tmp_path):
     src = make_original_repo(tmp_path / "src", "t2v")
     run_cli("convert", src, tmp_path / "vae_only", "--only", "vae")
-    assert sorted(p.name for p in (tmp_path / "vae_only").iterdir()) == ["vae"]
+    assert sorted(p.name for p in (tmp_path / "vae_only").iterdir()) == ["vae", "wan2diffusers.json"]
     run_cli("convert", src, tmp_path / "shift", "--flow-shift", "5.0")
     scheduler = json.loads((tmp_path / "shift" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["flow_shift"] == 5.0

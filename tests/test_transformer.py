@@ -69,7 +69,7 @@ def test_detects_variant_and_derives_the_reference_config(converted, name):
 def test_output_is_named_like_the_wan_ai_diffusers_repos(converted):
     root, _ = converted
     names = sorted(p.name for p in (root / "t2v").iterdir())
-    assert names == ["transformer"]
+    assert names == ["transformer", "wan2diffusers.json"]  # + the conversion record publish reads
     assert sorted(p.name for p in (root / "t2v" / "transformer").iterdir()) == [
         "config.json", "diffusion_pytorch_model.safetensors"]
     with safe_open(str(root / "t2v" / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:

@@ -31,11 +31,16 @@ from .common import check_size, fail, human_size, parse_settings
 @click.option("--set", "settings", multiple=True, metavar="COMPONENT.FACT=VALUE",
               help="Give a fact the weights cannot tell, e.g. transformer.num_heads=12 for a single "
                    "file of an unknown size (value parsed as YAML). Repeatable.")
+@click.option("--quantize", type=click.Choice(["int8", "float8", "int4"]), default=None,
+              help="Write the transformer quantized (optimum-quanto, diffusers' QuantoConfig format: "
+                   "from_pretrained loads it with no extra argument); the other components stay float. "
+                   "Which modules stay float: mappings/quantization.yaml.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, when the new one is complete).")
 @click.option("--dry-run", is_flag=True, help="Read headers, detect, plan and prove coverage; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 def convert(src: Path, out: Path, only: str | None, max_shard_size: str, dtype: str, clip_heads: int | None,
-            flow_shift: float | None, settings: tuple[str, ...], overwrite: bool, dry_run: bool, as_json: bool):
+            flow_shift: float | None, settings: tuple[str, ...], quantize: str | None, overwrite: bool, dry_run: bool,
+            as_json: bool):
     """Convert the original-layout Wan 2.1 weights in SRC into a Diffusers folder OUT.
 
     SRC is a Hub repo id (e.g. Wan-AI/Wan2.1-T2V-14B: only the needed files are downloaded),
@@ -49,7 +54,7 @@ def convert(src: Path, out: Path, only: str | None, max_shard_size: str, dtype: 
         overrides = parse_settings(settings)
         check_size(max_shard_size)
         report = run_convert(src, out, components, max_shard_size, dtype, overrides, clip_heads, flow_shift,
-                             overwrite, dry_run, as_json)
+                             overwrite, dry_run, as_json, quantize=quantize)
     except ConversionError as e:
         fail(e, as_json)
     except OSError as e:  # e.g. disk full or permission denied while writing
@@ -62,11 +67,12 @@ def convert(src: Path, out: Path, only: str | None, max_shard_size: str, dtype: 
 
 
 def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, flow_shift, overwrite, dry_run,
-                as_json) -> dict:
+                as_json, quantize=None) -> dict:
     from ..convert import describe, plan_component, require_coverage, verify_written, write_component
     from ..discover import discover
     from ..hub import download, looks_like_repo_id
     from ..pipeline import plan_pipeline, write_pipeline_extras
+    from ..publish.provenance import RECORD_NAME, build_record, write_record
     from ..write.atomic import atomic_output_dir, check_destination
 
     say = (lambda *a, **k: None) if as_json else click.echo
@@ -78,9 +84,10 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, fl
             raise ConversionError(f"{out}: would replace the source {src}; choose another OUT")
     started = time.perf_counter()
     plans = []
+    hub_repo = None
     if looks_like_repo_id(str(src)):
         say(f"downloading from the Hub: {src} (only what the components need)")
-        src = download(str(src), only)
+        hub_repo, src = str(src), download(str(src), only)
     found = discover(src, only)
     stray = set(overrides) - set(found)
     if stray:
@@ -103,6 +110,10 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, fl
             f"target tensors produced, shapes match")
         plans.append(cp)
     report = {"ok": True, "dry_run": dry_run, "components": [describe(cp) for cp in plans]}
+    if quantize:  # the transformer written quantized (converter/quantize)
+        from ..quantize.plan import quantize_plans
+
+        quantize_plans(plans, report["components"], quantize, say)
     pipe = None
     transformer = next((cp for cp in plans if cp.component == "transformer"), None)
     if transformer is not None:
@@ -130,6 +141,8 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, fl
         if pipe is not None:
             write_pipeline_extras(pipe, work)
         written = sorted(p.name for p in work.iterdir())
+        # the conversion record publish reads (from_pretrained never looks at it)
+        write_record(work, build_record(src, hub_repo, dtype, plans, report))
     elapsed = time.perf_counter() - started
     report["output"] = str(out.resolve())
     report["seconds"] = round(elapsed, 3)
@@ -139,6 +152,7 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, fl
     if pipe is not None and pipe.extras:
         say(f"wrote {', '.join(pipe.extras)}{' and model_index.json' if pipe.complete else ''}")
     report["written"] = written
+    report["record"] = RECORD_NAME
     say(f"done in {elapsed:.1f} s")
     say(f"result: {out.resolve()}")
     return report

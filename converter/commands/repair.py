@@ -1,0 +1,101 @@
+"""`wan2diffusers repair`: fix a checkpoint folder in place, atomically, with a backup."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from ..errors import ConversionError
+from .common import check_size, fail, parse_settings
+
+
+@click.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--source", type=click.Path(path_type=Path), default=None,
+              help="The original checkpoint (repo folder or file) the folder was converted from: restores "
+                   "tensors the weights cannot give back (e.g. FLF2V's pos_embed).")
+@click.option("--backup", default=None, metavar="DIR|none",
+              help="Where replaced and removed files go (default: PATH.backup-<time> beside PATH); "
+                   "`none` deletes them.")
+@click.option("--set", "settings", multiple=True, metavar="COMPONENT.FACT=VALUE",
+              help="A fact the weights cannot tell, for a conversion in place (as convert --set).")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard of a conversion in place.")
+@click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
+def repair(path: Path, source: Path | None, backup: str | None, settings: tuple[str, ...], max_shard_size: str,
+           dry_run: bool, as_json: bool):
+    """Fix what `inspect` finds in PATH, in place: original-layout weights converted, a lost or
+    wrong index rebuilt from the shard headers, config.json completed from the weights, missing
+    tensors restored from --source, leftover files moved out. Each component folder is rebuilt
+    in a hidden work folder, checked, and swapped in atomically; whatever it replaces goes into
+    the backup. A component with a problem repair cannot fix is left untouched, with the reason
+    (exit 1)."""
+    try:
+        overrides = parse_settings(settings)
+        check_size(max_shard_size)
+        report = run_repair(path, source, backup, overrides, max_shard_size, dry_run, as_json)
+    except ConversionError as e:
+        fail(e, as_json)
+    except OSError as e:
+        fail(ConversionError(f"{e.filename or path}: {e.strerror or e}"), as_json)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted; the folder was not changed", err=True)
+        sys.exit(130)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    if not report["ok"]:
+        refused = [f"{c['component']}: {r}" for c in report["components"] for r in c["refused"]]
+        click.echo(f"error: {len(refused)} problem(s) repair cannot fix (those components were left as they were)",
+                   err=True)
+        for line in refused:
+            click.echo(f"  {line}", err=True)
+        sys.exit(1)
+
+
+def run_repair(path: Path, source: Path | None, backup: str | None, overrides: dict, max_shard_size: str,
+               dry_run: bool, as_json: bool) -> dict:
+    from ..diagnose.repairs import apply, plan_repairs
+    from ..diagnose.report import inspect_path
+
+    say = (lambda *a, **k: None) if as_json else click.echo
+    path = Path(path)
+    if source is not None and not Path(source).exists():
+        raise ConversionError(f"{source}: no such file or folder (--source)")
+    found, diags, _ = inspect_path(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    root = None if backup == "none" else Path(backup) if backup else path.parent / f"{path.name}.backup-{stamp}"
+    plans = plan_repairs(diags, source)
+    components = []
+    for rp in plans:
+        unit = rp.diagnosis.unit
+        info = {"component": rp.component, "path": str(unit.path), "repairs": rp.repairs, "refused": rp.refused,
+                "done": [], "backed_up": []}
+        components.append(info)
+        if rp.refused:
+            say(f"{rp.component}: refused ({unit.path})")
+            for r in rp.refused:
+                say(f"  cannot: {r}")
+            continue
+        if not rp.repairs:
+            say(f"{rp.component}: healthy, nothing to do")
+            continue
+        if dry_run:
+            say(f"{rp.component}: would apply {', '.join(rp.repairs)}")
+            continue
+        rel = unit.path.relative_to(path) if unit.path != path and path in unit.path.parents else Path()
+        dest = None if root is None else root / rel
+        apply(rp, dest, source, overrides.get(rp.component), max_shard_size)
+        info["done"], info["backed_up"] = rp.done, rp.backed_up
+        say(f"{rp.component}: repaired ({unit.path})")
+        for line in rp.done:
+            say(f"  {line}")
+        if rp.backed_up:
+            say(f"  {'backed up to ' + str(dest) if dest else 'deleted'}: {', '.join(rp.backed_up)}")
+    ok = not any(c["refused"] for c in components)
+    backed = any(c["backed_up"] for c in components)
+    return {"ok": ok, "path": str(path), "dry_run": dry_run, "components": components,
+            "backup": str(root) if root is not None and backed else None}

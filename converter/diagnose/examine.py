@@ -1,0 +1,376 @@
+"""Diagnose one component from headers alone: its variant and size, the config its weights imply
+(the table's facts run on the weights, backwards for Diffusers keys), what `from_pretrained`
+would complain about (missing, unexpected, mis-shaped keys against the class built on the meta
+device from the folder's config.json), and each problem with the fix `repair` or `convert`
+applies."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..errors import ConversionError
+from ..mapping.rules import resolve_layouts, template_for
+from ..mapping.schema import Nested
+from ..plan.detect import Detection, detect
+from ..plan.plan import Plan, active_rules, build_plan
+from ..plan.target import TargetModel, build_target, model_class
+from ..read.source import SourceCheckpoint
+from .keys import original_view
+from .layout import Unit
+
+# repair names (converter/diagnose/repairs.py implements them)
+CONVERT_IN_PLACE = "convert-in-place"
+RESTORE = "restore-from-source"
+REBUILD_INDEX = "rebuild-index"
+COMPLETE_CONFIG = "complete-config"
+REMOVE_LEFTOVERS = "remove-leftovers"
+QUANT_SHAPES = ("I8", "F8_E4M3", "F8_E5M2")  # quanto _data with the weight's own shape (int4 is packed)
+
+
+@dataclass
+class Finding:
+    code: str
+    message: str
+    fix: str
+    repair: str | None = None  # the repair that fixes it; None: repair cannot (the fix says what can)
+    keys: list[str] = field(default_factory=list)
+    needs_source: bool = False
+
+    def as_dict(self) -> dict:
+        return {"code": self.code, "message": self.message, "fix": self.fix, "repair": self.repair,
+                "needs_source": self.needs_source, "keys": self.keys}
+
+
+@dataclass
+class Diagnosis:
+    unit: Unit
+    detection: Detection | None = None  # from the weights
+    target: TargetModel | None = None  # the class on meta, from config.json as from_pretrained builds it
+    derived_target: TargetModel | None = None  # from the config the weights imply
+    plan: Plan | None = None  # original layout: the conversion plan
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
+    config_missing: list[str] = field(default_factory=list)
+    config_wrong: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    derived_config: dict = field(default_factory=dict)
+    variant: str | None = None  # when the detection could not finish
+
+    @property
+    def healthy(self) -> bool:
+        return not self.findings
+
+    @property
+    def layout_label(self) -> str:
+        u = self.unit
+        label = {"original": "original Wan", "diffusers": "Diffusers", "mixed": "mixed (half-converted)",
+                 "unknown": "unknown"}[u.layout]
+        if u.layout == "diffusers" and self.target is not None and self.target.library == "transformers":
+            label = "transformers"
+        if u.quanto:
+            q = (u.config or {}).get("quantization_config") or {}
+            label += f", quantized with quanto ({q.get('weights_dtype') or q.get('weights') or 'weights'})"
+        if u.weights is not None and u.weights.prefix:
+            label += f", single file with key prefix {u.weights.prefix!r}"
+        elif u.where == "single file":
+            label += ", single file"
+        return label
+
+
+def given_overrides(table, cfg: dict) -> dict:
+    """The facts the weights cannot tell (the table reads them from a config: head count, eps,
+    ...), fact name -> value, from a Diffusers/transformers config through the table's `config:`."""
+    out = {}
+    for name, entry in table.config.items():
+        fact = entry if isinstance(entry, str) else entry.fact
+        f = table.facts.get(fact) if fact else None
+        if f is not None and f.config is not None and name in cfg and cfg[name] is not None:
+            out[fact] = cfg[name]
+    return out
+
+
+def given_facts(table, cfg: dict) -> dict:
+    """given_overrides as the original config.json would have held them (field name -> value)."""
+    return {table.facts[k].config: v for k, v in given_overrides(table, cfg).items()}
+
+
+def derive(unit: Unit, keys: dict | None = None) -> Detection:
+    """The table's facts on Diffusers weights: the keys mapped back to their original names."""
+    table = unit.table
+    keys = unit.keys if keys is None else keys
+    given = given_facts(table, unit.config or {})
+
+    def source(view):
+        return SourceCheckpoint(unit.path, "diffusers", unit.weights.files, view, given)
+
+    view = original_view(table, keys)
+    if not view or not any(isinstance(v, Nested) for v in table.placeholders.values()):
+        return detect(table, source(view))
+    # nested indices (a flat original list grouped by stage) need the facts to be named: derive
+    # them first from the keys that need none, then name the rest
+    pad = {k: next(iter(view.values())) for k in table.source.required_keys if k not in view}
+    first = detect(table, source({**view, **pad}))
+    return detect(table, source(original_view(table, keys, resolve_layouts(table, first.facts))))
+
+
+def source_of(unit: Unit) -> SourceCheckpoint:
+    """The unit's own weights as a conversion source (original layout)."""
+    ws = unit.weights
+    cfg = unit.config if unit.config_kind == "original" else None
+    layout = {"sharded": "sharded folder", "single file": "folder" if unit.where != "single file" else "single file",
+              "pth file": "pth file"}[ws.kind]
+    return SourceCheckpoint(unit.path, layout, ws.files, dict(ws.tensors), cfg, ws.prefix)
+
+
+def init_config(class_name: str, cfg: dict) -> dict:
+    """What from_pretrained passes to the class: the config's fields the constructor takes
+    (diffusers ignores the others); for transformers the whole config."""
+    library, cls = model_class(class_name)
+    if library != "diffusers":
+        return {k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version", "_name_or_path")}
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in cfg.items() if k in params and k != "self"}
+
+
+def loaded_class(cfg: dict) -> str | None:
+    return cfg.get("_class_name") or (cfg.get("architectures") or [None])[0]
+
+
+def compare(keys: dict, target: TargetModel, quanto: dict) -> tuple[list, list, list]:
+    have = {k: r for k, r in keys.items() if k not in target.tied}  # a stored tied copy loads fine
+    missing = [k for k in target.shapes if k not in have]
+    unexpected = sorted(k for k in have if k not in target.shapes)
+    mismatched = []
+    for k, shape in target.shapes.items():
+        ref = have.get(k)
+        if ref is None or (k in quanto and ref.dtype not in QUANT_SHAPES):
+            continue
+        if tuple(ref.shape) != tuple(shape):
+            mismatched.append((k, list(ref.shape), list(shape)))
+    return missing, unexpected, mismatched
+
+
+def _same(a, b) -> bool:
+    return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+
+
+def expected_source(unit: Unit, det: Detection, key: str) -> str | None:
+    """The original key(s) a Diffusers key comes from (the table run backwards)."""
+    table = unit.table
+    for _, rule in active_rules(table, det.variant):
+        for text in rule.targets:
+            b = template_for(table, text).match(key)
+            if b is not None:
+                try:
+                    return " + ".join(template_for(table, s).fill(b) for s in rule.sources)
+                except KeyError:
+                    return None
+    return None
+
+
+def settle_config(d: Diagnosis) -> None:
+    """The config the weights imply. Where config.json gives another value and the class built
+    with it still agrees with every key present (only some keys missing: a tensor a converter
+    forgot), config.json is kept: the weights are incomplete, not the config. The variant is
+    then detected with the missing keys put back in (their shapes from the class on meta)."""
+    unit = d.unit
+    det = derive(unit)
+    merged = dict(det.config)
+    for k, v in (unit.config or {}).items():
+        if k in merged and not _same(merged[k], v):
+            trial = {**merged, k: v}
+            try:
+                t = build_target(det.target_class, trial)
+            except ConversionError:
+                continue
+            _, unexpected, mismatched = compare(unit.keys, t, unit.quanto)
+            if not unexpected and not mismatched:
+                merged = trial
+    target = build_target(det.target_class, merged)
+    missing = [k for k in target.shapes if k not in unit.keys]
+    if missing:
+        fake = {k: replace(next(iter(unit.keys.values())), key=k, shape=tuple(target.shapes[k])) for k in missing}
+        try:
+            full = derive(unit, {**unit.keys, **fake})
+            if _same(full.config, merged):
+                det = full
+        except ConversionError:
+            pass
+    d.detection, d.derived_config, d.derived_target = det, merged, target
+
+
+def diagnose(unit: Unit) -> Diagnosis:
+    d = Diagnosis(unit)
+    ws = unit.weights
+    if ws is None:
+        d.findings.append(Finding("no-weights", f"{unit.path}: no weights for {unit.component}",
+                                  f"convert the original {unit.component} into it"))
+        return d
+    if ws.fatal:
+        d.findings.append(Finding("unreadable-weights", "; ".join(ws.problems),
+                                  "the shard is gone or corrupt: convert again from the original checkpoint "
+                                  "(wan2diffusers convert SRC OUT)"))
+        return d
+    if ws.problems:
+        d.findings.append(Finding("index", "; ".join(ws.problems), "rebuild the index from the shard headers",
+                                  REBUILD_INDEX))
+    if unit.layout == "mixed":
+        _diagnose_mixed(d)
+    elif unit.layout == "original" or ws.kind == "pth file":
+        _diagnose_original(d)
+    elif unit.layout == "diffusers":
+        _diagnose_diffusers(d)
+    else:
+        d.findings.append(Finding("unknown-keys", f"{unit.path}: no key is a Wan 2.1 {unit.component} key "
+                                  f"(e.g. {', '.join(sorted(unit.keys)[:3])})", "none: not a Wan 2.1 checkpoint"))
+    if unit.leftovers:
+        names = ", ".join(p.name for p in unit.leftovers)
+        chosen = ws.index.name if ws.index is not None else ws.name
+        confused = f"; from_pretrained would open {unit.loads} instead of {chosen}" if unit.loads not in (chosen, ws.name) else ""
+        d.findings.append(Finding("leftovers", f"leftover files beside the weights: {names}{confused}",
+                                  "move them into the backup", REMOVE_LEFTOVERS,
+                                  [p.name for p in unit.leftovers]))
+    return d
+
+
+def _diagnose_mixed(d: Diagnosis) -> None:
+    unit = d.unit
+    cfg = unit.config or {}
+    name = loaded_class(cfg)
+    if unit.config_kind in ("diffusers", "transformers"):
+        try:
+            d.target = build_target(name, init_config(name, cfg))
+            d.missing, d.unexpected, d.mismatched = compare(unit.keys, d.target, unit.quanto)
+        except ConversionError as e:
+            d.notes.append(f"config.json: {e}")
+    orig = sorted(unit.sides.original)
+    d.findings.append(Finding(
+        "original-layout", f"mixed (half-converted): {len(orig)} key(s) still have their original Wan names "
+        f"({', '.join(orig[:3])}{' ...' if len(orig) > 3 else ''}) beside {len(unit.sides.diffusers)} Diffusers names",
+        "convert again from the original checkpoint (wan2diffusers convert SRC OUT)", None, orig))
+
+
+def _diagnose_original(d: Diagnosis) -> None:
+    unit = d.unit
+    try:
+        src = source_of(unit)
+        d.detection = detect(unit.table, src)
+        d.derived_target = build_target(d.detection.target_class, d.detection.config)
+        d.plan = build_plan(unit.table, src, d.detection, d.derived_target)
+    except ConversionError as e:
+        keys = unit.weights.tensors
+        d.variant = next((v.name for v in unit.table.variants if all(k in keys for k in v.when_present)), None)
+        d.findings.append(Finding("original-layout", f"original Wan layout; converting it needs more: {e}",
+                                  f"wan2diffusers convert {unit.path} OUT, giving what the weights cannot tell "
+                                  f"with --set {unit.component}.FACT=VALUE", None, sorted(unit.sides.original)))
+        return
+    d.target = d.derived_target
+    d.missing, d.unexpected, d.mismatched = compare(unit.keys, d.derived_target, {})
+    in_place = unit.where == "component folder" and unit.layout == "original"
+    fix = ("convert it in place (the original files go into the backup)" if in_place else
+           f"wan2diffusers convert {unit.path} OUT")
+    n_orig = len(unit.sides.original)
+    msg = (f"{n_orig} key(s) in the original Wan layout where {d.derived_target.class_name} keys belong: "
+           f"from_pretrained would report {len(d.unexpected)} unexpected and {len(d.missing)} missing keys")
+    if not d.plan.ok:
+        msg += f"; the conversion's coverage check fails: {d.plan.problems[0]}"
+        in_place = False
+    d.findings.append(Finding("original-layout", msg, fix, CONVERT_IN_PLACE if in_place else None,
+                              sorted(unit.sides.original)))
+
+
+def _diagnose_diffusers(d: Diagnosis) -> None:
+    unit = d.unit
+    cfg = unit.config
+    if unit.config_kind == "unreadable":
+        problem = unit.config_error
+    elif cfg is None:
+        problem = f"no config.json: from_pretrained cannot load {unit.path}"
+    elif unit.config_kind not in ("diffusers", "transformers"):
+        problem = f"config.json is not the config of a class the {unit.component} table targets ({loaded_class(cfg)!r})"
+    else:
+        problem = ""
+        name = loaded_class(cfg)
+        try:
+            d.target = build_target(name, init_config(name, cfg))
+        except ConversionError as e:
+            problem = f"config.json: {e}"
+    try:
+        settle_config(d)
+    except ConversionError as e:
+        d.notes.append(f"cannot derive the config from the weights: {e}")
+        if problem:
+            problem += f"; it cannot be derived from the weights ({e})"
+        elif d.target is not None:
+            _, unexpected, mismatched = compare(unit.keys, d.target, unit.quanto)
+            if unexpected or mismatched:
+                absent = [k for k in inspect.signature(type(d.target.model).__init__).parameters
+                          if k not in cfg and k not in ("self", "config")] if d.target.library == "diffusers" else []
+                problem = ((f"config.json lacks {', '.join(absent)}; " if absent else "")
+                           + f"the class it describes does not fit the weights, and the config cannot be derived "
+                           f"from them ({e})")
+    if problem:
+        fix = ("write config.json derived from the weights" if d.derived_target else
+               "put the values the weights cannot tell (e.g. the head count) in config.json, then run repair")
+        d.findings.append(Finding("config", problem, fix, COMPLETE_CONFIG if d.derived_target else None))
+    if d.target is not None:
+        d.missing, d.unexpected, d.mismatched = compare(unit.keys, d.target, unit.quanto)
+    if d.derived_target is not None and cfg is not None and not problem:
+        d.config_missing = [k for k in d.derived_config if k not in cfg]
+        d.config_wrong = {k: (cfg[k], v) for k, v in d.derived_config.items() if k in cfg and not _same(cfg[k], v)}
+        if loaded_class(cfg) != d.derived_target.class_name:
+            d.config_wrong["class"] = (loaded_class(cfg), d.derived_target.class_name)
+        consistent = d.target is not None and not d.unexpected and not d.mismatched
+        if consistent and not d.config_wrong:  # the class defaults fill the gaps with the right values
+            if d.config_missing:
+                d.notes.append(f"config.json omits {', '.join(d.config_missing)}; the class defaults agree with the weights")
+        elif d.config_missing or d.config_wrong:
+            parts = []
+            if d.config_missing:
+                parts.append(f"config.json lacks {', '.join(d.config_missing)} (from_pretrained would use the class defaults)")
+            if d.config_wrong:
+                parts.append("config.json contradicts the weights: " + ", ".join(
+                    f"{k}={a!r} (weights: {b!r})" for k, (a, b) in d.config_wrong.items()))
+            d.findings.append(Finding("config", "; ".join(parts), "complete/correct config.json from the weights",
+                                      COMPLETE_CONFIG, d.config_missing + list(d.config_wrong)))
+    # against the config the weights imply (what remains once config.json is right)
+    ref = d.derived_target or d.target
+    if ref is None or (d.derived_target is None and problem):
+        return  # the keys cannot be judged before config.json is right
+    missing, unexpected, mismatched = compare(unit.keys, ref, unit.quanto)
+    if missing:
+        origin = {k: expected_source(unit, d.detection, k) if d.detection else None for k in missing}
+        msg = (f"{len(missing)} key(s) {ref.class_name} needs are missing: {', '.join(missing[:5])}"
+               + (" ..." if len(missing) > 5 else ""))
+        srcs = [v for v in origin.values() if v]
+        fix = (f"restore from the original checkpoint: repair PATH --source SRC (reads {', '.join(srcs[:3])})" if srcs
+               else "convert again from the original checkpoint")
+        d.findings.append(Finding("missing-keys", msg, fix, RESTORE if srcs else None, missing, needs_source=True))
+    if unexpected:
+        d.findings.append(Finding("unexpected-keys", f"{len(unexpected)} key(s) {ref.class_name} does not have: "
+                                  f"{', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""),
+                                  "none automatic (not Wan weights, e.g. a LoRA left in): convert again from the "
+                                  "original checkpoint", None, unexpected))
+    if mismatched:
+        d.findings.append(Finding("mismatched-shapes", f"{len(mismatched)} key(s) have the wrong shape: " + ", ".join(
+            f"{k} {a} (needs {b})" for k, a, b in mismatched[:5]),
+                                  "convert again from the original checkpoint", None, [m[0] for m in mismatched]))
+
+
+def summary(d: Diagnosis) -> dict:
+    """Counts for the report: tensors, parameters, bytes, dtypes."""
+    u = d.unit
+    refs = list(u.weights.tensors.values()) if u.weights else []
+    return {
+        "tensors": len(refs),
+        "parameters": sum(math.prod(r.shape) for k, r in u.keys.items()),
+        "bytes": sum(r.nbytes for r in refs),
+        "dtypes": dict(sorted(Counter(r.dtype for r in refs).items())),
+    }

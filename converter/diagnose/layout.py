@@ -1,0 +1,355 @@
+"""Recognise what a path holds, from headers only: a pipeline folder, a folder of component
+subfolders, a component folder, an original repo folder, or a single file; in each folder the
+candidate weight sets (a single file, a shard group with or without its index, a .pth), which
+one is the component's weights, and which files are leftovers that would confuse
+`from_pretrained`.  File names come from the tables (their source and output sections)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConversionError
+from ..mapping.tables import load_table, table_names
+from ..plan.target import model_class
+from ..read.pth_file import read_pth_index
+from ..read.safetensors_file import TensorRef, read_header
+from ..read.source import common_prefix, load_json
+from .keys import Sides, best_component, classify, split_quanto
+
+SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
+MODEL_INDEX = "model_index.json"
+
+
+@dataclass
+class WeightSet:
+    kind: str  # "single file", "sharded", "pth file"
+    name: str  # the weights name (diffusion_pytorch_model.safetensors) or the file name
+    files: list[Path]
+    tensors: dict[str, TensorRef]  # prefix removed
+    index: Path | None = None  # the index file beside a shard group (or a stray one)
+    prefix: str = ""
+    problems: list[str] = field(default_factory=list)  # shard/index health; empty = healthy
+    rebuildable: bool = False  # every problem is in the index: a fresh one from the headers fixes it
+    fatal: bool = False  # unreadable: a shard missing or corrupt
+
+    @property
+    def all_files(self) -> list[Path]:
+        return self.files + ([self.index] if self.index is not None and self.index.exists() else [])
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.nbytes for r in self.tensors.values())
+
+
+@dataclass
+class Unit:
+    """One component as found on disk."""
+
+    component: str
+    path: Path  # the component folder, or the single file
+    where: str  # "component folder", "original repo folder", "single file"
+    weights: WeightSet | None
+    candidates: list[WeightSet] = field(default_factory=list)
+    leftovers: list[Path] = field(default_factory=list)
+    config: dict | None = None
+    config_kind: str = "absent"  # "diffusers", "transformers", "original", "unknown", "unreadable", "absent"
+    config_error: str = ""
+    sides: Sides | None = None
+    quanto: dict[str, list[str]] = field(default_factory=dict)  # base key -> quanto keys
+    keys: dict[str, TensorRef] = field(default_factory=dict)  # quanto folded onto base keys
+    loads: str = ""  # which weight files from_pretrained would pick
+
+    @property
+    def folder(self) -> Path | None:
+        return self.path if self.path.is_dir() else None
+
+    @property
+    def table(self):
+        return load_table(self.component)
+
+    @property
+    def layout(self) -> str:
+        return self.sides.layout if self.sides else "unknown"
+
+
+@dataclass
+class Found:
+    path: Path
+    kind: str  # "pipeline folder", "folder of component subfolders", "component folder", "original repo folder", "single file"
+    units: list[Unit]
+    model_index: dict | None = None
+    stray: list[str] = field(default_factory=list)  # notes about the root of a pipeline folder
+
+
+def weight_stems() -> list[str]:
+    names = []
+    for c in table_names():
+        t = load_table(c)
+        names += [t.output.weights_name] + ([t.source.weights_name] if t.source.weights_name else [])
+    return list(dict.fromkeys(names))
+
+
+def pth_names() -> dict[str, str]:
+    return {n: c for c in table_names() for n in load_table(c).source.file_names}
+
+
+def output_folders() -> dict[str, str]:
+    return {load_table(c).output.folder: c for c in table_names()}
+
+
+def find(path: Path) -> Found:
+    path = Path(path)
+    if not path.exists():
+        raise ConversionError(f"{path}: no such file or folder")
+    if path.is_file():
+        return Found(path, "single file", [single_file_unit(path)])
+    folders = output_folders()
+    subs = [(path / f, c) for f, c in folders.items() if (path / f).is_dir()]
+    index = path / MODEL_INDEX
+    if index.exists() or subs:
+        model_index = None
+        if index.exists():
+            data = load_json(index, "model_index.json")
+            model_index = data if isinstance(data, dict) else None
+        units = [u for sub, c in subs for u in folder_units(sub, c)]
+        kind = "pipeline folder" if index.exists() else "folder of component subfolders"
+        found = Found(path, kind, units, model_index)
+        root = [u for u in folder_units(path, None)] if _has_weights(path) else []
+        for u in root:
+            found.stray.append(f"{', '.join(p.name for p in u.weights.files)} at the root ({u.layout} {u.component} "
+                               f"weights): DiffusionPipeline.from_pretrained does not read them")
+        return found
+    units = folder_units(path, folders.get(path.name))
+    if not units:
+        raise ConversionError(f"{path}: no weights here (no .safetensors or Wan .pth file, no component subfolders)")
+    kind = "original repo folder" if len(units) > 1 or units[0].where == "original repo folder" else "component folder"
+    return Found(path, kind, units)
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any((folder / n).is_file() for n in pth_names())
+
+
+def single_file_unit(path: Path) -> Unit:
+    if path.suffix == ".safetensors":
+        ws = _single(path, path.name)
+    elif path.suffix in (".pth", ".pt", ".bin"):
+        ws = WeightSet("pth file", path.name, [path], read_pth_index(path))
+    else:
+        raise ConversionError(f"{path}: expected a .safetensors or .pth file, or a folder")
+    prefixes = sorted({p for c in table_names() for p in load_table(c).source.strip_prefixes})
+    ws.prefix = common_prefix(ws.tensors, prefixes)
+    ws.tensors = {k[len(ws.prefix):]: r for k, r in ws.tensors.items()}
+    keys, quanto = split_quanto(ws.tensors)
+    sides = best_component(keys)
+    if sides is None:
+        raise ConversionError(f"{path}: not a Wan 2.1 checkpoint: its keys match no table "
+                              f"(e.g. {', '.join(sorted(ws.tensors)[:3]) or 'no tensors'})")
+    return Unit(sides.component, path, "single file", ws, [ws], sides=sides, quanto=quanto, keys=keys,
+                loads=path.name)
+
+
+def _single(path: Path, name: str) -> WeightSet:
+    try:
+        header = read_header(path)
+    except ConversionError as e:
+        return WeightSet("single file", name, [path], {}, problems=[str(e)], fatal=True)
+    return WeightSet("single file", name, [path], dict(header.tensors))
+
+
+def candidates(folder: Path) -> list[WeightSet]:
+    """Every weight set in a folder: single files, shard groups (with their index), .pth files."""
+    out: list[WeightSet] = []
+    groups: dict[tuple[str, int], dict[int, Path]] = {}
+    stems = weight_stems()
+    for p in sorted(folder.glob("*.safetensors")):
+        m = SHARD.match(p.name)
+        if m and m.group("stem") + ".safetensors" in stems:  # not variant files (<name>.fp16-0000i-...)
+            groups.setdefault((m.group("stem"), int(m.group("n"))), {})[int(m.group("i"))] = p
+    for name in stems:
+        if (folder / name).is_file():
+            out.append(_single(folder / name, name))
+    indexes = {name: folder / (name + ".index.json") for name in stems if (folder / (name + ".index.json")).is_file()}
+    attached: set[str] = set()
+    for (stem, n), files in sorted(groups.items()):
+        name = stem + ".safetensors"
+        ws = _group(folder, name, n, files)
+        idx = indexes.get(name)
+        if idx is not None and _index_names_group(idx, files):
+            ws.index = idx
+            attached.add(name)
+        _check_index(ws)
+        out.append(ws)
+    for name, idx in indexes.items():
+        if name in attached:
+            continue
+        same_stem = [ws for ws in out if ws.kind == "sharded" and ws.name == name and ws.index is None]
+        if len(same_stem) == 1:  # a wrong index (naming files that are not there) beside the only group
+            same_stem[0].index = idx
+            _check_index(same_stem[0])
+        else:  # an index with no shards of its own
+            out.append(WeightSet("stray index", name, [], {}, idx, problems=[f"{idx.name} names shards that are not here"],
+                                 fatal=True))
+    for n, component in pth_names().items():
+        if (folder / n).is_file():
+            try:
+                out.append(WeightSet("pth file", n, [folder / n], read_pth_index(folder / n)))
+            except ConversionError as e:
+                out.append(WeightSet("pth file", n, [folder / n], {}, problems=[str(e)], fatal=True))
+    return out
+
+
+def _group(folder: Path, name: str, n: int, files: dict[int, Path]) -> WeightSet:
+    ws = WeightSet("sharded", name, [files[i] for i in sorted(files)], {})
+    gone = [i for i in range(1, n + 1) if i not in files]
+    if gone:
+        stem = name.removesuffix(".safetensors")
+        ws.problems.append(f"shard {stem}-{gone[0]:05d}-of-{n:05d}.safetensors is missing"
+                           + (f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""))
+        ws.fatal = True
+    owner: dict[str, str] = {}
+    for p in ws.files:
+        try:
+            header = read_header(p)
+        except ConversionError as e:
+            ws.problems.append(str(e))
+            ws.fatal = True
+            continue
+        for key, ref in header.tensors.items():
+            if key in owner:
+                ws.problems.append(f"{key} is in both {owner[key]} and {p.name}")
+                ws.fatal = True
+            owner[key] = p.name
+            ws.tensors[key] = ref
+    return ws
+
+
+def _index_names_group(idx: Path, files: dict[int, Path]) -> bool:
+    try:
+        data = load_json(idx, "index")
+        named = set(data["weight_map"].values())
+    except (ConversionError, KeyError, TypeError, AttributeError):
+        return False
+    return bool(named & {p.name for p in files.values()})
+
+
+def _check_index(ws: WeightSet) -> None:
+    """Compare the index with the shard headers; problems there are fixed by rebuilding it."""
+    before = len(ws.problems)
+    if ws.index is None:
+        ws.problems.append(f"no {ws.name}.index.json: from_pretrained cannot find the {len(ws.files)} shards")
+    else:
+        try:
+            data = load_json(ws.index, "index")
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{ws.index.name}: no weight_map")
+        except ConversionError as e:
+            ws.problems.append(f"{ws.index.name} is unreadable: {e}")
+        else:
+            actual = {k: r.file.name for k, r in ws.tensors.items()}
+            wrong = sorted(k for k, f in weight_map.items() if k in actual and actual[k] != f)
+            absent = sorted(k for k in weight_map if k not in actual)
+            unlisted = sorted(k for k in actual if k not in weight_map)
+            for what, keys in (("points to the wrong shard for", wrong), ("names keys no shard holds:", absent),
+                               ("does not list", unlisted)):
+                if keys:
+                    ws.problems.append(f"{ws.index.name} {what} {keys[0]}" + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""))
+            total = (data.get("metadata") or {}).get("total_size") if isinstance(data.get("metadata"), dict) else None
+            if total is not None and total != ws.total_bytes:
+                ws.problems.append(f"{ws.index.name} says total_size {total}, the shards hold {ws.total_bytes} bytes")
+    ws.rebuildable = len(ws.problems) > before and not ws.fatal
+
+
+def read_config(folder: Path, unit: Unit) -> None:
+    path = folder / "config.json"
+    if not path.exists():
+        return
+    try:
+        data = load_json(path, "config")
+        if not isinstance(data, dict):
+            raise ConversionError(f"{path}: not a JSON object")
+    except ConversionError as e:
+        unit.config_kind, unit.config_error = "unreadable", str(e)
+        return
+    unit.config = data
+    unit.config_kind = config_kind(unit.table, data)
+
+
+def config_kind(table, cfg: dict) -> str:
+    """diffusers / transformers (a class this table targets), original (fields the facts read), unknown."""
+    targets = {v.target_class for v in table.variants}
+    name = cfg.get("_class_name") or (cfg.get("architectures") or [None])[0]
+    if name in targets:
+        return model_class(name)[0]
+    original_fields = {f.config or f.check for f in table.facts.values()} - {None}
+    if original_fields & set(cfg):
+        return "original"
+    return "unknown"
+
+
+def loader_pick(library: str, sets: list[WeightSet]) -> str:
+    """Which files from_pretrained opens: diffusers prefers the index, transformers the single file."""
+    single = next((ws for ws in sets if ws.kind == "single file"), None)
+    indexed = next((ws for ws in sets if ws.index is not None and ws.index.exists()), None)
+    order = [indexed, single] if library == "diffusers" else [single, indexed]
+    pick = next((ws for ws in order if ws is not None), None)
+    if pick is None:
+        return "nothing (no weights file it knows)"
+    return pick.index.name if pick is indexed else pick.name
+
+
+def folder_units(folder: Path, component: str | None) -> list[Unit]:
+    """The units of one folder. `component`: the folder is that component's subfolder (its name
+    says so); otherwise every weight set is assigned by its keys (an original repo folder holds
+    several components; a component folder one)."""
+    sets = candidates(folder)
+    pth = pth_names()
+    assigned: dict[str, list[WeightSet]] = {}
+    for ws in sets:
+        if ws.kind == "pth file":
+            c = pth[ws.name]
+        elif component is not None:
+            c = component
+        else:
+            keys, _ = split_quanto(ws.tensors)
+            sides = best_component(keys)
+            c = sides.component if sides else component or "transformer"
+        assigned.setdefault(component or c, []).append(ws)
+    units = []
+    for c, group in assigned.items():
+        unit = Unit(c, folder, "component folder", None, group)
+        if component is not None or len(assigned) == 1 or load_table(c).source.weights_name:
+            read_config(folder, unit)  # in an original repo folder, config.json is the transformer's
+        chosen = choose(unit, group)
+        unit.weights = chosen
+        unit.leftovers = [p for ws in group if ws is not chosen for p in ws.all_files]
+        if chosen is not None:
+            unit.keys, unit.quanto = split_quanto(chosen.tensors)
+            unit.sides = classify(c, unit.keys)
+        target = unit.table.variants[0].target_class
+        library = model_class(target)[0]
+        unit.loads = loader_pick(library, [ws for ws in group if ws.kind != "pth file"])
+        if component is None and (len(assigned) > 1 or (chosen is not None and chosen.kind == "pth file")
+                                  or unit.layout == "original"):
+            unit.where = "original repo folder"
+        units.append(unit)
+    return units
+
+
+def choose(unit: Unit, group: list[WeightSet]) -> WeightSet | None:
+    """The set that is (or, repaired, will be) the weights: a readable one whose keys are the
+    Diffusers ones, preferring what from_pretrained would load; the rest are leftovers."""
+    if not group:
+        return None
+    library = model_class(unit.table.variants[0].target_class)[0]
+
+    def score(ws: WeightSet):
+        keys, _ = split_quanto(ws.tensors)
+        sides = classify(unit.component, keys)
+        preferred = (ws.kind == "sharded") == (library == "diffusers")
+        return (not ws.fatal, sides.layout == "diffusers", ws.kind != "pth file", preferred, len(ws.tensors))
+
+    return max(group, key=score)

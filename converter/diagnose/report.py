@@ -1,0 +1,111 @@
+"""What `inspect` prints: per component the layout, variant and size, files, dtypes, parameter
+count, shard health, what from_pretrained would complain about, and each problem with its fix;
+as text for people and as JSON for scripts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..commands.common import human_size
+from .examine import Diagnosis, diagnose, summary
+from .layout import Found, find
+
+SHOW = 5  # keys listed per kind in the text report
+
+
+def inspect_path(path: Path) -> tuple[Found, list[Diagnosis], dict]:
+    found = find(path)
+    diags = [diagnose(u) for u in found.units]
+    return found, diags, as_dict(found, diags)
+
+
+def component_dict(d: Diagnosis) -> dict:
+    u, ws = d.unit, d.unit.weights
+    det = d.detection
+    out = {
+        "component": u.component,
+        "path": str(u.path),
+        "where": u.where,
+        "layout": u.layout,
+        "layout_label": d.layout_label,
+        "quantized": bool(u.quanto),
+        "prefix": ws.prefix if ws else "",
+        "variant": det.variant if det else d.variant,
+        "size": det.size if det else None,
+        "class": d.derived_target.class_name if d.derived_target else (d.target.class_name if d.target else None),
+        "weights": None if ws is None else {
+            "kind": ws.kind, "files": [p.name for p in ws.files],
+            "index": ws.index.name if ws.index is not None and ws.index.exists() else None,
+            "problems": ws.problems},
+        "from_pretrained_opens": u.loads,
+        "config": {"state": u.config_kind, "missing_fields": d.config_missing,
+                   "contradictions": {k: {"config": a, "weights": b} for k, (a, b) in d.config_wrong.items()}},
+        "from_pretrained": {"missing": d.missing, "unexpected": d.unexpected,
+                            "mismatched": [{"key": k, "shape": a, "expected": b} for k, a, b in d.mismatched]},
+        "leftovers": [p.name for p in u.leftovers],
+        "findings": [f.as_dict() for f in d.findings],
+        "notes": (det.notes if det else []) + d.notes,
+        "healthy": d.healthy,
+    }
+    if ws is not None:
+        out.update(summary(d))
+    return out
+
+
+def as_dict(found: Found, diags: list[Diagnosis]) -> dict:
+    present = [d.unit.component for d in diags]
+    out = {"path": str(found.path), "kind": found.kind, "components": [component_dict(d) for d in diags],
+           "healthy": all(d.healthy for d in diags), "notes": list(found.stray)}
+    if found.kind in ("pipeline folder", "folder of component subfolders"):
+        out["model_index"] = found.model_index is not None
+        if found.model_index is not None:
+            listed = [k for k, v in found.model_index.items() if isinstance(v, list) and v and v[0]
+                      and k in ("transformer", "vae", "text_encoder", "image_encoder")]
+            absent = [c for c in listed if c not in present]
+            if absent:
+                out["notes"].append(f"model_index.json lists {', '.join(absent)}, which has no folder here")
+        else:
+            out["notes"].append("no model_index.json: DiffusionPipeline.from_pretrained cannot load this folder "
+                                "(load the components one by one, or convert the whole repo)")
+    return out
+
+
+def render(report: dict) -> list[str]:
+    lines = [f"{report['path']}: {report['kind']}"]
+    for c in report["components"]:
+        lines.append(f"{c['component']}: {c['layout_label']}" + (f" ({c['where']}: {c['path']})" if c["where"] != "single file" else ""))
+        if c["variant"]:
+            lines.append(f"  variant:  {c['variant']}{', size ' + c['size'] if c['size'] else ''}"
+                         f"{' -> ' + c['class'] if c['class'] else ''}")
+        w = c["weights"]
+        if w:
+            files = ", ".join(w["files"][:4]) + (f" ... ({len(w['files'])} files)" if len(w["files"]) > 4 else "")
+            lines.append(f"  weights:  {w['kind']}: {files}" + (f" + {w['index']}" if w["index"] else ""))
+            lines.append(f"  tensors:  {c['tensors']} ({c['parameters']:,} parameters, {human_size(c['bytes'])}; "
+                         + ", ".join(f"{k} x{n}" for k, n in c["dtypes"].items()) + ")")
+            lines.append("  shards:   " + ("ok" if not w["problems"] else "; ".join(w["problems"])))
+        lines.append(f"  config:   {c['config']['state']}")
+        fp = c["from_pretrained"]
+        if fp["missing"] or fp["unexpected"] or fp["mismatched"]:
+            lines.append(f"  from_pretrained would report: {len(fp['missing'])} missing, {len(fp['unexpected'])} "
+                         f"unexpected, {len(fp['mismatched'])} mis-shaped keys")
+            for kind in ("missing", "unexpected"):
+                keys = fp[kind]
+                if keys:
+                    lines.append(f"    {kind}: {', '.join(keys[:SHOW])}" + (f" ... (+{len(keys) - SHOW})" if len(keys) > SHOW else ""))
+            if fp["mismatched"]:
+                lines.append("    mis-shaped: " + ", ".join(f"{m['key']} {m['shape']} (needs {m['expected']})"
+                                                         for m in fp["mismatched"][:SHOW]))
+        else:
+            lines.append("  from_pretrained: loads cleanly" if c["healthy"] else "  from_pretrained: keys match")
+        for note in c["notes"]:
+            lines.append(f"  note:     {note}")
+        for f in c["findings"]:
+            who = f"repair ({f['repair']}{', needs --source' if f['needs_source'] else ''})" if f["repair"] else "not repair"
+            lines.append(f"  problem:  {f['message']}")
+            lines.append(f"    fix:    {f['fix']} [{who}]")
+    for note in report["notes"]:
+        lines.append(f"note: {note}")
+    lines.append("healthy: nothing to repair" if report["healthy"] else
+                 "problems found: `wan2diffusers repair PATH` fixes those marked repair")
+    return lines

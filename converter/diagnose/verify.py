@@ -1,0 +1,156 @@
+"""`verify`: a strict key and shape check of every component against its class built on the meta
+device from its config.json; with a source, every output tensor compared with what the mapping
+makes of the source tensors (one tensor at a time); the sha256 of every output file (streamed)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..discover import discover
+from ..errors import ConversionError
+from ..mapping import transforms
+from ..read.safetensors_file import read_tensor
+from .examine import Diagnosis, diagnose
+from .keys import QUANTO_WEIGHT
+from .layout import Unit, find
+from .sourceplan import plan_from_source
+
+HASH_CHUNK = 1 << 20
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def verify_path(out: Path, source: Path | None = None, progress: bool = True) -> dict:
+    out = Path(out)
+    found = find(out)
+    components, differences = [], []
+    for unit in found.units:
+        d = diagnose(unit)
+        diffs = structural(d)
+        info = {"component": unit.component, "path": str(unit.path), "layout": d.layout_label,
+                "class": d.target.class_name if d.target else None, "tensors": len(unit.keys),
+                "compared": 0, "differences": diffs}
+        if source is not None and unit.layout == "diffusers" and d.target is not None:
+            if unit.component not in discover(Path(source)):
+                info["not_compared"] = f"the source holds no {unit.component}"
+            else:
+                try:
+                    compared, tdiffs = compare_with_source(unit, d, Path(source), progress)
+                except ConversionError as e:
+                    compared, tdiffs = 0, [{"key": None, "problem": f"cannot compare with the source: {e}"}]
+                info["compared"] = compared
+                diffs.extend(tdiffs)
+        components.append(info)
+        differences += [{**x, "component": unit.component} for x in diffs]
+    files = [p for p in sorted(out.rglob("*") if out.is_dir() else [out]) if p.is_file()]
+    hashes = []
+    with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="sha256",
+              disable=None if progress else True, leave=False) as bar:
+        for p in files:
+            hashes.append({"file": str(p.relative_to(out)) if p != out else p.name, "bytes": p.stat().st_size,
+                           "sha256": sha256(p)})
+            bar.update(p.stat().st_size)
+    return {"ok": not differences, "path": str(out), "kind": found.kind, "source": str(source) if source else None,
+            "components": components, "differences": differences, "files": hashes}
+
+
+def structural(d: Diagnosis) -> list[dict]:
+    """Keys and shapes against the class from config.json, plus every problem inspect finds."""
+    u = d.unit
+    diffs = []
+    if u.layout != "diffusers":
+        diffs.append({"key": None, "problem": f"{d.layout_label} layout, not {d.derived_target.class_name if d.derived_target else 'Diffusers'} keys"})
+    for k in d.missing:
+        diffs.append({"key": k, "problem": "missing"})
+    for k in d.unexpected:
+        diffs.append({"key": k, "problem": "unexpected"})
+    for k, a, b in d.mismatched:
+        diffs.append({"key": k, "problem": f"shape {a}, the class needs {b}"})
+    seen = {x["key"] for x in diffs}
+    for f in d.findings:
+        if f.code in ("missing-keys", "unexpected-keys", "mismatched-shapes") and set(f.keys) <= seen:
+            continue
+        if f.code == "original-layout":
+            continue
+        diffs.append({"key": None, "problem": f"{f.message} (fix: {f.fix})"})
+    return diffs
+
+
+def compare_with_source(unit: Unit, d: Diagnosis, source: Path, progress: bool) -> tuple[int, list[dict]]:
+    cp = plan_from_source(unit.component, source, unit.config)
+    planned = {pt.key: pt for pt in cp.plan.tensors}
+    diffs = []
+    for k, v in cp.plan.detection.config.items():
+        have = (unit.config or {}).get(k)
+        if k in (unit.config or {}) and _norm(have) != _norm(v):
+            diffs.append({"key": None, "problem": f"config.json {k}={have!r}, the source gives {v!r}"})
+    for key in planned:
+        if key not in unit.keys:
+            diffs.append({"key": key, "problem": "the source makes it; the output lacks it"})
+    for key in unit.keys:
+        if key not in planned and key not in d.target.tied:
+            diffs.append({"key": key, "problem": "in the output; the source does not make it"})
+    tensors = unit.weights.tensors
+    compared = 0
+    todo = [pt for pt in cp.plan.tensors if pt.key in unit.keys]
+    with tqdm(total=sum(pt.nbytes for pt in todo), unit="B", unit_scale=True, desc=f"comparing {unit.component}",
+              disable=None if progress else True, leave=False) as bar:
+        for pt in todo:
+            expected = transforms.apply(pt.rule, [read_tensor(r) for r in pt.sources])[pt.part]
+            if pt.key in unit.quanto:
+                problem = _check_quantized(unit, pt.key, expected)
+            else:
+                problem = _check_equal(read_tensor(tensors[pt.key]), expected)
+            del expected
+            if problem:
+                diffs.append({"key": pt.key, "problem": problem})
+            compared += 1
+            bar.update(pt.nbytes)
+    return compared, diffs
+
+
+def _norm(v):
+    import json
+
+    return json.loads(json.dumps(v))
+
+
+def _check_equal(got: torch.Tensor, expected: torch.Tensor) -> str:
+    if tuple(got.shape) != tuple(expected.shape):
+        return f"shape {list(got.shape)}, the source gives {list(expected.shape)}"
+    exp = expected.to(got.dtype)  # an output written in bf16/fp16 is the source cast once
+    if torch.equal(got, exp):
+        return ""
+    if got.is_floating_point():
+        diff = (got.float() - exp.float()).abs()
+        n = int((diff > 0).sum())
+        return f"differs from the source in {n} of {got.numel()} values (max |difference| {float(diff.max()):.3g})"
+    return f"differs from the source in {int((got != exp).sum())} of {got.numel()} values"
+
+
+def _check_quantized(unit: Unit, key: str, expected: torch.Tensor) -> str:
+    """quanto int8: data * scale must be the source within half a quantization step."""
+    parts = {QUANTO_WEIGHT.match(k).group("part"): k for k in unit.quanto[key] if QUANTO_WEIGHT.match(k)}
+    refs = unit.weights.tensors
+    if set(parts) != {"data", "scale"} or refs[parts["data"]].dtype != "I8":
+        return ""  # other quanto formats (int4, float8): keys and shapes only
+    data, scale = read_tensor(refs[parts["data"]]).float(), read_tensor(refs[parts["scale"]]).float()
+    if tuple(data.shape) != tuple(expected.shape):
+        return f"shape {list(data.shape)}, the source gives {list(expected.shape)}"
+    err = (data * scale - expected.float()).abs()
+    bound = scale.abs() * 0.5 * (1 + 1e-3) + 1e-12
+    if bool((err <= bound).all()):
+        return ""
+    return f"quantized values are not the source's (max error {float(err.max()):.3g}, beyond half a step)"

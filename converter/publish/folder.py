@@ -1,0 +1,108 @@
+"""What a converted folder OUT holds, read from its small files only: the pipeline class
+(model_index.json), each component's class and config (quantization included), the conversion
+record, and the files an upload would send with their sizes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConversionError
+from .provenance import RECORD_NAME, read_record
+
+
+@dataclass
+class ConvertedFolder:
+    path: Path
+    pipeline_class: str | None  # model_index.json's _class_name; None for a partial conversion
+    components: dict[str, dict]  # folder with weights -> its config.json
+    record: dict | None
+    files: list[tuple[str, int]] = field(default_factory=list)  # what an upload sends: (path in repo, bytes)
+    weights: dict[str, tuple[int, list[str]]] = field(default_factory=dict)  # component -> (tensors, dtype tags)
+    record_path: Path | None = None  # where the record was read from (OUT's own, or --record)
+
+    @property
+    def quantization(self) -> dict[str, dict]:
+        """component -> quantization_config (as diffusers/transformers save it in config.json)."""
+        return {c: cfg["quantization_config"] for c, cfg in self.components.items()
+                if isinstance(cfg.get("quantization_config"), dict)}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self.files)
+
+    def class_of(self, component: str) -> str | None:
+        cfg = self.components.get(component) or {}
+        return cfg.get("_class_name") or (cfg.get("architectures") or [None])[0]
+
+
+def upload_ignore_patterns() -> list[str]:
+    """What upload_folder leaves out: its own defaults (.git, .cache/huggingface), the record, and
+    the temporary files of a card or record write that was interrupted."""
+    from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
+
+    return [RECORD_NAME, ".*.partial", "*/.*.partial", *DEFAULT_IGNORE_PATTERNS]  # + leftovers of an interrupted write
+
+
+def upload_files(out: Path) -> list[tuple[str, int]]:
+    """The files upload_folder would send, filtered exactly as it filters them."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    paths = {p.relative_to(out).as_posix(): p for p in sorted(out.glob("**/*")) if p.is_file()}
+    kept = filter_repo_objects(paths, ignore_patterns=upload_ignore_patterns())
+    return [(name, paths[name].stat().st_size) for name in kept]
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: not a JSON object")
+    return data
+
+
+def weights_summary(folder: Path) -> tuple[int, list[str]]:
+    """From the safetensors headers alone: how many tensors, in which dtypes."""
+    from ..read.safetensors_file import read_header
+
+    n, dtypes = 0, set()
+    for f in sorted(folder.glob("*.safetensors")):
+        tensors = read_header(f).tensors
+        n += len(tensors)
+        dtypes |= {r.dtype for r in tensors.values()}
+    return n, sorted(dtypes)
+
+
+def read_folder(out: Path, record: Path | None = None) -> ConvertedFolder:
+    """`record`: the conversion record to use instead of OUT's own (e.g. the float folder's, for
+    a folder `wan2diffusers quantize` made, which leaves the record out)."""
+    out = Path(out)
+    if not out.is_dir():
+        raise ConversionError(f"{out}: no such folder (pass the OUT folder `wan2diffusers convert` wrote)")
+    index = out / "model_index.json"
+    pipeline_class = _json(index).get("_class_name") if index.is_file() else None
+    from ..mapping.tables import KNOWN_COMPONENTS
+
+    def pipeline_order(p: Path):
+        return (KNOWN_COMPONENTS.index(p.name) if p.name in KNOWN_COMPONENTS else len(KNOWN_COMPONENTS), p.name)
+
+    components = {}
+    for sub in sorted((p for p in out.iterdir() if p.is_dir()), key=pipeline_order):
+        cfg = sub / "config.json"
+        has_weights = any(sub.glob("*.safetensors"))
+        if cfg.is_file() and has_weights:
+            components[sub.name] = _json(cfg)
+    if not components:
+        raise ConversionError(f"{out}: no converted component in this folder (no <component>/config.json "
+                              f"with .safetensors weights); run `wan2diffusers convert` first")
+    record_path = Path(record) if record is not None else out / RECORD_NAME
+    if record is not None and not record_path.is_file():
+        raise ConversionError(f"{record_path}: no such conversion record")
+    folder = ConvertedFolder(out, pipeline_class, components, read_record(record_path), upload_files(out),
+                             {c: weights_summary(out / c) for c in components}, record_path)
+    if folder.record is None:
+        folder.record_path = None
+    return folder

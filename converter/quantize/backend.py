@@ -1,0 +1,73 @@
+"""The one small interface a quantization backend implements, and the registry of backends.
+
+A backend answers four questions, the first three from shapes alone (nothing is read):
+which Linear modules the loader will quantize, which entries (name, dtype, shape) one quantized
+module stores, and what `quantization_config` goes into config.json; the fourth is the values of
+those entries for one weight tensor.  Everything else (reading, planning, sharding, writing,
+verifying) is the backend-free machinery of converter/convert.py and converter/quantize/plan.py.
+optimum-quanto is the only backend today (diffusers marks QuantoConfig deprecated); a torchao one
+would implement the same methods and be listed in BACKENDS."""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import ConversionError
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stored tensor of a quantized module, relative to the module (e.g. `weight._data`)."""
+
+    name: str
+    dtype: str  # safetensors tag
+    shape: tuple[int, ...]
+
+
+class QuantBackend(ABC):
+    name: str  # as it appears in mappings/quantization.yaml
+    weights: tuple[str, ...]  # the weight dtypes it offers (--quantize / --weights choices)
+
+    @abstractmethod
+    def quantized_modules(self, model: torch.nn.Module, keep_float: list[str]) -> list[str]:
+        """The modules (state-dict prefixes) of `model` (on the meta device) whose weight the loader
+        expects quantized, given the policy's `keep_float` names."""
+
+    @abstractmethod
+    def module_entries(self, weights: str, shape: tuple[int, ...], dtype: str, bias: bool) -> list[Entry]:
+        """Every entry the quantized module stores, in its state-dict order, for a float weight of
+        `shape` and `dtype` (tag).  An entry named like one of the float module's own tensors
+        (`bias`) is that tensor, written as planned; the others come from `quantize`."""
+
+    @abstractmethod
+    def quantize(self, weights: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The values of the module's entries that are not its float tensors, for one weight."""
+
+    @abstractmethod
+    def config(self, weights: str, keep_float: list[str], keep_in_fp32: list[str]) -> dict[str, Any]:
+        """The `quantization_config` written into config.json, as the loader reads it back."""
+
+    @abstractmethod
+    def loader_state_dict(self, model: torch.nn.Module, weights: str, keep_float: list[str],
+                          keep_in_fp32: list[str]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """What the loader will expect in the file: `model` (a fresh meta instance of the target)
+        quantized the way the loader does it, as key -> (dtype, shape).  The coverage proof."""
+
+
+BACKENDS = {"quanto": "converter.quantize.quanto:QuantoBackend"}
+
+
+def get_backend(name: str) -> QuantBackend:
+    if name not in BACKENDS:
+        raise ConversionError(f"unknown quantization backend {name!r} (known: {', '.join(BACKENDS)})")
+    module, _, cls = BACKENDS[name].partition(":")
+    try:
+        return getattr(importlib.import_module(module), cls)()
+    except ImportError as e:
+        raise ConversionError(f"quantization backend {name!r} is not installed ({e}); "
+                              f"pip install optimum-quanto>=0.2.7") from None

@@ -1,0 +1,218 @@
+"""The quantized variant of a planned component, from shapes alone: which Linear weights are
+written quantized (the policy and the backend's rule), the entries each becomes (key, dtype,
+shape: the safetensors headers are written from these before any data), the proof that they are
+exactly what the loader expects, and, while writing, each weight read, quantized and handed out
+part by part.  converter/convert.py writes `ComponentPlan.quantized` when it is set."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConversionError
+from ..plan.plan import FLOAT_TAGS, PlannedTensor
+from ..plan.target import build_target
+from ..read.safetensors_file import DTYPES, TAGS, TensorRef, read_tensor
+from .backend import QuantBackend, get_backend
+from .policy import component_policy, load_policy, policy_path
+
+FLOAT_DTYPES = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
+
+
+@dataclass
+class QuantizedTensor:
+    """One entry a quantized module stores that is not one of its float tensors."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    weight: PlannedTensor  # the float weight it is computed from
+    part: str  # the entry's name relative to the module
+
+    @property
+    def nbytes(self) -> int:
+        return torch.empty((), dtype=DTYPES[self.dtype]).element_size() * math.prod(self.shape)
+
+
+@dataclass
+class QuantizedPlan:
+    backend: QuantBackend
+    weights: str
+    keep_float: list[str]
+    modules: list[str]  # the modules written quantized
+    tensors: list[PlannedTensor | QuantizedTensor]  # everything written, in the loader's state-dict order
+    config: dict[str, Any]  # quantization_config
+    float_bytes: int  # what the float output would take
+    _parts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def produce(self, entry) -> TensorRef | torch.Tensor:
+        """The value of a planned entry: a float one as the float conversion makes it; a quantized
+        part from its weight, quantized once when its first part is written and freed with its last."""
+        from ..convert import produce
+
+        if isinstance(entry, PlannedTensor):
+            return produce(entry)
+        module = entry.weight.key
+        parts = self._parts.get(module)
+        if parts is None:
+            w = float_weight(entry.weight)
+            parts = self._parts[module] = self.backend.quantize(self.weights, w)
+            del w
+            release_freed_memory()
+        value = parts.pop(entry.part)
+        if not parts:
+            del self._parts[module]
+        return value
+
+    def write_config(self, folder: Path) -> None:
+        """Add `quantization_config` to the config.json the float plan wrote, formatted as
+        diffusers' save_config writes it (sorted keys, indent 2)."""
+        path = folder / "config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config["quantization_config"] = self.config
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    def describe(self) -> dict:
+        return {"backend": self.backend.name, "weights": self.weights, "policy": str(policy_path()),
+                "modules_to_not_convert": self.config["modules_to_not_convert"],
+                "quantized_modules": len(self.modules), "bytes": self.bytes, "float_bytes": self.float_bytes,
+                "dtypes": sorted({t.dtype for t in self.tensors})}
+
+
+_trim = None  # glibc's malloc_trim, once looked up
+
+
+def release_freed_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc malloc_trim).  Quantizing leaves many
+    freed temporaries of a few MB in the heap, which glibc keeps: without this the RSS creeps up
+    by hundreds of MB over a 14B model.  A no-op where there is no glibc."""
+    global _trim
+    if _trim is None:
+        try:
+            _trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _trim = False
+    if _trim:
+        _trim(0)
+
+
+
+def float_weight(pt: PlannedTensor) -> torch.Tensor:
+    """A planned float tensor in memory, as the float conversion would write it (produce() gives
+    a TensorRef to copy, an iterator of cast chunks, or a tensor)."""
+    from ..convert import produce
+
+    item = produce(pt)
+    if isinstance(item, TensorRef):
+        return read_tensor(item).reshape(pt.shape)
+    if isinstance(item, torch.Tensor):
+        return item.reshape(pt.shape)
+    buf, done = bytearray(pt.nbytes), 0
+    for chunk in item:
+        n = len(memoryview(chunk).cast("B"))
+        buf[done:done + n] = memoryview(chunk).cast("B")
+        done += n
+    if done != pt.nbytes:
+        raise AssertionError(f"{pt.key}: planned {pt.nbytes} bytes, produced {done}")
+    return torch.frombuffer(buf, dtype=DTYPES[pt.dtype]).reshape(pt.shape)
+
+
+def plan_quantized(cp, weights: str) -> QuantizedPlan:
+    """`cp`: a ComponentPlan whose coverage is proven (converter.convert)."""
+    target = cp.plan.target
+    policy = load_policy()
+    if weights not in policy.weights:
+        raise ConversionError(f"{policy_path()}: offers {', '.join(policy.weights)} weights, not {weights!r}")
+    spec = component_policy(cp.component, target.class_name)
+    backend = get_backend(policy.backend)
+    keep_float = list(spec.modules_to_not_convert)
+    check_policy_names(backend, target.model, keep_float, target.class_name)
+
+    by_key = {pt.key: pt for pt in cp.plan.tensors}
+    modules = backend.quantized_modules(target.model, keep_float)
+    own: dict[str, dict[str, PlannedTensor]] = {}  # quantized module -> its float tensors by name
+    for pt in cp.plan.tensors:
+        module, _, name = pt.key.rpartition(".")
+        own.setdefault(module, {})[name] = pt
+    planned: dict[str, PlannedTensor | QuantizedTensor] = {k: pt for k, pt in by_key.items()}
+    for module in modules:
+        params = own.get(module, {})
+        weight = params.get("weight")
+        if weight is None or len(weight.shape) != 2 or weight.dtype not in FLOAT_TAGS:
+            found = "nothing" if weight is None else f"{weight.dtype} {list(weight.shape)}"
+            raise ConversionError(f"{cp.source.path}: {module}.weight: expected a 2-D float weight to "
+                                  f"quantize, the plan has {found}")
+        del planned[weight.key]
+        for e in backend.module_entries(weights, weight.shape, weight.dtype, "bias" in params):
+            if e.name in params:
+                continue  # one of its float tensors (the bias): written as planned
+            planned[f"{module}.{e.name}"] = QuantizedTensor(f"{module}.{e.name}", e.dtype, e.shape, weight, e.name)
+
+    # the proof: exactly the keys and shapes the loader will build, in its order
+    fresh = build_target(target.class_name, cp.plan.detection.config).model  # the backend quantizes this one
+    expected = backend.loader_state_dict(fresh, weights, keep_float, target.keep_in_fp32)
+    problems = []
+    for key in sorted(set(planned) - set(expected)):
+        problems.append(f"{key}: planned, but the quantized {target.class_name} has no such entry")
+    for key in sorted(set(expected) - set(planned)):
+        problems.append(f"{key}: the quantized {target.class_name} expects it, nothing produces it")
+    for key, (dtype, shape) in expected.items():
+        t = planned.get(key)
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            problems.append(f"{key}: planned shape {list(t.shape)}, the loader expects {list(shape)}")
+        elif dtype not in FLOAT_DTYPES and t.dtype != TAGS[dtype]:
+            problems.append(f"{key}: planned dtype {t.dtype}, the loader expects {TAGS[dtype]}")
+    if problems:
+        raise ConversionError(f"{cp.source.path}: {cp.component}: the quantized layout does not match what "
+                              f"{target.class_name}.from_pretrained expects; nothing was written", problems)
+    tensors = [planned[k] for k in expected]
+    return QuantizedPlan(backend, weights, keep_float, modules, tensors,
+                         backend.config(weights, keep_float, target.keep_in_fp32),
+                         sum(pt.nbytes for pt in cp.plan.tensors))
+
+
+def check_policy_names(backend: QuantBackend, model: torch.nn.Module, keep_float: list[str], class_name: str) -> None:
+    """A name that keeps nothing float (e.g. a parent module: diffusers' quanto backend only
+    compares the names of the Linear modules themselves) is refused rather than pretended."""
+    default = set(backend.quantized_modules(model, []))
+    dead = [n for n in keep_float if set(backend.quantized_modules(model, [n])) == default]
+    if dead:
+        raise ConversionError(f"{policy_path()}: modules_to_not_convert names {', '.join(map(repr, dead))}, which "
+                              f"keeps no module of {class_name} float with the {backend.name} backend "
+                              f"(it matches the name of a quantized Linear, not of a parent module)")
+
+
+def attach(cp, weights: str) -> QuantizedPlan:
+    """Plan the quantized variant of `cp` and make write_component write it."""
+    cp.quantized = plan_quantized(cp, weights)
+    return cp.quantized
+
+
+def quantize_plans(plans: list, infos: list[dict], weights: str, say) -> None:
+    """`convert --quantize`: the quantizable components of `plans` (those the policy names: the
+    transformer) planned quantized; their report entries (describe()) updated in place."""
+    from ..commands.common import human_size
+
+    policy = load_policy()
+    chosen = [(cp, info) for cp, info in zip(plans, infos) if cp.component in policy.components]
+    if not chosen:
+        raise ConversionError(f"--quantize: none of the components to convert ({', '.join(cp.component for cp in plans)}) "
+                              f"can be quantized (quantizable: {', '.join(policy.components)})")
+    for cp, info in chosen:
+        qp = attach(cp, weights)
+        q = qp.describe()
+        info.update(bytes=q["bytes"], dtypes=q["dtypes"], quantization=q)
+        say(f"{cp.component}: quantized: {q['quantized_modules']} Linear weights to {weights} ({qp.backend.name}), "
+            f"kept float: {', '.join(qp.keep_float)}; {human_size(q['float_bytes'])} -> {human_size(q['bytes'])}")

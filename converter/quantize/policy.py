@@ -1,0 +1,99 @@
+"""The quantization policy (mappings/quantization.yaml): the backend, the weight dtypes offered,
+and per component which modules stay float (`modules_to_not_convert`), validated when loaded and
+checked against the target model when planned."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import ConversionError
+from ..mapping.tables import tables_root
+from .backend import BACKENDS
+
+POLICY_FILE = "quantization.yaml"
+MODULE_NAME = r"^([A-Za-z_][A-Za-z0-9_]*|[0-9]+)$"  # an attribute name: diffusers matches the last path part
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ComponentPolicy(_Strict):
+    classes: list[str] = Field(min_length=1)  # the target classes this policy may quantize
+    modules_to_not_convert: list[str]
+
+    @field_validator("modules_to_not_convert")
+    @classmethod
+    def names(cls, v: list[str]) -> list[str]:
+        import re
+
+        bad = [n for n in v if not re.match(MODULE_NAME, n)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a module attribute name (diffusers matches the last "
+                             f"part of a module's path, e.g. proj_out, not condition_embedder.time_proj)")
+        dup = sorted({n for n in v if v.count(n) > 1})
+        if dup:
+            raise ValueError(f"{dup[0]!r} is listed twice")
+        return v
+
+
+class Policy(_Strict):
+    schema_version: int = Field(ge=1, le=1)
+    description: str
+    backend: str
+    weights: list[str] = Field(min_length=1)
+    components: dict[str, ComponentPolicy] = Field(min_length=1)
+
+    @field_validator("backend")
+    @classmethod
+    def known_backend(cls, v: str) -> str:
+        if v not in BACKENDS:
+            raise ValueError(f"unknown backend {v!r} (known: {', '.join(BACKENDS)})")
+        return v
+
+
+def policy_path() -> Path:
+    return Path(str(tables_root().joinpath(POLICY_FILE)))
+
+
+@lru_cache(maxsize=None)
+def load_policy() -> Policy:
+    path = policy_path()
+    try:
+        return parse_policy(path.read_text(encoding="utf-8"), str(path))
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read the quantization policy: {e.strerror or e}") from None
+
+
+def parse_policy(text: str, where: str) -> Policy:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConversionError(f"{where}: not valid YAML: {e}".replace("\n", " ")) from None
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        what = ".".join(str(x) for x in first["loc"]) or "top level"
+        raise ConversionError(f"{where}: invalid quantization policy at {what}: {first['msg']}") from None
+    from .backend import get_backend
+
+    offered = get_backend(policy.backend).weights
+    unknown = [w for w in policy.weights if w not in offered]
+    if unknown:
+        raise ConversionError(f"{where}: invalid quantization policy at weights: backend {policy.backend} "
+                              f"offers {', '.join(offered)}, not {unknown[0]!r}")
+    return policy
+
+
+def component_policy(component: str, class_name: str) -> ComponentPolicy:
+    policy = load_policy()
+    spec = policy.components.get(component)
+    if spec is None or class_name not in spec.classes:
+        raise ConversionError(f"{class_name} ({component}) cannot be quantized: {policy_path()} has no policy "
+                              f"for it (quantizable: {', '.join(c for p in policy.components.values() for c in p.classes)})")
+    return spec
