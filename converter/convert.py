@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from .errors import ConversionError
@@ -17,7 +16,8 @@ from .mapping.tables import load_table
 from .plan.detect import detect
 from .plan.plan import Plan, PlannedTensor, build_plan
 from .plan.target import build_target
-from .read.safetensors_file import DTYPES, iter_cast, read_header, read_tensor
+from .read import safetensors_file
+from .read.safetensors_file import iter_cast, read_header, read_tensor
 from .read.source import SourceCheckpoint, open_pth_source, open_safetensors_source
 from .write.naming import ShardLayout, plan_shards
 from .write.safetensors_writer import write_safetensors
@@ -64,10 +64,10 @@ def produce(pt: PlannedTensor):
     if pt.is_byte_copy:
         return pt.sources[0]
     if pt.is_elementwise:
-        return iter_cast(pt.sources[0], DTYPES[pt.dtype])
+        return iter_cast(pt.sources[0], safetensors_file.DTYPES[pt.dtype])
     inputs = [read_tensor(r) for r in pt.sources]
     out = transforms.apply(pt.rule, inputs)[pt.part]
-    return out.to(DTYPES[pt.dtype])
+    return out.to(safetensors_file.DTYPES[pt.dtype])
 
 
 def written_tensors(cp: ComponentPlan) -> list:

@@ -4,6 +4,8 @@ the CLI in-process, and the relative error the project is judged by."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from converter.cli import main
+
+# keep the target-layout cache of the tests away from the user's ~/.cache (subprocesses inherit it)
+os.environ["WAN2DIFFUSERS_CACHE"] = tempfile.mkdtemp(prefix="wan2diffusers-test-cache-")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOL = 1e-4  # max|out - expected| / max|expected|, float32

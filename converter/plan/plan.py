@@ -6,13 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from ..errors import ConversionError
 from ..mapping import transforms
 from ..mapping.rules import resolve_layouts, template_for
 from ..mapping.schema import Rule, Table
-from ..read.safetensors_file import DTYPES, TAGS, TensorRef
+from ..read.safetensors_file import TensorRef, itemsize
 from ..read.source import SourceCheckpoint
 from .detect import Detection
 from .target import TargetModel
@@ -32,7 +30,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        return torch.empty((), dtype=DTYPES[self.dtype]).element_size() * _numel(self.shape)
+        return itemsize(self.dtype) * _numel(self.shape)
 
     @property
     def is_elementwise(self) -> bool:

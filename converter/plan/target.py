@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import importlib
 import re
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import ConversionError
+from . import layout_cache
 
 LIBRARIES = ("diffusers", "transformers")
 
@@ -21,19 +21,25 @@ LIBRARIES = ("diffusers", "transformers")
 class TargetModel:
     class_name: str
     library: str
-    model: Any  # on the meta device: holds no memory
+    config: dict[str, Any]  # the constructor arguments it was built from
     shapes: dict[str, tuple[int, ...]]  # state-dict order, as save_pretrained writes it
     keep_in_fp32: list[str]
     # transformers tied weights left out of `shapes`: key -> the key written in its place
     # (save_pretrained writes one tensor per tied group; from_pretrained re-ties the others)
     tied: dict[str, str] = field(default_factory=dict)
+    config_json: str = ""  # exactly what the library's save_config writes as config.json
+    _model: Any = None
+
+    @property
+    def model(self):
+        """The model on the meta device (holds no memory); built on first use."""
+        if self._model is None:
+            self._model = _instantiate(self.class_name, self.config)[1]
+        return self._model
 
     def save_config(self, folder: Path) -> None:
-        if self.library == "diffusers":
-            self.model.save_config(str(folder))
-        else:
-            self.model.config.architectures = [type(self.model).__name__]  # as save_pretrained records it
-            self.model.config.save_pretrained(str(folder))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(self.config_json, encoding="utf-8")
 
 
 def model_class(class_name: str):
@@ -45,20 +51,48 @@ def model_class(class_name: str):
     raise ConversionError(f"neither diffusers nor transformers has a class {class_name!r}")
 
 
-def build_target(class_name: str, config: dict[str, Any]) -> TargetModel:
+def _instantiate(class_name: str, config: dict[str, Any]):
+    import torch
+
     library, cls = model_class(class_name)
     try:
         with torch.device("meta"):
             if library == "diffusers":
-                model = cls(**config)
-            else:
-                model = cls(cls.config_class(**config))
+                return library, cls(**config)
+            return library, cls(cls.config_class(**config))
     except Exception as e:  # noqa: BLE001 - a derived config the class refuses is a bug to report clearly
         raise ConversionError(f"{class_name} refuses the derived config: {type(e).__name__}: {e}") from None
+
+
+def _saved_config(library: str, model) -> str:
+    """What save_pretrained writes as config.json, captured as text."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if library == "diffusers":
+            model.save_config(tmp)
+        else:
+            model.config.architectures = [type(model).__name__]  # as save_pretrained records it
+            model.config.save_pretrained(tmp)
+        return (Path(tmp) / "config.json").read_text(encoding="utf-8")
+
+
+def build_target(class_name: str, config: dict[str, Any]) -> TargetModel:
+    """The target's layout. Building the model needs diffusers/transformers imported (seconds);
+    the layout it yields depends only on the class, the config and the library versions, so it
+    is kept in the layout cache (converter/plan/layout_cache.py) and reused."""
+    cached = layout_cache.load(class_name, config)
+    if cached is not None:
+        return TargetModel(class_name, cached["library"], dict(config),
+                           {k: tuple(v) for k, v in cached["shapes"].items()}, cached["keep_in_fp32"],
+                           cached["tied"], cached["config_json"])
+    library, model = _instantiate(class_name, config)
     tied = tied_copies(model, class_name) if library == "transformers" else {}
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
     keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    return TargetModel(class_name, library, model, shapes, keep, tied)
+    target = TargetModel(class_name, library, dict(config), shapes, keep, tied, _saved_config(library, model), model)
+    layout_cache.store(class_name, config, library, {
+        "library": library, "shapes": {k: list(v) for k, v in shapes.items()}, "keep_in_fp32": keep,
+        "tied": tied, "config_json": target.config_json})
+    return target
 
 
 def tied_copies(model, class_name: str) -> dict[str, str]:

@@ -12,23 +12,31 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..errors import ConversionError
 
-# safetensors dtype tag -> (torch dtype, bytes per element)
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-TAGS: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+# safetensors dtype tag -> bytes per element. torch is imported only where tensor data is
+# touched: a conversion that only copies bytes never pays for importing it.
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+            "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
 
 
 def itemsize(tag: str) -> int:
-    return torch.empty((), dtype=DTYPES[tag]).element_size()
+    return ITEMSIZE[tag]
+
+
+def __getattr__(name: str):
+    """DTYPES (tag -> torch dtype) and TAGS (torch dtype -> tag), made on first use."""
+    if name in ("DTYPES", "TAGS"):
+        import torch
+
+        dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                  "U8": torch.uint8, "BOOL": torch.bool,
+                  "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+        globals()["DTYPES"], globals()["TAGS"] = dtypes, {v: k for k, v in dtypes.items()}
+        return globals()[name]
+    raise AttributeError(name)
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,7 @@ def read_header(path: Path) -> SafetensorsHeader:
             begin, end = int(begin), int(end)
         except (KeyError, TypeError, ValueError):
             raise ConversionError(f"{path}: corrupt safetensors header (bad entry for {key!r})") from None
-        if tag not in DTYPES:
+        if tag not in ITEMSIZE:
             raise ConversionError(f"{path}: {key}: unsupported dtype {tag!r}")
         if any(d < 0 for d in shape) or begin < 0 or end < begin:
             raise ConversionError(f"{path}: {key}: corrupt safetensors header (negative size or offsets)")
@@ -110,8 +118,11 @@ def read_header(path: Path) -> SafetensorsHeader:
     return SafetensorsHeader(path, tensors, dict(metadata))
 
 
-def read_tensor(ref: TensorRef) -> torch.Tensor:
+def read_tensor(ref: TensorRef):
     """Read exactly one tensor into fresh memory (no mmap)."""
+    import torch
+
+    dtype = __getattr__("DTYPES")[ref.dtype]
     buf = bytearray(ref.nbytes)
     try:
         with open(ref.file, "rb", buffering=0) as f:
@@ -128,8 +139,8 @@ def read_tensor(ref: TensorRef) -> torch.Tensor:
     if got != ref.nbytes:
         raise ConversionError(f"{ref.file}: truncated while reading {ref.key}")
     if ref.nbytes == 0:
-        return torch.empty(ref.shape, dtype=DTYPES[ref.dtype])
-    flat = torch.frombuffer(buf, dtype=DTYPES[ref.dtype])
+        return torch.empty(ref.shape, dtype=dtype)
+    flat = torch.frombuffer(buf, dtype=dtype)
     if ref.stride is not None:
         return flat.as_strided(ref.shape, ref.stride).contiguous()
     return flat.reshape(ref.shape)
@@ -162,12 +173,14 @@ def copy_bytes(ref: TensorRef, out, chunk: int = 64 * 1024 * 1024) -> None:
             remaining -= len(data)
 
 
-def iter_cast(ref: TensorRef, dtype: torch.dtype, chunk: int = 64 * 1024 * 1024):
+def iter_cast(ref: TensorRef, dtype, chunk: int = 64 * 1024 * 1024):
     """A contiguous tensor's values cast to `dtype`, as raw bytes, one chunk at a time: an
     elementwise cast needs no more than a chunk of the tensor in memory."""
+    import torch
+
     assert ref.stride is None, ref.key
-    src_dtype = DTYPES[ref.dtype]
-    item = torch.empty((), dtype=src_dtype).element_size()
+    src_dtype = __getattr__("DTYPES")[ref.dtype]
+    item = ITEMSIZE[ref.dtype]
     step = max(item, chunk - chunk % item)
     with open(ref.file, "rb", buffering=0) as f:
         f.seek(ref.offset)

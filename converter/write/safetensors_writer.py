@@ -7,8 +7,6 @@ import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import torch
-
 from ..read.safetensors_file import TensorRef, copy_bytes
 
 
@@ -25,7 +23,7 @@ def header_bytes(entries: list[tuple[str, str, tuple[int, ...], int]], metadata:
 
 
 def write_safetensors(path: Path, entries: list[tuple[str, str, tuple[int, ...], int]],
-                      produce: Callable[[int], TensorRef | torch.Tensor], metadata: dict[str, str],
+                      produce: Callable[[int], object], metadata: dict[str, str],
                       on_bytes: Callable[[int], None] = lambda n: None) -> None:
     """`produce(i)` returns entry i as a tensor (already in its final dtype and shape), as a
     TensorRef whose bytes are copied unchanged, or as an iterator of byte chunks."""
@@ -37,7 +35,7 @@ def write_safetensors(path: Path, entries: list[tuple[str, str, tuple[int, ...],
                 if item.nbytes != nbytes:
                     raise AssertionError(f"{key}: planned {nbytes} bytes, source has {item.nbytes}")
                 copy_bytes(item, out)
-            elif not isinstance(item, torch.Tensor):  # an iterator of byte chunks (a streamed cast)
+            elif not hasattr(item, "contiguous"):  # an iterator of byte chunks (a streamed cast)
                 written = 0
                 for data in item:
                     _write_all(out, data)
@@ -45,6 +43,8 @@ def write_safetensors(path: Path, entries: list[tuple[str, str, tuple[int, ...],
                 if written != nbytes:
                     raise AssertionError(f"{key}: planned {nbytes} bytes, streamed {written}")
             else:
+                import torch
+
                 t = item.contiguous()
                 if tuple(t.shape) != tuple(shape) or t.numel() * t.element_size() != nbytes:
                     raise AssertionError(f"{key}: planned {list(shape)}, produced {list(t.shape)} {t.dtype}")

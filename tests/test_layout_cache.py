@@ -1,0 +1,68 @@
+"""The target-layout cache: a memo of what the meta-device model yields, keyed by class, config
+and library versions. Output is identical with or without it; a warm conversion that only copies
+bytes imports neither torch nor diffusers; a damaged entry is ignored."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import FIXTURES, run_cli
+
+PROBE = """
+import sys
+from converter.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print("IMPORTED", sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules), file=sys.stderr)
+"""
+
+
+def imported(cache, *args):
+    env = {**os.environ, "WAN2DIFFUSERS_CACHE": str(cache)}
+    r = subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    line = next(l for l in r.stderr.splitlines() if l.startswith("IMPORTED"))
+    return r, eval(line.split(" ", 1)[1])
+
+
+def files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "wan2diffusers.json"}
+
+
+def test_cold_and_warm_conversions_are_identical_and_warm_needs_no_heavy_imports(tmp_path):
+    cache = tmp_path / "cache"
+    cold, cold_imports = imported(cache, "convert", FIXTURES / "vace", tmp_path / "cold")
+    assert cold.returncode == 0, cold.stderr
+    assert "diffusers" in cold_imports and list(cache.glob("WanVACETransformer3DModel-*.json"))
+    warm, warm_imports = imported(cache, "convert", FIXTURES / "vace", tmp_path / "warm")
+    assert warm.returncode == 0, warm.stderr
+    assert warm_imports == []  # every tensor is a byte copy and the layout is known
+    assert files(tmp_path / "cold") == files(tmp_path / "warm")
+
+
+def test_a_damaged_entry_is_ignored(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("WAN2DIFFUSERS_CACHE", str(cache))
+    run_cli("convert", FIXTURES / "t2v", tmp_path / "first")
+    (entry,) = cache.glob("WanTransformer3DModel-*.json")
+    data = json.loads(entry.read_text())
+    data["layout"]["shapes"]["proj_out.weight"] = [1, 1]  # tampered: digest no longer matches
+    entry.write_text(json.dumps(data))
+    run_cli("convert", FIXTURES / "t2v", tmp_path / "second")
+    assert files(tmp_path / "first") == files(tmp_path / "second")
+    entry.write_text("{not json")
+    run_cli("convert", FIXTURES / "t2v", tmp_path / "third")
+    assert files(tmp_path / "first") == files(tmp_path / "third")
+
+
+def test_the_cache_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("WAN2DIFFUSERS_CACHE", "off")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    run_cli("convert", FIXTURES / "t2v", tmp_path / "out")
+    assert not (tmp_path / "xdg").exists()
