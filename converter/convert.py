@@ -75,6 +75,11 @@ def written_tensors(cp: ComponentPlan) -> list:
     return cp.quantized.tensors if cp.quantized is not None else cp.plan.tensors
 
 
+def _source_position(pt) -> tuple:
+    src = getattr(pt, "sources", None)
+    return (str(src[0].file), src[0].offset) if src else ("", 0)
+
+
 def write_component(cp: ComponentPlan, folder: Path, max_shard_size, progress: bool = True) -> ShardLayout:
     folder.mkdir(parents=True, exist_ok=True)
     by_key = {pt.key: pt for pt in written_tensors(cp)}
@@ -84,7 +89,9 @@ def write_component(cp: ComponentPlan, folder: Path, max_shard_size, progress: b
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {cp.component}",
               disable=None if progress else True, leave=False) as bar:
         for name, keys in layout.files.items():
-            pts = [by_key[k] for k in keys]
+            # which shard a key goes to is save_pretrained's (state-dict order); inside a shard the
+            # data is written in source order, so the source files are read front to back
+            pts = sorted((by_key[k] for k in keys), key=_source_position)
             entries = [(pt.key, pt.dtype, pt.shape, pt.nbytes) for pt in pts]
             write_safetensors(folder / name, entries, lambda i: make(pts[i]), {"format": "pt"}, bar.update)
     if layout.index_name:
