@@ -6,11 +6,11 @@ import click
 
 from . import __version__
 from .commands.convert import convert
-from .commands.publish import publish
 from .commands.inspect import inspect_cmd
+from .commands.publish import publish
+from .commands.quantize import quantize
 from .commands.repair import repair
 from .commands.verify import verify
-from .commands.quantize import quantize
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -9,6 +9,7 @@ from .errors import ConversionError
 from .mapping.tables import load_table, table_names
 from .read.pth_file import read_pth_index
 from .read.source import common_prefix
+from .write.naming import index_name
 
 
 def discover(src: Path, only: list[str] | None = None) -> dict[str, Path]:
@@ -32,7 +33,7 @@ def discover(src: Path, only: list[str] | None = None) -> dict[str, Path]:
     else:
         for name, t in tables.items():
             if t.source.weights_name:
-                if (src / t.source.weights_name).exists() or (src / (t.source.weights_name + ".index.json")).exists():
+                if (src / t.source.weights_name).exists() or (src / index_name(t.source.weights_name)).exists():
                     found[name] = src
             elif any((src / f).is_file() for f in t.source.file_names):
                 found[name] = src

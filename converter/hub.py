@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .errors import ConversionError
 from .mapping.tables import load_table, table_names
+from .write.naming import index_name, shard_glob
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
@@ -26,9 +27,7 @@ def allow_patterns(only: list[str] | None) -> list[str]:
             continue
         src = load_table(name).source
         if src.weights_name:
-            stem = src.weights_name.removesuffix(".safetensors")
-            patterns += ["config.json", src.weights_name, f"{src.weights_name}.index.json",
-                         f"{stem}-*-of-*.safetensors"]
+            patterns += ["config.json", src.weights_name, index_name(src.weights_name), shard_glob(src.weights_name)]
         patterns += list(src.file_names)
     patterns.append("README.md")  # license and tags for the model card (publish)
     if not only or "tokenizer" in only or "text_encoder" in only:
@@ -38,8 +37,12 @@ def allow_patterns(only: list[str] | None) -> list[str]:
 
 def download(repo_id: str, only: list[str] | None, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns(only)))

@@ -11,11 +11,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ConversionError
-from .mapping.tables import tables_root
+from .mapping.tables import parse_yaml, tables_root
+from .write.naming import MODEL_INDEX
 
 
 class _Strict(BaseModel):
@@ -50,10 +50,7 @@ class PipelineTable(_Strict):
 @lru_cache(maxsize=None)
 def load_pipeline_table() -> PipelineTable:
     path = tables_root().joinpath("pipeline.yaml")
-    try:
-        return PipelineTable.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
-    except (yaml.YAMLError, ValidationError) as e:
-        raise ConversionError(f"{path}: invalid pipeline table: {str(e).splitlines()[0]}") from None
+    return parse_yaml(path.read_text(encoding="utf-8"), str(path), PipelineTable, "pipeline table")
 
 
 @dataclass
@@ -103,7 +100,7 @@ def write_pipeline_extras(plan: PipelinePlan, work: Path) -> None:
         cls = getattr(transformers, table.image_processor.class_name)
         cls(**table.image_processor.config).save_pretrained(str(work / "image_processor"))
     if plan.complete:
-        (work / "model_index.json").write_text(json.dumps(model_index(plan), indent=2) + "\n")
+        (work / MODEL_INDEX).write_text(json.dumps(model_index(plan), indent=2) + "\n")
 
 
 def check_tokenizer(folder: Path, source: Path) -> None:

@@ -364,7 +364,7 @@ def main() -> None:
     copies = 3 if not args.skip_diffusers else 2  # source + ours (kept for the comparison) + cp or diffusers
     need = pool_bytes + (sum(sizes[L] * (copies + 1) for L in sizes) if args.keep else max(sizes.values()) * copies)
     free = shutil.disk_usage(parent).free
-    log(f"checkpoints: " + ", ".join(f"{L} layer(s) = {human(sizes[L])}" for L in args.layers))
+    log("checkpoints: " + ", ".join(f"{L} layer(s) = {human(sizes[L])}" for L in args.layers))
     log(f"disk needed: {human(need)} at peak under {parent} ({human(free)} free)"
         + (" [--keep: everything stays]" if args.keep else " [each run's files are removed before the next]"))
     if need + GB > free:

@@ -37,7 +37,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,7 +124,7 @@ def main() -> None:
     pool_bytes = max(n for L in args.layers for _, _, n in bc.synthetic_keys(L)) + (1 << 20)
     need = pool_bytes + max(sizes.values()) * 2.8  # source + float folder + three quantized outputs
     free = shutil.disk_usage(parent).free
-    log(f"checkpoints: " + ", ".join(f"{L} layer(s) = {bc.human(sizes[L])}" for L in args.layers)
+    log("checkpoints: " + ", ".join(f"{L} layer(s) = {bc.human(sizes[L])}" for L in args.layers)
         + f"; disk needed {need / GB:.1f} GB under {parent} ({free / GB:.1f} GB free)")
     if need + GB > free:
         raise SystemExit("not enough free disk")

@@ -4,7 +4,6 @@ warnings; the T2V one generates."""
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 import torch

@@ -50,3 +50,21 @@ def human_size(n: float) -> str:
         if n < 1000 or unit == "TB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
+
+
+def run_reporting(action, as_json: bool, where, interrupted: str, after_oserror: str = "") -> dict:
+    """Run `action()` the way every command does: an expected failure is one `error:` line and
+    exit 1 (the JSON error report with --json), an OS error (disk full, permission) names its file,
+    Ctrl-C says what state things are in and exits 130; the report is printed with --json."""
+    try:
+        report = action()
+    except ConversionError as e:
+        fail(e, as_json)
+    except OSError as e:
+        fail(ConversionError(f"{e.filename or where}: {e.strerror or e}{after_oserror}"), as_json)
+    except KeyboardInterrupt:
+        click.echo(f"error: interrupted; {interrupted}", err=True)
+        sys.exit(130)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    return report

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from pathlib import Path
 
 import click
 
 from ..errors import ConversionError
-from .common import check_size, fail, human_size, parse_settings
+from .common import check_size, human_size, parse_settings, run_reporting
 
 
 @click.command()
@@ -50,20 +48,13 @@ def convert(src: Path, out: Path, only: str | None, max_shard_size: str, dtype: 
     .safetensors file may carry a `model.diffusion_model.` or `model.` key prefix.
     Each component goes to OUT/<component>/."""
     components = [c.strip() for c in only.split(",") if c.strip()] if only else None
-    try:
+    def action():
         overrides = parse_settings(settings)
         check_size(max_shard_size)
-        report = run_convert(src, out, components, max_shard_size, dtype, overrides, clip_heads, flow_shift,
-                             overwrite, dry_run, as_json, quantize=quantize)
-    except ConversionError as e:
-        fail(e, as_json)
-    except OSError as e:  # e.g. disk full or permission denied while writing
-        fail(ConversionError(f"{e.filename or out}: {e.strerror or e}; nothing was written"), as_json)
-    except KeyboardInterrupt:
-        click.echo("error: interrupted; nothing was written", err=True)
-        sys.exit(130)
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
+        return run_convert(src, out, components, max_shard_size, dtype, overrides, clip_heads, flow_shift,
+                           overwrite, dry_run, as_json, quantize=quantize)
+
+    run_reporting(action, as_json, out, "nothing was written", "; nothing was written")
 
 
 def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, flow_shift, overwrite, dry_run,

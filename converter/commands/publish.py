@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import click
 
 from ..errors import ConversionError
-from .common import fail, human_size
+from .common import human_size, run_reporting
 
 
 @click.command()
@@ -40,18 +38,11 @@ def publish(out: Path, repo_id: str, revision: str | None, private: bool, commit
             fixtures: Path | None, no_measure: bool, dry_run: bool, as_json: bool):
     """Write OUT/README.md (the model card) and upload the converted folder OUT to the Hub repo
     REPO_ID (created if missing). The token comes from HF_TOKEN or `hf auth login`."""
-    try:
-        report = run_publish(out, repo_id, revision, private, commit_message, base_model, source, record,
+    def action():
+        return run_publish(out, repo_id, revision, private, commit_message, base_model, source, record,
                              hash_sources, fixtures, no_measure, dry_run, as_json)
-    except ConversionError as e:
-        fail(e, as_json)
-    except OSError as e:
-        fail(ConversionError(f"{e.filename or out}: {e.strerror or e}"), as_json)
-    except KeyboardInterrupt:
-        click.echo("error: interrupted; re-run publish to resume the upload", err=True)
-        sys.exit(130)
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
+
+    run_reporting(action, as_json, out, "re-run publish to resume the upload")
 
 
 def run_publish(out, repo_id, revision, private, commit_message, base_model, source, record, hash_sources,

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from pathlib import Path
 
 import click
 
 from ..errors import ConversionError
-from .common import check_size, fail, human_size
+from .common import check_size, human_size, run_reporting
 
 WEIGHTS = ("int8", "float8", "int4")  # checked against mappings/quantization.yaml when run
 
@@ -34,18 +32,11 @@ def quantize(src: Path, out: Path, weights: str, max_shard_size: str, overwrite:
     where a link is refused) unchanged. The Linear layers the policy (mappings/quantization.yaml)
     does not keep float are written as diffusers' quanto backend writes them, so
     `from_pretrained(OUT)` loads them quantized with no extra argument."""
-    try:
+    def action():
         check_size(max_shard_size)
-        report = run_quantize(src, out, weights, max_shard_size, overwrite, dry_run, as_json)
-    except ConversionError as e:
-        fail(e, as_json)
-    except OSError as e:
-        fail(ConversionError(f"{e.filename or out}: {e.strerror or e}; nothing was written"), as_json)
-    except KeyboardInterrupt:
-        click.echo("error: interrupted; nothing was written", err=True)
-        sys.exit(130)
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
+        return run_quantize(src, out, weights, max_shard_size, overwrite, dry_run, as_json)
+
+    run_reporting(action, as_json, out, "nothing was written", "; nothing was written")
 
 
 def run_quantize(src, out, weights, max_shard_size, overwrite, dry_run, as_json) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import ConversionError
-from .common import check_size, fail, parse_settings
+from .common import check_size, parse_settings, run_reporting
 
 
 @click.command()
@@ -34,19 +33,12 @@ def repair(path: Path, source: Path | None, backup: str | None, settings: tuple[
     in a hidden work folder, checked, and swapped in atomically; whatever it replaces goes into
     the backup. A component with a problem repair cannot fix is left untouched, with the reason
     (exit 1)."""
-    try:
+    def action():
         overrides = parse_settings(settings)
         check_size(max_shard_size)
-        report = run_repair(path, source, backup, overrides, max_shard_size, dry_run, as_json)
-    except ConversionError as e:
-        fail(e, as_json)
-    except OSError as e:
-        fail(ConversionError(f"{e.filename or path}: {e.strerror or e}"), as_json)
-    except KeyboardInterrupt:
-        click.echo("error: interrupted; the folder was not changed", err=True)
-        sys.exit(130)
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
+        return run_repair(path, source, backup, overrides, max_shard_size, dry_run, as_json)
+
+    report = run_reporting(action, as_json, path, "the folder was not changed")
     if not report["ok"]:
         refused = [f"{c['component']}: {r}" for c in report["components"] for r in c["refused"]]
         click.echo(f"error: {len(refused)} problem(s) repair cannot fix (those components were left as they were)",

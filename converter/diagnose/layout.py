@@ -6,7 +6,6 @@ one is the component's weights, and which files are leftovers that would confuse
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,10 +15,8 @@ from ..plan.target import model_class
 from ..read.pth_file import read_pth_index
 from ..read.safetensors_file import TensorRef, read_header
 from ..read.source import common_prefix, load_json
+from ..write.naming import MODEL_INDEX, SHARD, index_name, shard_name
 from .keys import Sides, best_component, classify, split_quanto
-
-SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
-MODEL_INDEX = "model_index.json"
 
 
 @dataclass
@@ -171,7 +168,7 @@ def candidates(folder: Path) -> list[WeightSet]:
     for name in stems:
         if (folder / name).is_file():
             out.append(_single(folder / name, name))
-    indexes = {name: folder / (name + ".index.json") for name in stems if (folder / (name + ".index.json")).is_file()}
+    indexes = {name: folder / index_name(name) for name in stems if (folder / index_name(name)).is_file()}
     attached: set[str] = set()
     for (stem, n), files in sorted(groups.items()):
         name = stem + ".safetensors"
@@ -206,7 +203,7 @@ def _group(folder: Path, name: str, n: int, files: dict[int, Path]) -> WeightSet
     gone = [i for i in range(1, n + 1) if i not in files]
     if gone:
         stem = name.removesuffix(".safetensors")
-        ws.problems.append(f"shard {stem}-{gone[0]:05d}-of-{n:05d}.safetensors is missing"
+        ws.problems.append(f"shard {shard_name(stem, gone[0], n)} is missing"
                            + (f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""))
         ws.fatal = True
     owner: dict[str, str] = {}
@@ -239,7 +236,7 @@ def _check_index(ws: WeightSet) -> None:
     """Compare the index with the shard headers; problems there are fixed by rebuilding it."""
     before = len(ws.problems)
     if ws.index is None:
-        ws.problems.append(f"no {ws.name}.index.json: from_pretrained cannot find the {len(ws.files)} shards")
+        ws.problems.append(f"no {index_name(ws.name)}: from_pretrained cannot find the {len(ws.files)} shards")
     else:
         try:
             data = load_json(ws.index, "index")

@@ -20,12 +20,26 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..convert import plan_component, produce, require_coverage, verify_written, write_component
+from ..convert import (
+    plan_component,
+    produce,
+    require_coverage,
+    verify_written,
+    write_component,
+)
 from ..errors import ConversionError
 from ..read.safetensors_file import read_header
+from ..write import naming
 from ..write.safetensors_writer import write_safetensors
-from .examine import (COMPLETE_CONFIG, CONVERT_IN_PLACE, REBUILD_INDEX, REMOVE_LEFTOVERS, RESTORE, Diagnosis,
-                      diagnose)
+from .examine import (
+    COMPLETE_CONFIG,
+    CONVERT_IN_PLACE,
+    REBUILD_INDEX,
+    REMOVE_LEFTOVERS,
+    RESTORE,
+    Diagnosis,
+    diagnose,
+)
 from .layout import folder_units
 from .sourceplan import dtype_choice, plan_from_source
 
@@ -142,7 +156,7 @@ def _patch(rp: RepairPlan, work: Path, source: Path | None) -> None:
     if REMOVE_LEFTOVERS in rp.repairs:
         rp.done.append(f"moved {', '.join(p.name for p in unit.leftovers)} out of the folder")
     skip = set(unit.leftovers)
-    index_name = ws.name + ".index.json"
+    index_name = naming.index_name(ws.name)
     restored = None
     if RESTORE in rp.repairs:
         restored = _restore_plan(d, source)

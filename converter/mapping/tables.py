@@ -47,21 +47,31 @@ def load_table(component: str) -> Table:
     return parse_table(path.read_text(encoding="utf-8"), str(path))
 
 
-def parse_table(text: str, where: str) -> Table:
+def parse_yaml(text: str, where: str, model, what: str, locate=None):
+    """Parse a YAML data file into a pydantic `model`; a file that does not fit is one line naming
+    the file and where (`locate(data, loc)` may name the place better than the raw path)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConversionError(f"{where}: not valid YAML: {e}".replace("\n", " ")) from None
     try:
-        table = Table.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
         loc = first["loc"]
-        what = ".".join(str(x) for x in loc)
-        if len(loc) >= 2 and loc[0] == "rules" and isinstance(loc[1], int):
-            rule = data["rules"][loc[1]]
-            what = f"rule {loc[1] + 1} ({rule.get('from') if isinstance(rule, dict) else rule!r})"
-        raise ConversionError(f"{where}: invalid table at {what}: {first['msg']}") from None
+        at = (locate(data, loc) if locate else None) or ".".join(str(x) for x in loc) or "top level"
+        raise ConversionError(f"{where}: invalid {what} at {at}: {first['msg']}") from None
+
+
+def _rule_location(data, loc) -> str | None:
+    if len(loc) >= 2 and loc[0] == "rules" and isinstance(loc[1], int):
+        rule = data["rules"][loc[1]]
+        return f"rule {loc[1] + 1} ({rule.get('from') if isinstance(rule, dict) else rule!r})"
+    return None
+
+
+def parse_table(text: str, where: str) -> Table:
+    table = parse_yaml(text, where, Table, "table", _rule_location)
     undeclared = {name for r in table.rules for t in r.sources + r.targets
                   for name in re.findall(r"\{(\w+)\}", t)} - set(table.placeholders)
     undeclared -= {n for v in table.placeholders.values() for n in getattr(v, "nested", [])}  # bound by a Nested

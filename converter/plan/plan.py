@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import ConversionError
 from ..mapping import transforms
 from ..mapping.rules import resolve_layouts, template_for
 from ..mapping.schema import Rule, Table

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConversionError
+from ..write.naming import MODEL_INDEX
 from .provenance import RECORD_NAME, read_record
 
 
@@ -82,7 +83,7 @@ def read_folder(out: Path, record: Path | None = None) -> ConvertedFolder:
     out = Path(out)
     if not out.is_dir():
         raise ConversionError(f"{out}: no such folder (pass the OUT folder `wan2diffusers convert` wrote)")
-    index = out / "model_index.json"
+    index = out / MODEL_INDEX
     pipeline_class = _json(index).get("_class_name") if index.is_file() else None
     from ..mapping.tables import KNOWN_COMPONENTS
 

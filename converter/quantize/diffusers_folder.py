@@ -19,9 +19,9 @@ from ..plan.detect import Detection
 from ..plan.plan import FLOAT_TAGS, Plan, PlannedTensor
 from ..plan.target import build_target
 from ..read.source import load_json, open_safetensors_source
+from ..write.naming import MODEL_INDEX as PIPELINE_INDEX
 from .policy import load_policy
 
-PIPELINE_INDEX = "model_index.json"
 SAME_KEY = Rule.model_validate({"from": "{key}", "to": "{key}"})  # a tensor written under its own name
 
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import ConversionError
-from ..mapping.tables import tables_root
+from ..mapping.tables import parse_yaml, tables_root
 from .backend import BACKENDS
 
 POLICY_FILE = "quantization.yaml"
@@ -70,16 +69,7 @@ def load_policy() -> Policy:
 
 
 def parse_policy(text: str, where: str) -> Policy:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConversionError(f"{where}: not valid YAML: {e}".replace("\n", " ")) from None
-    try:
-        policy = Policy.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        what = ".".join(str(x) for x in first["loc"]) or "top level"
-        raise ConversionError(f"{where}: invalid quantization policy at {what}: {first['msg']}") from None
+    policy = parse_yaml(text, where, Policy, "quantization policy")
     from .backend import get_backend
 
     offered = get_backend(policy.backend).weights

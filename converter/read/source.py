@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConversionError
+from ..write.naming import index_name
 from .safetensors_file import SafetensorsHeader, TensorRef, read_header
 
 
@@ -59,7 +60,7 @@ def open_safetensors_source(path: Path, weights_name: str, strip_prefixes: list[
     config = load_json(config_path, "config") if config_path.exists() else None
     if config is not None and not isinstance(config, dict):
         raise ConversionError(f"{config_path}: not a JSON object")
-    index_path = path / (weights_name + ".index.json")
+    index_path = path / index_name(weights_name)
     single_path = path / weights_name
     if index_path.exists():
         files, tensors = read_index(path, index_path)

@@ -4,9 +4,28 @@ save_pretrained use, so shard boundaries and names match theirs."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from huggingface_hub import split_state_dict_into_shards_factory
+
+
+MODEL_INDEX = "model_index.json"  # a pipeline folder's
+SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
+
+
+def index_name(weights_name: str) -> str:
+    """diffusion_pytorch_model.safetensors -> diffusion_pytorch_model.safetensors.index.json"""
+    return weights_name + ".index.json"
+
+
+def shard_glob(weights_name: str) -> str:
+    """The glob that matches the shards of `weights_name`."""
+    return weights_name.replace(".safetensors", "-*-of-*.safetensors")
+
+
+def shard_name(stem: str, i: int, n: int) -> str:
+    return f"{stem}-{i:05d}-of-{n:05d}.safetensors"
 
 
 @dataclass
@@ -26,4 +45,4 @@ def plan_shards(sizes: dict[str, int], weights_name: str, max_shard_size: int | 
     if not split.is_sharded:
         return ShardLayout(files, None, None)
     index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
-    return ShardLayout(files, weights_name + ".index.json", index)
+    return ShardLayout(files, index_name(weights_name), index)
