@@ -18,7 +18,7 @@ import torch
 from ..errors import ConversionError
 from ..plan.plan import FLOAT_TAGS, PlannedTensor
 from ..plan.target import build_target
-from ..read.safetensors_file import DTYPES, TAGS, TensorRef, read_tensor
+from ..read.safetensors_file import DTYPES, TAGS, LazyRows, TensorRef, read_tensor
 from .backend import QuantBackend, get_backend
 from .policy import component_policy, load_policy, policy_path
 
@@ -107,10 +107,14 @@ def release_freed_memory() -> None:
 
 
 
-def float_weight(pt: PlannedTensor) -> torch.Tensor:
-    """A planned float tensor in memory, as the float conversion would write it (produce() gives
+def float_weight(pt: PlannedTensor):
+    """A planned float weight as the float conversion would write it: read lazily, a slice of
+    rows at a time, when only its name/dtype change (LazyRows); else in memory (produce() gives
     a TensorRef to copy, an iterator of cast chunks, or a tensor)."""
     from ..convert import produce
+
+    if pt.is_elementwise and len(pt.shape) == 2:
+        return LazyRows(pt.sources[0], pt.shape, DTYPES[pt.dtype])
 
     item = produce(pt)
     if isinstance(item, TensorRef):

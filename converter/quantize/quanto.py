@@ -110,14 +110,14 @@ def _slices(n: int, per: int, minimum: int = 1) -> list[tuple[int, int]]:
     return bounds
 
 
-def _quantize_rows(weights: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+def _quantize_rows(weights: str, w) -> dict[str, torch.Tensor]:
     """int8 / float8: one scale per output row.  Slices hold at least 2 rows, since quanto
     quantizes a one-row weight per tensor (quantize_weight: an axis of size 1); a weight that
     fits in one slice is frozen whole, as diffusers does."""
     n, c = w.shape
     slices = _slices(n, SLICE_ELEMENTS // max(c, 1), minimum=2)
     if len(slices) == 1:  # as is: e.g. a one-row weight has one scalar scale
-        return _frozen(weights, w)
+        return _frozen(weights, w[0:n])
     out: dict[str, torch.Tensor] = {}
     for a, b in slices:
         for k, v in _frozen(weights, w[a:b]).items():
@@ -127,7 +127,7 @@ def _quantize_rows(weights: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
-def _quantize_grouped(weights: str, w: torch.Tensor, group_size: int | None) -> dict[str, torch.Tensor]:
+def _quantize_grouped(weights: str, w, group_size: int | None) -> dict[str, torch.Tensor]:
     """int4: the weight as quanto groups it (rows of `group_size` values; none: the rows
     themselves), each group with its own scale and shift; the packed byte row j holds groups j
     and j + half."""
@@ -137,7 +137,7 @@ def _quantize_grouped(weights: str, w: torch.Tensor, group_size: int | None) -> 
     # at least 2 packed rows per slice: quanto quantizes a one-row weight along its other axis
     slices = _slices(half, SLICE_ELEMENTS // (2 * max(c, 1)), minimum=2)
     if len(slices) == 1:
-        return _frozen(weights, w)
+        return _frozen(weights, w[0:w.shape[0]])
     out: dict[str, torch.Tensor] = {}
     for a, b in slices:
         lo, hi = g[a:b], g[a + half:b + half]

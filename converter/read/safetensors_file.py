@@ -193,3 +193,30 @@ def iter_cast(ref: TensorRef, dtype, chunk: int = 64 * 1024 * 1024):
                 raise ConversionError(f"{ref.file}: truncated while reading {ref.key}")
             yield torch.frombuffer(buf, dtype=src_dtype).to(dtype).view(torch.uint8).numpy().data
             done += n
+
+
+class LazyRows:
+    """A contiguous tensor on disk seen as a 2-D matrix of rows, read a slice of rows at a time and
+    cast to `dtype`: quantizing a weight slice by slice then never holds the whole weight.
+    Supports what row-wise code needs of a tensor: .shape, .dtype, .reshape(-1, k), [a:b]."""
+
+    def __init__(self, ref: TensorRef, shape: tuple[int, int], dtype):
+        assert ref.stride is None and len(shape) == 2, ref.key
+        self.ref, self.shape, self.dtype = ref, tuple(shape), dtype
+
+    def reshape(self, rows: int, cols: int) -> "LazyRows":
+        numel = self.shape[0] * self.shape[1]
+        if rows == -1:
+            rows = numel // cols
+        assert rows * cols == numel, (self.shape, rows, cols)
+        return LazyRows(self.ref, (rows, cols), self.dtype)
+
+    def __getitem__(self, rows: slice):
+        a, b, step = rows.indices(self.shape[0])
+        assert step == 1
+        b = max(a, b)
+        item = ITEMSIZE[self.ref.dtype]
+        row_bytes = self.shape[1] * item
+        part = TensorRef(self.ref.file, self.ref.key, self.ref.dtype, (b - a, self.shape[1]),
+                         self.ref.offset + a * row_bytes, (b - a) * row_bytes)
+        return read_tensor(part).to(self.dtype)
