@@ -28,7 +28,6 @@ def atomic_output_dir(out: Path, overwrite: bool):
     out = Path(out)
     check_destination(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARK}", dir=out.parent))
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_term(signum, frame):
@@ -39,19 +38,27 @@ def atomic_output_dir(out: Path, overwrite: bool):
             signal.signal(signal.SIGTERM, on_term)
     except ValueError:  # not the main thread
         previous = None
+    work = None
     try:
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARK}", dir=out.parent))  # after the handler
         yield work
         os.chmod(work, 0o755)
         if out.exists():
             check_destination(out, overwrite)
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
             os.rename(out, trash / "old")
-            os.rename(work, out)
+            try:
+                os.rename(work, out)
+            except BaseException:  # put the previous output back where it was
+                os.rename(trash / "old", out)
+                shutil.rmtree(trash, ignore_errors=True)
+                raise
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.rename(work, out)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
         raise
     finally:
         if previous in (signal.SIG_DFL, None):
