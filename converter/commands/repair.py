@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import ConversionError
+from ..write.naming import MODEL_INDEX
 from .common import check_size, parse_settings, run_reporting
 
 
@@ -89,5 +90,26 @@ def run_repair(path: Path, source: Path | None, backup: str | None, overrides: d
             say(f"  {'backed up to ' + str(dest) if dest else 'deleted'}: {', '.join(rp.backed_up)}")
     ok = not any(c["refused"] for c in components)
     backed = any(c["backed_up"] for c in components)
-    return {"ok": ok, "path": str(path), "dry_run": dry_run, "components": components,
+    pipeline = repair_pipeline(path, dry_run, say) if ok else None
+    return {"ok": ok, "path": str(path), "dry_run": dry_run, "components": components, "pipeline": pipeline,
             "backup": str(root) if root is not None and backed else None}
+
+
+def repair_pipeline(path: Path, dry_run: bool, say) -> dict | None:
+    """After the components: a folder of component subfolders gets its model_index.json."""
+    from ..diagnose.pipeline_repair import plan_model_index, write_model_index
+    from ..diagnose.report import inspect_path
+
+    found, diags, _ = inspect_path(path)  # as the component repairs left it
+    plan, reason = plan_model_index(found, diags)
+    if plan is None and reason is None:
+        return None
+    if plan is None:  # a folder of some components is a fine result: say so, change nothing
+        say(f"pipeline: left as is: {reason}")
+        return {"left_as_is": reason, "added": []}
+    if dry_run:
+        say(f"pipeline: would write {', '.join(plan.extras + [MODEL_INDEX])} ({plan.spec.class_name})")
+        return {"left_as_is": None, "added": []}
+    added = write_model_index(plan, path)
+    say(f"pipeline: wrote {', '.join(added)} ({plan.spec.class_name}, scheduler flow_shift {plan.flow_shift})")
+    return {"left_as_is": None, "added": added}

@@ -65,8 +65,9 @@ def as_dict(found: Found, diags: list[Diagnosis]) -> dict:
             if absent:
                 out["notes"].append(f"model_index.json lists {', '.join(absent)}, which has no folder here")
         else:
-            out["notes"].append("no model_index.json: DiffusionPipeline.from_pretrained cannot load this folder "
-                                "(load the components one by one, or convert the whole repo)")
+            out["notes"].append("no model_index.json: DiffusionPipeline.from_pretrained cannot load this folder; "
+                                "`repair PATH` writes it (with the scheduler) when every component the "
+                                "pipeline needs is here, else load the components one by one")
     return out
 
 
