@@ -18,7 +18,9 @@ from ..read.safetensors_file import TensorRef
 # optimum-quanto's serialisation of a quantized module (diffusers/transformers QuantoConfig):
 # `<m>.weight` becomes `<m>.weight._data` (+ `._scale`, `._shift` for int4) and the module gains
 # `<m>.input_scale` / `<m>.output_scale`. These are the library's own names, not Wan key names.
-QUANTO_WEIGHT = re.compile(r"^(?P<base>.+\.weight)\._(?P<part>data|scale|shift)$")
+# int4 packs its data: `<m>.weight._data._data`
+QUANTO_WEIGHT = re.compile(r"^(?P<base>.+\.weight)\._(?P<part>data(?:\._data)?|scale|shift)$")
+DATA_PARTS = ("data", "data._data")
 QUANTO_MODULE = re.compile(r"^(?P<module>.+)\.(?P<part>input_scale|output_scale)$")
 
 
@@ -58,7 +60,7 @@ def _templates(component: str) -> tuple[list[Template], list[Template]]:
 def split_quanto(tensors: dict[str, TensorRef]) -> tuple[dict[str, TensorRef], dict[str, list[str]]]:
     """Quanto-quantized keys folded onto the key of the unquantized model: `<m>.weight._data`
     stands for `<m>.weight` (its shape, for int8/float8); returns (keys, base key -> quanto keys)."""
-    weights = {m.group("base") for k in tensors if (m := QUANTO_WEIGHT.match(k)) and m.group("part") == "data"}
+    weights = {m.group("base") for k in tensors if (m := QUANTO_WEIGHT.match(k)) and m.group("part") in DATA_PARTS}
     if not weights:
         return dict(tensors), {}
     modules = {w.rsplit(".", 1)[0] for w in weights}
@@ -70,6 +72,8 @@ def split_quanto(tensors: dict[str, TensorRef]) -> tuple[dict[str, TensorRef], d
             parts.setdefault(m.group("base"), []).append(key)
             if m.group("part") == "data":
                 out[m.group("base")] = replace(ref, key=m.group("base"))
+            elif m.group("part") == "data._data":  # two 4-bit values a byte: rows j and j + half
+                out[m.group("base")] = replace(ref, key=m.group("base"), shape=(2 * ref.shape[0], *ref.shape[1:]))
         elif mm and mm.group("module") in modules:
             parts.setdefault(mm.group("module") + ".weight", []).append(key)
         else:

@@ -141,11 +141,12 @@ def _check_equal(got: torch.Tensor, expected: torch.Tensor) -> str:
 
 
 def _check_quantized(unit: Unit, key: str, expected: torch.Tensor) -> str:
-    """quanto int8: data * scale must be the source within half a quantization step."""
+    """quanto int8: data * scale must be the source within half a quantization step (any int8
+    quantizer passes); float8 and int4: see _check_requantized."""
     parts = {QUANTO_WEIGHT.match(k).group("part"): k for k in unit.quanto[key] if QUANTO_WEIGHT.match(k)}
     refs = unit.weights.tensors
     if set(parts) != {"data", "scale"} or refs[parts["data"]].dtype != "I8":
-        return ""  # other quanto formats (int4, float8): keys and shapes only
+        return _check_requantized(unit, key, expected)
     data, scale = read_tensor(refs[parts["data"]]).float(), read_tensor(refs[parts["scale"]]).float()
     if tuple(data.shape) != tuple(expected.shape):
         return f"shape {list(data.shape)}, the source gives {list(expected.shape)}"
@@ -154,3 +155,23 @@ def _check_quantized(unit: Unit, key: str, expected: torch.Tensor) -> str:
     if bool((err <= bound).all()):
         return ""
     return f"quantized values are not the source's (max error {float(err.max()):.3g}, beyond half a step)"
+
+
+def _check_requantized(unit: Unit, key: str, expected: torch.Tensor) -> str:
+    """float8, int4: the source weight quantized again by the quanto backend (per tensor, exactly
+    what diffusers' QuantoConfig path writes) must give the very same stored tensors."""
+    from ..quantize.backend import get_backend
+    from ..read.safetensors_file import DTYPES
+
+    weights = ((unit.config or {}).get("quantization_config") or {}).get("weights_dtype")
+    refs = unit.weights.tensors
+    scale = next((k for k in unit.quanto[key] if k.endswith("._scale")), None)
+    if weights not in ("float8", "int4") or scale is None:
+        return f"cannot check a quanto {weights!r} weight against the source"
+    parts = get_backend("quanto").quantize(weights, expected.to(DTYPES[refs[scale].dtype]))
+    prefix = key.rsplit(".", 1)[0]
+    for part, want in parts.items():
+        out_key = f"{prefix}.{part}"
+        if out_key in refs and not torch.equal(read_tensor(refs[out_key]), want):
+            return f"{out_key} is not the source quantized to {weights}"
+    return ""
