@@ -291,7 +291,12 @@ def rename_map(src: Path) -> dict[str, str]:
     return {pt.sources[0].key: pt.key for pt in cp.plan.tensors}
 
 
-def compare_outputs(ours: Path, theirs: Path) -> str:
+SAMPLED = ("patch_embedding.weight", "blocks.0.ffn.net.0.proj.weight", "proj_out.weight", "scale_shift_table")
+
+
+def compare_outputs(ours: Path, theirs: Path, keys: tuple[str, ...] | None = SAMPLED) -> str:
+    """Same keys, dtypes and shapes in both folders' safetensors headers, and the tensors named in
+    `keys` (None: every tensor) byte-identical, read one at a time."""
     from converter.read.safetensors_file import read_header, read_tensor
 
     def headers(folder):
@@ -306,12 +311,11 @@ def compare_outputs(ours: Path, theirs: Path) -> str:
     if sa != sb:
         diff = sorted(set(sa.items()) ^ set(sb.items()))[:5]
         return f"DIFFERENT headers: {diff}"
-    sample = [k for k in ("patch_embedding.weight", "blocks.0.ffn.net.0.proj.weight", "proj_out.weight",
-                          "scale_shift_table") if k in a]
-    for k in sample:
+    checked = [k for k in (keys if keys is not None else sorted(a)) if k in a]
+    for k in checked:
         if read_tensor(a[k]).numpy().tobytes() != read_tensor(b[k]).numpy().tobytes():
             return f"DIFFERENT bytes in {k}"
-    return f"same {len(sa)} keys/shapes/dtypes; {len(sample)} sampled tensors byte-identical"
+    return f"same {len(sa)} keys/shapes/dtypes; {len(checked)} {'sampled ' if keys is not None else ''}tensors byte-identical"
 
 
 # ---------------------------------------------------------------------------- main

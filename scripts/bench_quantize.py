@@ -78,23 +78,7 @@ def timed(label: str, argv: list[str], logs: Path) -> dict:
 
 def compare(a: Path, b: Path) -> str:
     """Every tensor of the two folders, one at a time: keys, dtypes, shapes, bytes."""
-    from converter.read.safetensors_file import read_header, read_tensor
-
-    def refs(folder):
-        out = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            out.update(read_header(f).tensors)
-        return out
-
-    ra, rb = refs(a), refs(b)
-    ha = {k: (r.dtype, r.shape) for k, r in ra.items()}
-    hb = {k: (r.dtype, r.shape) for k, r in rb.items()}
-    if ha != hb:
-        return f"DIFFERENT headers: {sorted(set(ha.items()) ^ set(hb.items()))[:4]}"
-    for k in ra:
-        if read_tensor(ra[k]).numpy().tobytes() != read_tensor(rb[k]).numpy().tobytes():
-            return f"DIFFERENT bytes in {k}"
-    return f"identical ({len(ra)} tensors)"
+    return bc.compare_outputs(a, b, keys=None)
 
 
 def folder_bytes(folder: Path) -> int:
