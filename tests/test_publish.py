@@ -184,7 +184,8 @@ def test_a_folder_quantize_made_is_carded_with_the_float_record(t2v, tmp_path):
     _, out = t2v
     run_cli("quantize", out, tmp_path / "q8", "--weights", "int8")
     q8 = tmp_path / "q8"
-    assert not (q8 / RECORD).exists()  # quantize leaves the float folder's record out
+    # quantize carries the float folder's record, noting what it derived from it
+    assert json.loads((q8 / RECORD).read_text())["derived_from"]["folder"] == out.name
     run_cli("publish", q8, "me/Wan2.1-T2V-tiny-int8", "--base-model", "Wan-AI/Wan2.1-T2V-1.3B", "--record",
             out / RECORD, "--dry-run", "--no-measure")
     card = ModelCard.load(q8 / "README.md")

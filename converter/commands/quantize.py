@@ -77,6 +77,9 @@ def run_quantize(src, out, weights, max_shard_size, overwrite, dry_run, as_json)
         report["files"] = sorted(p.name for p in folder.iterdir())
         if where.pipeline:
             report["links"] = link_or_copy(where.root, work, keep)
+            report["record"] = carry_record(where.root, work, weights)
+            if report["record"]:
+                left = report["left_out"] = [n for n in left if n != record_name()]
     elapsed = time.perf_counter() - started
     report["output"] = str(out.resolve())
     report["seconds"] = round(elapsed, 3)
@@ -85,6 +88,27 @@ def run_quantize(src, out, weights, max_shard_size, overwrite, dry_run, as_json)
     if where.pipeline:
         say(f"unchanged: {', '.join(keep)} ({report['links']['linked']} file(s) hard-linked, "
             f"{report['links']['copied']} copied)" + (f"; left out: {', '.join(left)}" if left else ""))
+        if report["record"]:
+            say(f"record:  {record_name()} carried over, noting the quantization (publish reads it)")
     say(f"done in {elapsed:.1f} s")
     say(f"result: {out.resolve()}")
     return report
+
+
+def carry_record(float_folder: Path, work: Path, weights: str) -> bool:
+    """The float folder's conversion record, carried into the quantized copy with a note of what
+    was derived from it (publish then needs no --record); False when there is none to carry."""
+    from ..publish.provenance import RECORD_NAME, read_record, write_record
+
+    if not (float_folder / RECORD_NAME).is_file():
+        return False
+    record = read_record(float_folder / RECORD_NAME)
+    record["derived_from"] = {"folder": float_folder.name, "by": "wan2diffusers quantize", "weights": weights}
+    write_record(work, record)
+    return True
+
+
+def record_name() -> str:
+    from ..publish.provenance import RECORD_NAME
+
+    return RECORD_NAME

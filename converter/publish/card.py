@@ -168,8 +168,11 @@ def _conversion(inputs: CardInputs) -> list[str]:
              if src.get("repo_id") else f"a local folder `{src['name']}`")
     lines = [f"- Tool: wan2diffusers {rec['tool']['version']} ({libs}), on {rec['created']}.",
              f"- Source: {where}."]
+    made_from = (rec.get("derived_from") or {}).get("folder")
     if f.record_path is not None and f.record_path.parent.resolve() != f.path.resolve():
-        lines.append(f"- The conversion record is that of the folder this one was made from (`{f.record_path.parent.name}`): "
+        made_from = f.record_path.parent.name
+    if made_from:
+        lines.append(f"- The conversion record is that of the folder this one was made from (`{made_from}`): "
                      "the coverage and source files below are those of that conversion; the quantization is this folder's.")
     tables = "; ".join(f"`{t['file']}`" + (f" schema {t['schema_version']}" if "schema_version" in t else "")
                        + f" sha256 `{t['sha256']}`" for t in rec["tables"].values())
