@@ -283,6 +283,17 @@ def rmtree(p: Path) -> None:
     shutil.rmtree(p, ignore_errors=True)
 
 
+def remove_work(work: Path, parent: Path, keep: bool) -> None:
+    """The end of a benchmark: its work folder removed (and ./.bench when it is left empty),
+    unless --keep."""
+    if keep:
+        log(f"kept: {work}")
+        return
+    rmtree(work)
+    if parent == REPO / ".bench" and not any(parent.iterdir()):
+        parent.rmdir()
+
+
 def rename_map(src: Path) -> dict[str, str]:
     from converter.convert import plan_component, require_coverage
 
@@ -453,12 +464,7 @@ def main() -> None:
                 rmtree(src)
             results["runs"].append(run)
     finally:
-        if not args.keep:
-            rmtree(work)
-            if parent == REPO / ".bench" and not any(parent.iterdir()):
-                parent.rmdir()
-        else:
-            log(f"kept: {work}")
+        remove_work(work, parent, args.keep)
 
     end = (git("rev-parse", "--short", "HEAD"), git("diff", "HEAD", "--stat"))
     results["tree_changed_during_run"] = end != (results["git_head"], start_diff)

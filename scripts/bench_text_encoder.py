@@ -64,6 +64,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+import bench_convert as bc  # noqa: E402  (the shared end-of-run cleanup)
 FIXTURE = REPO / "tests" / "fixtures" / "t5"
 FILE_NAME = "models_t5_umt5-xxl-enc-bf16.pth"
 GB = 10**9
@@ -494,12 +496,7 @@ def main() -> None:
                 rmtree(out)
                 rmtree(src_dir)
     finally:
-        if not args.keep:
-            rmtree(work)
-            if parent == REPO / ".bench" and not any(parent.iterdir()):
-                parent.rmdir()
-        else:
-            log(f"kept: {work}")
+        bc.remove_work(work, parent, args.keep)
 
     rss = [r["ours"]["rss_bytes"] for r in results["runs"]]
     results["ours_rss_spread_bytes"] = max(rss) - min(rss)

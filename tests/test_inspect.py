@@ -35,6 +35,17 @@ def fresh(converted_root: Path, name: str, dest: Path) -> Path:
     return dest
 
 
+def diffusers_int8(converted_root: Path, dest: Path) -> Path:
+    """The converted t2v transformer quantized by diffusers' own path (QuantoConfig int8), saved."""
+    import diffusers
+
+    model = diffusers.WanTransformer3DModel.from_pretrained(
+        str(converted_root / "t2v" / "transformer"), torch_dtype=torch.float32,
+        quantization_config=diffusers.QuantoConfig(weights_dtype="int8"))
+    model.save_pretrained(str(dest))
+    return dest
+
+
 def inspect_json(path) -> dict:
     report = run_cli("inspect", path, "--json").json()
     assert report["ok"] is True
@@ -143,13 +154,7 @@ def test_mixed_half_converted_folder(converted_root, tmp_path):
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_quantized_with_quanto(converted_root, tmp_path):
-    import diffusers
-
-    model = diffusers.WanTransformer3DModel.from_pretrained(
-        str(converted_root / "t2v" / "transformer"), torch_dtype=torch.float32,
-        quantization_config=diffusers.QuantoConfig(weights_dtype="int8"))
-    model.save_pretrained(str(tmp_path / "q8"))
-    comp = only_component(inspect_json(tmp_path / "q8"))
+    comp = only_component(inspect_json(diffusers_int8(converted_root, tmp_path / "q8")))
     assert comp["quantized"] and comp["layout"] == "diffusers"
     assert "quantized with quanto (int8)" in comp["layout_label"]
     assert comp["variant"] == "t2v" and comp["healthy"] and comp["dtypes"]["I8"] > 0

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import FIXTURES, run_cli
 from converter.read.safetensors_file import read_header
-from test_inspect import converted_root, fresh  # noqa: F401
+from test_inspect import converted_root, diffusers_int8, fresh  # noqa: F401
 
 T5_PTH = FIXTURES / "t5" / "models_t5_umt5-xxl-enc-bf16.pth"
 CLIP_PTH = FIXTURES / "clip" / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
@@ -103,12 +103,7 @@ def test_dtype_conversions_and_transformers_components_verify(tmp_path):
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_quanto_int8_is_checked_within_half_a_step(converted_root, tmp_path):
-    import diffusers
-
-    model = diffusers.WanTransformer3DModel.from_pretrained(
-        str(converted_root / "t2v" / "transformer"), torch_dtype=torch.float32,
-        quantization_config=diffusers.QuantoConfig(weights_dtype="int8"))
-    model.save_pretrained(str(tmp_path / "q8"))
+    diffusers_int8(converted_root, tmp_path / "q8")
     assert run_cli("verify", tmp_path / "q8", "--source", FIXTURES / "t2v", "--json").json()["ok"]
     path = tmp_path / "q8" / "diffusion_pytorch_model.safetensors"
     ref = read_header(path).tensors["blocks.1.ffn.net.0.proj.weight._data"]
