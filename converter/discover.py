@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .errors import ConversionError
 from .mapping.tables import load_table, table_names
+from .read.files import what_is
 from .read.pth_file import read_pth_index
 from .read.source import common_prefix
 from .write.naming import index_name
@@ -17,9 +18,12 @@ def discover(src: Path, only: list[str] | None = None) -> dict[str, Path]:
     src = Path(src)
     tables = {name: load_table(name) for name in table_names()}
     found: dict[str, Path] = {}
-    if not src.exists():
+    kind = what_is(src)
+    if kind == "missing":
         raise ConversionError(f"{src}: no such file or folder")
-    if src.is_file():
+    if kind not in ("a regular file", "a folder"):
+        raise ConversionError(f"{src}: is {kind}; expected a checkpoint file or folder")
+    if kind == "a regular file":
         if src.suffix == ".safetensors":
             found = {n: src for n, t in tables.items() if t.source.weights_name}
         elif src.suffix in (".pth", ".pt", ".bin"):

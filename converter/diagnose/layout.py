@@ -6,12 +6,14 @@ one is the component's weights, and which files are leftovers that would confuse
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConversionError
 from ..mapping.tables import load_table, table_names
 from ..plan.target import model_class
+from ..read.files import what_is
 from ..read.pth_file import read_pth_index
 from ..read.safetensors_file import TensorRef, read_header
 from ..read.source import common_prefix, load_json
@@ -98,10 +100,13 @@ def output_folders() -> dict[str, str]:
 
 def find(path: Path) -> Found:
     path = Path(path)
-    if not path.exists():
+    kind = what_is(path)
+    if kind == "missing":
         raise ConversionError(f"{path}: no such file or folder")
-    if path.is_file():
+    if kind == "a regular file":
         return Found(path, "single file", [single_file_unit(path)])
+    if kind != "a folder":
+        raise ConversionError(f"{path}: is {kind}; expected a checkpoint file or folder")
     folders = output_folders()
     subs = [(path / f, c) for f, c in folders.items() if (path / f).is_dir()]
     index = path / MODEL_INDEX
@@ -131,7 +136,7 @@ def _has_weights(folder: Path) -> bool:
 
 def single_file_unit(path: Path) -> Unit:
     if path.suffix == ".safetensors":
-        ws = _single(path, path.name)
+        ws = WeightSet("single file", path.name, [path], dict(read_header(path).tensors))  # corrupt: one line
     elif path.suffix in (".pth", ".pt", ".bin"):
         ws = WeightSet("pth file", path.name, [path], read_pth_index(path))
     else:
@@ -166,7 +171,7 @@ def candidates(folder: Path) -> list[WeightSet]:
         if m and m.group("stem") + ".safetensors" in stems:  # not variant files (<name>.fp16-0000i-...)
             groups.setdefault((m.group("stem"), int(m.group("n"))), {})[int(m.group("i"))] = p
     for name in stems:
-        if (folder / name).is_file():
+        if os.path.lexists(folder / name):  # a folder or FIFO under that name is reported, not skipped
             out.append(_single(folder / name, name))
     indexes = {name: folder / index_name(name) for name in stems if (folder / index_name(name)).is_file()}
     attached: set[str] = set()
@@ -190,7 +195,7 @@ def candidates(folder: Path) -> list[WeightSet]:
             out.append(WeightSet("stray index", name, [], {}, idx, problems=[f"{idx.name} names shards that are not here"],
                                  fatal=True))
     for n, component in pth_names().items():
-        if (folder / n).is_file():
+        if os.path.lexists(folder / n):
             try:
                 out.append(WeightSet("pth file", n, [folder / n], read_pth_index(folder / n)))
             except ConversionError as e:

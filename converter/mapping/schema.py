@@ -76,12 +76,17 @@ class Fact(Strict):
     hint: str | None = None  # told to the user when the fact cannot be derived (e.g. an override flag)
     check: str | None = None
     variant: list[str] | None = None
+    # what a value given from outside (a config.json field, --set) must be: int = a positive integer,
+    # float = a positive finite number, indices = a list of block indices (integers >= 0)
+    type: Literal["int", "float", "indices"] | None = None
 
     @model_validator(mode="after")
     def one_source(self):
         primary = [f for f in ("shape", "present", "count", "config", "divide") + LIST_FACTS if getattr(self, f) is not None]
         if len(primary) + ("const" in self.model_fields_set) != 1:
             raise ValueError("a fact needs exactly one of shape, present, count, config, divide, const")
+        if (self.config or self.check) and self.type is None:
+            raise ValueError("a fact read from or checked against a config needs a `type`")
         return self
 
 

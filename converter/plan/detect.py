@@ -4,6 +4,7 @@ the table's `variants`, `sizes`, `facts` and `config` sections and the weights' 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,7 @@ def detect(table: Table, src: SourceCheckpoint, overrides: dict[str, Any] | None
     facts: dict[str, Any] = {}
     for name, fact in table.facts.items():
         if name in overrides:
+            check_value(fact, overrides[name], f"--set {table.component}.{name}")
             facts[name] = overrides[name]
             notes.append(f"{name}={overrides[name]!r} as given (not derived)")
         else:
@@ -68,6 +70,30 @@ def detect(table: Table, src: SourceCheckpoint, overrides: dict[str, Any] | None
         elif entry.variant is None or variant.name in entry.variant:
             config[field] = facts[entry.fact] if entry.fact else entry.const
     return Detection(table.component, variant.name, size, variant.target_class, facts, config, notes)
+
+
+MAX_INT = 2**31 - 1
+TYPE_WORDS = {"int": "a positive integer", "float": "a positive number", "indices": "a list of block indices (integers >= 0)"}
+
+
+def _whole(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_value(f: Fact, value: Any, where: str) -> None:
+    """A value from outside (config.json, --set) must be what the table says the fact is."""
+    if f.type is None:
+        return
+    if f.type == "int":
+        ok = _whole(value) and 0 < value <= MAX_INT
+    elif f.type == "float":
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+              and 0 < value < 1e6)
+    else:
+        ok = isinstance(value, list) and all(_whole(v) and 0 <= v <= MAX_INT for v in value)
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise ConversionError(f"{where}={shown}: expected {TYPE_WORDS[f.type]}")
 
 
 def _evaluate(name: str, f: Fact, table: Table, src: SourceCheckpoint, variant: str, facts: dict) -> Any:
@@ -97,6 +123,7 @@ def _evaluate(name: str, f: Fact, table: Table, src: SourceCheckpoint, variant: 
         key, index = f.shape
         if key not in keys:
             return fallback(f"no {key}")
+        same_in_every_block(table, keys, key)
         shape = keys[key].shape
         try:
             if isinstance(index, int):
@@ -117,6 +144,7 @@ def _evaluate(name: str, f: Fact, table: Table, src: SourceCheckpoint, variant: 
     elif f.config is not None:
         if f.config in cfg:
             value = cfg[f.config]
+            check_value(f, value, f"{src.path / 'config.json'}: {f.config}")
         else:
             return fallback(f"config.json has no {f.config}" if src.original_config else "there is no config.json")
     elif f.divide is None:  # indices, shapes, present_at, length, add
@@ -143,10 +171,41 @@ def _evaluate(name: str, f: Fact, table: Table, src: SourceCheckpoint, variant: 
         if value % d:
             raise ConversionError(f"{src.path}: {name}: {value} is not divisible by {d}")
         value //= d
+    if f.check is not None and f.check in cfg:
+        check_value(f, cfg[f.check], f"{src.path / 'config.json'}: {f.check}")
     if f.check is not None and f.check in cfg and cfg[f.check] != value:
         raise ConversionError(
             f"{src.path / 'config.json'}: {f.check}={cfg[f.check]!r} contradicts the weights ({value!r})")
     return value
+
+
+def same_in_every_block(table: Table, keys: dict, key: str) -> None:
+    """A fact read from one block (blocks.0...) holds for all: the same key in every other block
+    must have the same shape. If not, name the key that differs (one transposed or foreign tensor),
+    rather than let a wrong fact contradict config.json or fail the coverage everywhere."""
+    for rule in table.rules:
+        for text in rule.sources:
+            if "{n}" not in text:
+                continue
+            t = template_for(table, text)
+            bound = t.match(key)
+            if bound is None:
+                continue
+            same = [k for k in keys if (b := t.match(k)) is not None and {**b, "n": bound["n"]} == bound]
+            shapes = Counter(tuple(keys[k].shape) for k in same)
+            if len(shapes) < 2:
+                return
+            common, n = shapes.most_common(1)[0]
+            odd = sorted((k for k in same if tuple(keys[k].shape) != common), key=lambda k: k != key)
+            if n == 1 or tuple(keys[key].shape) != common:  # a tie, or the block read is the odd one
+                odd = [key]
+                others = [k for k in same if tuple(keys[k].shape) != tuple(keys[key].shape)]
+                common = tuple(keys[others[0]].shape)
+                n = len(others)
+            raise ConversionError(
+                f"{keys[odd[0]].file}: {odd[0]} has shape {list(keys[odd[0]].shape)}, but the same tensor "
+                f"of {n} other block(s) has {list(common)} (transposed or from another model?)"
+                + (f"; {len(odd) - 1} more differ" if len(odd) > 1 else ""))
 
 
 def _list_fact(name: str, f: Fact, table: Table, src: SourceCheckpoint, facts: dict) -> Any:

@@ -17,6 +17,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from ..read.files import what_is
+
 ENV = "WAN2DIFFUSERS_CACHE"
 LIBRARIES = ("diffusers", "transformers", "torch")
 
@@ -59,14 +61,33 @@ def load(class_name: str, config: dict[str, Any]) -> dict | None:
     if folder is None:
         return None
     key = _key(class_name, config)
-    try:
-        entry = json.loads(_path(folder, class_name, key).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    path = _path(folder, class_name, key)
+    if what_is(path) != "a regular file":  # absent, or something no cache write makes (a FIFO would block)
         return None
-    payload = entry.get("layout") if isinstance(entry, dict) else None
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(entry, dict):
+        return None
+    payload = entry.get("layout")
     if entry.get("key") != key or not isinstance(payload, dict) or entry.get("sha256") != _digest(payload):
         return None
-    return payload
+    return payload if _well_formed(payload) else None
+
+
+def _well_formed(payload: dict) -> bool:
+    """The shape of what store() writes: anything else is ignored (and rebuilt), never trusted."""
+    shapes, tied = payload.get("shapes"), payload.get("tied")
+    return (payload.get("library") in ("diffusers", "transformers")
+            and isinstance(shapes, dict)
+            and all(isinstance(k, str) and isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool)
+                                                                      and d >= 0 for d in v)
+                    for k, v in shapes.items())
+            and isinstance(payload.get("keep_in_fp32"), list)
+            and all(isinstance(m, str) for m in payload["keep_in_fp32"])
+            and isinstance(tied, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items())
+            and isinstance(payload.get("config_json"), str))
 
 
 def store(class_name: str, config: dict[str, Any], library: str, payload: dict) -> None:

@@ -14,6 +14,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from ..errors import ConversionError
+from .files import require_file
 from .safetensors_file import TensorRef, itemsize
 
 STORAGE_TAGS = {
@@ -38,11 +39,30 @@ class _StorageType:
         self.tag = tag
 
 
+MAX_PICKLE_BYTES = 8 * 1024 * 1024  # data.pkl of the 11 GB umT5-XXL file: ~30 KB; each pickle byte may cost ~60 B
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _rebuild_tensor(storage, storage_offset, size, stride, *args, **kwargs):
+    """torch._utils._rebuild_tensor_v2's arguments, checked: anything else is a corrupt file."""
+    if not isinstance(storage, _Storage):
+        raise ValueError(f"_rebuild_tensor_v2 got {type(storage).__name__} for a storage")
+    if not _is_int(storage_offset) or storage_offset < 0:
+        raise ValueError(f"_rebuild_tensor_v2 got storage offset {storage_offset!r}")
+    for name, dims in (("size", size), ("stride", stride)):
+        if not isinstance(dims, (tuple, list)) or not all(_is_int(d) for d in dims):
+            raise ValueError(f"_rebuild_tensor_v2 got {name} {dims!r}")
+    if len(size) != len(stride):
+        raise ValueError(f"_rebuild_tensor_v2 got {len(size)} sizes and {len(stride)} strides")
     return _Tensor(storage, storage_offset, size, stride)
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks, *args):
+    if not isinstance(data, _Tensor):
+        raise ValueError(f"_rebuild_parameter got {type(data).__name__} for a tensor")
     return data
 
 
@@ -69,12 +89,15 @@ class _Unpickler(pickle.Unpickler):
         _, stype, key, _location, numel = pid
         if not isinstance(stype, _StorageType):
             raise ConversionError(f"{self.path}: unsupported storage type {stype!r}")
-        return _Storage(stype.tag, str(key), int(numel))
+        if not isinstance(key, (str, int)) or isinstance(key, bool) or not _is_int(numel) or numel < 0:
+            raise ConversionError(f"{self.path}: corrupt storage reference {pid!r}"[:300])
+        return _Storage(stype.tag, str(key), numel)
 
 
 def read_pth_index(path: Path) -> dict[str, TensorRef]:
     """Key -> TensorRef for every tensor of a zip-format torch.save state dict."""
     path = Path(path)
+    require_file(path, "torch.save file")
     try:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
@@ -88,6 +111,13 @@ def read_pth_index(path: Path) -> dict[str, TensorRef]:
         if pkl is None:
             raise ConversionError(f"{path}: no data.pkl inside: not a torch.save file")
         prefix = pkl[: -len("data.pkl")]
+        info = zf.getinfo(pkl)
+        if info.compress_type != zipfile.ZIP_STORED:  # torch.save never compresses; refuse before inflating
+            raise ConversionError(f"{path}: {pkl} is compressed, which torch.save never does; refusing to "
+                                  f"inflate it")
+        if info.file_size > MAX_PICKLE_BYTES:
+            raise ConversionError(f"{path}: {pkl} is {info.file_size} bytes, far more than a state dict's "
+                                  f"description needs (at most {MAX_PICKLE_BYTES}); refusing to read it")
         try:
             with zf.open(pkl) as f:
                 obj = _Unpickler(f, path).load()
@@ -131,6 +161,8 @@ def _member_span(zf: zipfile.ZipFile, raw, path: Path, name: str, size: int) -> 
 def _tensor_ref(path: Path, key: str, t: _Tensor, start: int, length: int) -> TensorRef:
     item = itemsize(t.storage.tag)
     shape, stride = t.size, t.stride
+    if any(s < 0 for s in shape) or any(st < 0 for st in stride):
+        raise ConversionError(f"{path}: {key}: negative size or stride {list(shape)} / {list(stride)} (corrupt file)")
     numel = math.prod(shape)
     contiguous = [math.prod(shape[i + 1:]) for i in range(len(shape))]
     span = 0 if numel == 0 else 1 + sum((s - 1) * st for s, st in zip(shape, stride))

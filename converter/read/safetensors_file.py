@@ -5,7 +5,6 @@ until the file is closed, which is why this module uses plain positioned reads."
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -13,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConversionError
+from .files import parse_json, require_file
 
 # safetensors dtype tag -> bytes per element. torch is imported only where tensor data is
 # touched: a conversion that only copies bytes never pays for importing it.
@@ -62,8 +62,8 @@ class SafetensorsHeader:
 def read_header(path: Path) -> SafetensorsHeader:
     """Parse and validate a safetensors header; raise ConversionError naming the file."""
     path = Path(path)
+    size = require_file(path, "safetensors file")
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -77,13 +77,17 @@ def read_header(path: Path) -> SafetensorsHeader:
     except OSError as e:
         raise ConversionError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
+        header = parse_json(raw, path, "safetensors header")
+    except ConversionError as e:  # "<path>: <why>" -> "<path>: corrupt safetensors header (<why>)"
+        raise ConversionError(f"{path}: corrupt safetensors header ({str(e).removeprefix(f'{path}: ')})") from None
     if not isinstance(header, dict):
         raise ConversionError(f"{path}: corrupt safetensors header (not a JSON object)")
 
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        raise ConversionError(f"{path}: corrupt safetensors header (__metadata__ is not a map of strings "
+                              f"to strings, as the format requires)")
     data_start = 8 + n
     tensors: dict[str, TensorRef] = {}
     spans = []

@@ -3,13 +3,13 @@ folder with an index, or a single file whose keys may carry a prefix.  Only head
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConversionError
 from ..write.naming import index_name
+from .files import load_json, require_file, what_is  # noqa: F401 - load_json is imported from here too
 from .safetensors_file import SafetensorsHeader, TensorRef, read_header
 
 
@@ -26,23 +26,6 @@ class SourceCheckpoint:
     @property
     def total_bytes(self) -> int:
         return sum(r.nbytes for r in self.tensors.values())
-
-
-def load_json(path: Path, what: str) -> object:
-    def no_duplicates(pairs):
-        seen = {}
-        for k, v in pairs:
-            if k in seen:
-                raise ConversionError(f"{path}: {what} names {k!r} twice")
-            seen[k] = v
-        return seen
-
-    try:
-        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise ConversionError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
 def open_safetensors_source(path: Path, weights_name: str, strip_prefixes: list[str]) -> SourceCheckpoint:
@@ -95,8 +78,10 @@ def read_index(folder: Path, index_path: Path) -> tuple[list[Path], dict[str, Te
         if Path(name).is_absolute() or not parts or parts[0] == "..":
             raise ConversionError(f"{index_path}: {name!r} points outside the source folder")
         shard = folder / name
-        if not shard.is_file():
-            raise ConversionError(f"{index_path}: names {name}, which does not exist")
+        kind = what_is(shard)
+        if kind != "a regular file":
+            raise ConversionError(f"{index_path}: names {name}, which "
+                                  + ("does not exist" if kind == "missing" else f"is {kind}, not a shard file"))
         headers[name] = read_header(folder / name)
 
     owner: dict[str, str] = {}
@@ -126,7 +111,7 @@ def open_pth_source(path: Path, file_names: list[str], strip_prefixes: list[str]
 
     path = Path(path)
     if path.is_dir():
-        found = [path / n for n in file_names if (path / n).is_file()]
+        found = [path / n for n in file_names if os.path.lexists(path / n)]
         if not found:
             raise ConversionError(f"{path}: none of {', '.join(file_names)} in this folder")
         path = found[0]
