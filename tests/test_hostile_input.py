@@ -313,3 +313,259 @@ def test_a_transposed_weight_in_one_block_is_named(tmp_path, with_config):
                      "[128, 256]", "[256, 128]")
     assert "contradicts" not in line
     nothing_written(tmp_path / "out")
+
+
+# ================================ data safety (items 1-6) ========================================
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "Wan2.1-T2V-tiny"
+PROBE = """
+import os, signal, sys
+from converter.cli import main
+{patch}
+main(sys.argv[1:])
+"""
+KILL_AFTER_SWAP = """
+import converter.diagnose.repairs as r
+real = r._swap
+def swap_then_die(folder, work):
+    real(folder, work)
+    os.kill(os.getpid(), signal.SIGKILL)  # after the swap, before the backup: the worst moment
+r._swap = swap_then_die
+"""
+KILL_WHILE_WRITING = """
+import converter.convert as c
+real = c.write_component
+def write_then_die(cp, folder, *a, **k):
+    real(cp, folder, *a, **k)
+    os.kill(os.getpid(), signal.SIGKILL)
+c.write_component = write_then_die
+"""
+
+
+def killed(patch: str, *args) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-c", PROBE.format(patch=patch), *map(str, args)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == -9, (r.returncode, r.stderr)
+    return r
+
+
+@pytest.fixture(scope="module")
+def pipeline_once(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pipeline")
+    run_cli("convert", EXAMPLE, root / "pipe", "--max-shard-size", "400KB")
+    return root / "pipe"
+
+
+@pytest.fixture
+def pipe(pipeline_once, tmp_path) -> Path:
+    dest = tmp_path / "pipe"
+    shutil.copytree(pipeline_once, dest, symlinks=True)
+    return dest
+
+
+def digest(folder: Path) -> dict[str, bytes]:
+    """Every file and symlink under `folder`: a symlink as its target text, a file as its bytes."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_symlink():
+            out[rel] = b"-> " + os.readlink(p).encode()
+        elif p.is_file():
+            out[rel] = p.read_bytes()
+    return out
+
+
+def wrong_index(folder: Path, tag: str) -> bytes:
+    """Point one key of the transformer's index at the wrong shard (repair rebuilds the index)."""
+    index = json.loads((folder / INDEX).read_text())
+    key = sorted(index["weight_map"])[0]
+    shards = sorted(set(index["weight_map"].values()))
+    index["weight_map"][key] = next(s for s in shards if s != index["weight_map"][key])
+    index["metadata"]["tag"] = tag
+    (folder / INDEX).write_text(json.dumps(index))
+    return (folder / INDEX).read_bytes()
+
+
+# --- 1. a second repair never overwrites an earlier backup --------------------------------------
+
+def test_repair_backup_dir_used_twice_keeps_both_backups(pipe, tmp_path):
+    backup = tmp_path / "backups"
+    first = wrong_index(pipe / "transformer", "first")
+    r1 = run_cli("repair", pipe, "--backup", backup, "--json").json()
+    assert r1["ok"] and Path(r1["backup"]) == backup
+    assert (backup / "transformer" / INDEX).read_bytes() == first
+    second = wrong_index(pipe / "transformer", "second")
+    r2 = run_cli("repair", pipe, "--backup", backup, "--json").json()
+    assert r2["ok"] and Path(r2["backup"]).parent == backup and Path(r2["backup"]) != backup
+    assert (backup / "transformer" / INDEX).read_bytes() == first  # untouched
+    assert (Path(r2["backup"]) / "transformer" / INDEX).read_bytes() == second
+
+
+def test_default_backups_of_two_repairs_in_the_same_second_are_two_folders(pipe, tmp_path):
+    made = []
+    for tag in ("a", "b"):
+        wrong_index(pipe / "transformer", tag)
+        made.append(Path(run_cli("repair", pipe, "--json").json()["backup"]))
+    assert made[0] != made[1] and all(json.loads((m / "transformer" / INDEX).read_text())["metadata"]["tag"] == t
+                                      for m, t in zip(made, "ab"))
+
+
+def test_backup_inside_the_repaired_folder_is_refused(pipe):
+    wrong_index(pipe / "transformer", "x")
+    before = digest(pipe)
+    one_error(run_cli("repair", pipe, "--backup", pipe / "bk", ok=False), "lies inside")
+    assert digest(pipe) == before
+
+
+# --- 2. OUT inside SRC, OUT '.' or '' -----------------------------------------------------------
+
+def test_out_inside_the_source_is_refused_even_with_overwrite(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    shutil.copytree(EXAMPLE, src)
+    before = digest(src)
+    for out, extra in ((src / "google", ["--overwrite"]), (src / "google" / "umt5-xxl", ["--overwrite"]),
+                       (src / "converted", []), (src, ["--overwrite"]), (tmp_path, ["--overwrite"])):
+        one_error(run_cli("convert", src, out, *extra, ok=False), str(out))
+        assert digest(src) == before
+    monkeypatch.chdir(tmp_path)
+    for out in (".", "", "./"):
+        one_error(run_cli("convert", src, out, "--overwrite", ok=False), "not the current one")
+    assert digest(src) == before
+
+
+# --- 3. what a SIGKILL leaves is cleaned, reported and never published ---------------------------
+
+def test_a_killed_repair_is_reported_set_aside_by_the_next_repair_and_never_published(pipe, tmp_path):
+    folder = pipe / "transformer"
+    wrong = wrong_index(folder, "killed")
+    original = digest(folder)
+    killed(KILL_AFTER_SWAP, "repair", pipe, "--backup", tmp_path / "bk1")
+    (work,) = [p for p in pipe.iterdir() if p.name.startswith(".transformer.repair-")]
+    assert (work / INDEX).read_bytes() == wrong  # the previous content, only here now
+
+    report = run_cli("inspect", pipe, "--json").json()
+    assert not report["healthy"] and any(str(work) in x for x in report["leftovers"])
+    assert str(work) in run_cli("inspect", pipe).stdout
+    v = run_cli("verify", pipe, ok=False)
+    assert str(work) in v.stderr
+    dry = run_cli("publish", pipe, "me/x", "--dry-run", "--no-measure", "--json").json()
+    assert not any(f["path"].startswith(".") or "/." in f["path"] for f in dry["files"])
+    assert any(x.startswith(work.name) for x in dry["left_out"])
+
+    r = run_cli("repair", pipe, "--backup", tmp_path / "bk2", "--json").json()
+    assert r["ok"] and any("moved" in n and work.name in n for n in r["notes"])
+    assert not work.exists()
+    kept = tmp_path / "bk2" / "interrupted" / work.name.lstrip(".")
+    assert (kept / INDEX).read_bytes() == wrong  # nothing of the user's was lost
+    assert run_cli("inspect", pipe, "--json").json()["healthy"]
+    assert original.keys() == digest(folder).keys()
+
+
+def test_a_killed_conversion_is_removed_by_the_next_one(tmp_path):
+    out = tmp_path / "out"
+    killed(KILL_WHILE_WRITING, "convert", FIXTURES / "t2v", out)
+    (partial,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+    assert not out.exists()
+    report = run_cli("convert", FIXTURES / "t2v", out, "--json").json()
+    assert not partial.exists() and any(str(partial) in n for n in report["notes"])
+    nothing_left = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert nothing_left == []
+
+
+# --- 4. the default backup of a component lands outside the pipeline folder --------------------
+
+def test_default_backup_of_a_component_is_beside_the_pipeline_not_in_it(pipe, tmp_path):
+    wrong = wrong_index(pipe / "transformer", "component")
+    names_before = sorted(p.name for p in pipe.iterdir())
+    r = run_cli("repair", pipe / "transformer", "--json").json()
+    backup = Path(r["backup"])
+    assert backup.parent == pipe.parent and backup.name.startswith("pipe.backup-")
+    assert (backup / "transformer" / INDEX).read_bytes() == wrong
+    assert sorted(p.name for p in pipe.iterdir()) == names_before
+
+
+def test_publish_leaves_out_backups_hidden_folders_and_foreign_files_and_inspect_flags_backups(pipe):
+    (pipe / "transformer.backup-20260101-000000").mkdir()
+    (pipe / "transformer.backup-20260101-000000" / "config.json").write_text("{}")
+    (pipe / ".cache").mkdir()
+    (pipe / ".cache" / "secret.json").write_text("{}")
+    (pipe / "vae" / "notes.pth").write_bytes(b"x")
+    dry = run_cli("publish", pipe, "me/x", "--dry-run", "--no-measure", "--json").json()
+    sent = {f["path"] for f in dry["files"]}
+    assert not any("backup" in s or s.startswith(".") or s.endswith(".pth") for s in sent)
+    assert {"transformer.backup-20260101-000000/", ".cache/", "vae/notes.pth"} <= set(dry["left_out"])
+    assert "model_index.json" in sent and "transformer/config.json" in sent
+    report = run_cli("inspect", pipe, "--json").json()
+    assert any("transformer.backup-20260101-000000" in x for x in report["leftovers"])
+
+
+def test_the_real_upload_sends_exactly_the_listed_files(pipe, tmp_path):
+    from fake_hub import FakeHub
+    from test_publish import TOKEN, cli
+
+    (pipe / "transformer.backup-1").mkdir()
+    (pipe / "transformer.backup-1" / "config.json").write_text("{}")
+    (pipe / ".transformer.repair-1-x").mkdir()
+    (pipe / ".transformer.repair-1-x" / "config.json").write_text("{}")
+    dry = run_cli("publish", pipe, "me/x", "--dry-run", "--no-measure", "--json").json()
+    with FakeHub(TOKEN) as hub:
+        r = cli(["publish", pipe, "me/x", "--no-measure", "--json"],
+                {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "hf")})
+        assert r.returncode == 0, r.stderr
+        sent = hub.files("me/x")
+    assert set(sent) == {f["path"] for f in dry["files"]}
+    for name in sent:
+        assert sent[name] == (pipe / name).read_bytes()
+
+
+# --- 5. repair and symlinks -----------------------------------------------------------------------
+
+def test_repair_of_a_symlinked_component_folder_backs_up_the_link_and_leaves_its_target(pipe, tmp_path):
+    real = tmp_path / "elsewhere" / "transformer"
+    real.parent.mkdir()
+    shutil.move(str(pipe / "transformer"), str(real))
+    os.symlink(real, pipe / "transformer")
+    wrong_index(real, "link")
+    target_before = digest(real)
+    r = run_cli("repair", pipe, "--backup", tmp_path / "bk", "--json").json()
+    assert r["ok"]
+    assert digest(real) == target_before  # the link's target is never modified
+    assert not (pipe / "transformer").is_symlink() and (pipe / "transformer" / INDEX).is_file()
+    link = tmp_path / "bk" / "transformer" / "transformer"
+    assert link.is_symlink() and Path(os.readlink(link)) == real
+    assert run_cli("inspect", pipe, "--json").json()["healthy"]
+
+
+def test_repair_keeps_symlinked_files_as_links_and_backs_up_a_replaced_link(pipe, tmp_path):
+    folder = pipe / "transformer"
+    store = tmp_path / "store"
+    store.mkdir()
+    for name in [p.name for p in folder.iterdir() if p.suffix == ".safetensors"] + ["config.json"]:
+        shutil.move(str(folder / name), str(store / name))
+        os.symlink(os.path.relpath(store / name, folder), folder / name)
+    wrong_index(folder, "links")
+    cfg = json.loads((store / "config.json").read_text())
+    cfg.pop("ffn_dim")  # complete-config rewrites config.json: the link is replaced, so it is backed up
+    (store / "config.json").write_text(json.dumps(cfg))
+    store_before = digest(store)
+    r = run_cli("repair", pipe, "--backup", tmp_path / "bk", "--json").json()
+    assert r["ok"], r
+    assert digest(store) == store_before  # link targets untouched
+    shards = [p for p in folder.iterdir() if p.suffix == ".safetensors"]
+    assert shards and all(p.is_symlink() for p in shards)  # still links, not copies
+    assert not (folder / "config.json").is_symlink() and "ffn_dim" in json.loads((folder / "config.json").read_text())
+    backed = tmp_path / "bk" / "transformer" / "config.json"
+    assert backed.is_symlink() and os.readlink(backed) == os.path.relpath(store / "config.json", folder)
+
+
+# --- 6. publish never follows a symlink out of OUT --------------------------------------------------
+
+def test_publish_refuses_a_symlink_to_a_file_outside_out(pipe, tmp_path):
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"token": "hf_x"}')
+    os.symlink(secret, pipe / "vae" / "extra.json")
+    r = run_cli("publish", pipe, "me/x", "--dry-run", "--no-measure", ok=False)
+    one_error(r, str(pipe / "vae" / "extra.json"), "outside")
+    os.unlink(pipe / "vae" / "extra.json")
+    os.symlink(tmp_path, pipe / "linked")
+    one_error(run_cli("publish", pipe, "me/x", "--dry-run", "--no-measure", ok=False), "linked", "outside")

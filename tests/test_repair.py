@@ -117,7 +117,8 @@ def test_config_missing_fields_are_derived_from_the_weights(converted_root, tmp_
     fp = comp["from_pretrained"]
     assert fp["mismatched"] and fp["unexpected"]  # the class defaults (14B, no image input) do not fit
     done = run_cli("repair", folder, "--json").json()
-    (backup,) = folder.parent.glob("transformer.backup-*")
+    (backup,) = folder.parent.parent.glob("flf2v.backup-*")  # beside the model folder, not inside it
+    backup = backup / "transformer"
     assert json.loads((backup / "config.json").read_text()) == cfg and done["components"][0]["backed_up"] == ["config.json"]
     written = json.loads((folder / "config.json").read_text())
     for field, value in fixture_io("flf2v")[2]["diffusers_reference_config"].items():
@@ -153,7 +154,8 @@ def test_leftover_original_shards_are_moved_into_the_backup(converted_root, tmp_
         load_converted(folder)
     run_cli("repair", folder)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
-    (backup,) = folder.parent.glob("transformer.backup-*")
+    (backup,) = folder.parent.parent.glob("t2v.backup-*")  # beside the model folder, not inside it
+    backup = backup / "transformer"
     assert sorted(p.name for p in backup.iterdir()) == sorted(p.name for p in stray)
     official_output_ok(folder, "t2v")
     verify_ok(folder, FIXTURES / "t2v")

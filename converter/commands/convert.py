@@ -64,15 +64,11 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, fl
     from ..hub import download, looks_like_repo_id
     from ..pipeline import plan_pipeline, write_pipeline_extras
     from ..publish.provenance import RECORD_NAME, build_record, write_record
-    from ..write.atomic import atomic_output_dir, check_destination
+    from ..write.atomic import atomic_output_dir, check_output, clean_stale
 
     say = (lambda *a, **k: None) if as_json else click.echo
     src, out = Path(src), Path(out)
-    if not dry_run:
-        check_destination(out, overwrite)
-        s, o = src.resolve(), out.resolve()
-        if o == s or o in s.parents:
-            raise ConversionError(f"{out}: would replace the source {src}; choose another OUT")
+    check_output(src, out, overwrite or dry_run)
     started = time.perf_counter()
     plans = []
     hub_repo = None
@@ -122,6 +118,9 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, fl
         say(f"dry run: would write {out} ({human_size(total)}); nothing written")
         return report
 
+    report["notes"] = clean_stale(out)
+    for note in report["notes"]:
+        say(f"note: {note}")
     with atomic_output_dir(out, overwrite) as work:
         for cp, info in zip(plans, report["components"]):
             folder = work / cp.folder

@@ -50,7 +50,7 @@ def run_publish(out, repo_id, revision, private, commit_message, base_model, sou
     from .. import __version__
     from ..hub import REPO_ID
     from ..publish.card import CardInputs, build_card, is_ours, write_card
-    from ..publish.folder import read_folder, upload_files
+    from ..publish.folder import left_out, read_folder, upload_files
     from ..publish.provenance import hash_sources as fill_hashes
     from ..publish.provenance import source_card, write_record
     from ..publish.upload import Target, find_token, hub_endpoint, upload
@@ -101,6 +101,10 @@ def run_publish(out, repo_id, revision, private, commit_message, base_model, sou
     card = build_card(inputs)
     path = write_card(card, out)
     folder.files = upload_files(out)
+    skipped = left_out(out)
+    if skipped:
+        note(f"not part of the model, not uploaded: {', '.join(skipped[:8])}"
+             + (f" (and {len(skipped) - 8} more)" if len(skipped) > 8 else ""))
     target = Target(repo_id, revision, private,
                     commit_message or f"Upload {folder.pipeline_class or ', '.join(folder.components)} "
                                       f"converted with wan2diffusers {__version__}")
@@ -114,6 +118,7 @@ def run_publish(out, repo_id, revision, private, commit_message, base_model, sou
     report = {"ok": True, "dry_run": dry_run, "repo_id": repo_id, "revision": target.branch, "private": private,
               "commit_message": target.commit_message, "card": str(path), "card_metadata": data,
               "files": [{"path": n, "bytes": s} for n, s in folder.files], "bytes": folder.total_bytes,
+              "left_out": skipped,
               "measurements": [{"component": m.component, "fixture": m.fixture, "dtype": m.dtype, "errors": m.errors}
                                for m in measurements], "notes": told}
     if dry_run:

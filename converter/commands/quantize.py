@@ -43,15 +43,11 @@ def run_quantize(src, out, weights, max_shard_size, overwrite, dry_run, as_json)
     from ..convert import require_coverage, verify_written, write_component
     from ..quantize.diffusers_folder import link_or_copy, locate, pipeline_members, plan_folder
     from ..quantize.plan import attach
-    from ..write.atomic import atomic_output_dir, check_destination
+    from ..write.atomic import atomic_output_dir, check_output, clean_stale
 
     say = (lambda *a, **k: None) if as_json else click.echo
     src, out = Path(src), Path(out)
-    if not dry_run:
-        check_destination(out, overwrite)
-        s, o = src.resolve(), out.resolve()
-        if o == s or o in s.parents or s in o.parents:
-            raise ConversionError(f"{out}: overlaps the source {src}; choose another OUT")
+    check_output(src, out, overwrite or dry_run)
     started = time.perf_counter()
     where = locate(src)
     cp = plan_folder(where)
@@ -70,6 +66,9 @@ def run_quantize(src, out, weights, max_shard_size, overwrite, dry_run, as_json)
     if dry_run:
         say(f"dry run: would write {out}; nothing written")
         return report
+    report["notes"] = clean_stale(out)
+    for note in report["notes"]:
+        say(f"note: {note}")
     with atomic_output_dir(out, overwrite) as work:
         folder = work / cp.folder if where.pipeline else work
         layout = write_component(cp, folder, max_shard_size)

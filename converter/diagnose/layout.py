@@ -17,6 +17,7 @@ from ..read.files import what_is
 from ..read.pth_file import read_pth_index
 from ..read.safetensors_file import TensorRef, read_header
 from ..read.source import common_prefix, load_json
+from ..write.workfiles import RECORD_NAME
 from ..write.naming import MODEL_INDEX, SHARD, index_name, shard_name
 from .keys import Sides, best_component, classify, split_quanto
 
@@ -96,6 +97,18 @@ def pth_names() -> dict[str, str]:
 
 def output_folders() -> dict[str, str]:
     return {load_table(c).output.folder: c for c in table_names()}
+
+
+def model_root(path: Path) -> Path:
+    """The model folder PATH belongs to: the pipeline folder (or folder of component subfolders)
+    holding it when PATH is one of its component folders, else PATH itself."""
+    path = Path(path)
+    parent = path.parent
+    if path.name in output_folders() and parent != path:
+        if ((parent / MODEL_INDEX).is_file() or (parent / RECORD_NAME).is_file()
+                or any((parent / f).is_dir() for f in output_folders() if f != path.name)):
+            return parent
+    return path
 
 
 def find(path: Path) -> Found:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from ..pipeline import PipelinePlan, load_pipeline_table, write_pipeline_extras
+from ..write.workfiles import REPAIR, make_work_dir
 from ..write.naming import MODEL_INDEX
 from .examine import Diagnosis
 from .layout import Found
@@ -44,7 +44,7 @@ def plan_model_index(found: Found, diags: list[Diagnosis]) -> tuple[PipelinePlan
 
 def write_model_index(plan: PipelinePlan, folder: Path) -> list[str]:
     """Write the plan's extras and model_index.json into `folder`; returns what was added."""
-    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.repair-", dir=folder.parent))
+    work = make_work_dir(folder, REPAIR)
     try:
         write_pipeline_extras(plan, work)
         added = sorted(p.name for p in work.iterdir())

@@ -16,9 +16,9 @@ import ctypes
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ..convert import (
     plan_component,
@@ -31,6 +31,7 @@ from ..errors import ConversionError
 from ..read.safetensors_file import read_header
 from ..write import naming
 from ..write.safetensors_writer import write_safetensors
+from ..write.workfiles import OLD, REPAIR, make_work_dir
 from .examine import (
     COMPLETE_CONFIG,
     CONVERT_IN_PLACE,
@@ -86,12 +87,13 @@ def plan_repairs(diags: list[Diagnosis], source: Path | None) -> list[RepairPlan
     return plans
 
 
-def apply(rp: RepairPlan, backup: Path | None, source: Path | None, overrides: dict | None = None,
+def apply(rp: RepairPlan, backup: Callable[[], Path] | None, source: Path | None, overrides: dict | None = None,
           max_shard_size: str = "5GB") -> None:
+    """`backup()`: the folder (made on first use) where what the repair replaces goes; None: deleted."""
     d = rp.diagnosis
     unit = d.unit
     folder = unit.path
-    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.repair-", dir=folder.parent))
+    work = make_work_dir(folder, REPAIR)
     try:
         if CONVERT_IN_PLACE in rp.repairs:
             _convert(rp, work, overrides, max_shard_size)
@@ -108,16 +110,59 @@ def apply(rp: RepairPlan, backup: Path | None, source: Path | None, overrides: d
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    kept = {(s.st_dev, s.st_ino) for p in folder.rglob("*") if p.is_file() for s in [p.stat()]}
-    for p in sorted(old.rglob("*")):
-        if p.is_file() and (p.stat().st_dev, p.stat().st_ino) not in kept:
-            rel = p.relative_to(old)
-            rp.backed_up.append(str(rel))
-            if backup is not None:
-                dest = backup / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(p), str(dest))
+    rp.backed_up = set_aside(old, folder, backup)
+
+
+def set_aside(old: Path, new: Path, backup: Callable[[], Path] | None) -> list[str]:
+    """What of `old` (the folder's previous content, or the symlink that stood at its place) is
+    not in `new` goes into the backup (symlinks as symlinks: their targets are never touched);
+    returns those paths. Files hard-linked into `new` are kept, not backed up."""
+    if old.is_symlink():  # the folder was a link: the link itself is what was replaced, its target stays
+        text = os.readlink(old)
+        if backup is not None:
+            os.rename(old, backup() / new.name)
+        else:
+            old.unlink()
+        return [f"{new.name} (a symlink to {text})"]
+    kept_files, kept_links = set(), {}
+    for p in _entries(new):
+        st = os.lstat(p)
+        if p.is_symlink():
+            kept_links[p.relative_to(new)] = os.readlink(p)
+        else:
+            kept_files.add((st.st_dev, st.st_ino))
+    moved = []
+    for p in _entries(old):
+        rel = p.relative_to(old)
+        if p.is_symlink():
+            if kept_links.get(rel) == os.readlink(p):
+                continue
+        else:
+            st = os.lstat(p)
+            if (st.st_dev, st.st_ino) in kept_files:
+                continue
+        moved.append(str(rel))
+        if backup is not None:
+            dest = backup() / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(p, dest) if _same_device(p, dest.parent) else shutil.move(str(p), str(dest))
     shutil.rmtree(old, ignore_errors=True)
+    return moved
+
+
+def _entries(root: Path) -> list[Path]:
+    """Files and symlinks under `root`, without following links."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            if p.is_symlink() or name in filenames:
+                out.append(p)
+    return sorted(out)
+
+
+def _same_device(a: Path, b: Path) -> bool:
+    return os.lstat(a).st_dev == os.stat(b).st_dev
 
 
 def _convert(rp: RepairPlan, work: Path, overrides: dict | None, max_shard_size: str) -> None:
@@ -133,19 +178,31 @@ def _convert(rp: RepairPlan, work: Path, overrides: dict | None, max_shard_size:
 
 
 def _link_rest(folder: Path, work: Path, skip: set[Path]) -> None:
-    """Everything in `folder` but `skip` appears unchanged in `work` (hard links: no copy)."""
-    for p in sorted(folder.rglob("*")):
+    """Everything in `folder` but `skip` appears unchanged in `work`: files as hard links (no copy),
+    symlinks as the same symlinks (never replaced by the file they point to)."""
+    for p in _entries(folder) + [Path(d) for d, _, _ in os.walk(folder) if Path(d) != folder]:
         rel = p.relative_to(folder)
-        if p in skip or (work / rel).exists():
-            continue
-        if p.is_dir():
-            (work / rel).mkdir(parents=True, exist_ok=True)
+        if p in skip or os.path.lexists(work / rel):
             continue
         (work / rel).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(p, work / rel)
-        except OSError:
-            shutil.copy2(p, work / rel)
+        if p.is_symlink():
+            os.symlink(_link_text(p, work / rel), work / rel)
+        elif p.is_dir():
+            (work / rel).mkdir(parents=True, exist_ok=True)
+        else:
+            try:
+                os.link(p, work / rel, follow_symlinks=False)
+            except OSError:
+                shutil.copy2(p, work / rel)
+
+
+def _link_text(link: Path, at: Path) -> str:
+    """The target text for a copy of `link` placed at `at`: the same text when it leads to the
+    same place from there (relative links in a Hub cache snapshot), else the absolute target."""
+    text = os.readlink(link)
+    if os.path.isabs(text) or (at.parent / text).resolve() == (link.parent / text).resolve():
+        return text
+    return str((link.parent / text).resolve())
 
 
 def _patch(rp: RepairPlan, work: Path, source: Path | None) -> None:
@@ -271,7 +328,7 @@ def _swap(folder: Path, work: Path) -> Path:
     """Put `work` at `folder`; return where the old content now is."""
     if _exchange(work, folder):
         return work
-    old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+    old = make_work_dir(folder, OLD)
     os.rmdir(old)
     os.rename(folder, old)
     os.rename(work, folder)

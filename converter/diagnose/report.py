@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ..commands.common import human_size
 from .examine import Diagnosis, diagnose, summary
-from .layout import Found, find
+from ..write.workfiles import leftovers_of
+from .layout import Found, find, model_root
 
 SHOW = 5  # keys listed per kind in the text report
 
@@ -54,8 +55,9 @@ def component_dict(d: Diagnosis) -> dict:
 
 def as_dict(found: Found, diags: list[Diagnosis]) -> dict:
     present = [d.unit.component for d in diags]
+    work = leftovers_of(found.path, model_root(found.path))
     out = {"path": str(found.path), "kind": found.kind, "components": [component_dict(d) for d in diags],
-           "healthy": all(d.healthy for d in diags), "notes": list(found.stray)}
+           "healthy": all(d.healthy for d in diags) and not work, "notes": list(found.stray), "leftovers": work}
     if found.kind in ("pipeline folder", "folder of component subfolders"):
         out["model_index"] = found.model_index is not None
         if found.model_index is not None:
@@ -107,6 +109,14 @@ def render(report: dict) -> list[str]:
             lines.append(f"    fix:    {f['fix']} [{who}]")
     for note in report["notes"]:
         lines.append(f"note: {note}")
-    lines.append("healthy: nothing to repair" if report["healthy"] else
-                 "problems found: `wan2diffusers repair PATH` fixes those marked repair")
+    for item in report.get("leftovers", []):
+        lines.append(f"problem: {item}")
+        lines.append("  fix:    `wan2diffusers repair PATH` moves work folders into a backup; or delete them")
+    marked = any(f["repair"] for c in report["components"] for f in c["findings"])
+    if report["healthy"]:
+        lines.append("healthy: nothing to repair")
+    elif marked or report.get("leftovers"):
+        lines.append("problems found: `wan2diffusers repair PATH` fixes those marked repair")
+    else:
+        lines.append("problems found: none of them is one repair can fix (see each fix)")
     return lines

@@ -16,7 +16,8 @@ from ..mapping import transforms
 from ..read.safetensors_file import read_tensor
 from .examine import Diagnosis, diagnose
 from .keys import QUANTO_WEIGHT
-from .layout import Unit, find
+from ..write.workfiles import is_backup, leftovers_of
+from .layout import Unit, find, model_root
 from .sourceplan import plan_from_source
 
 HASH_CHUNK = 1 << 20
@@ -54,7 +55,10 @@ def verify_path(out: Path, source: Path | None = None, progress: bool = True) ->
                 diffs.extend(tdiffs)
         components.append(info)
         differences += [{**x, "component": unit.component} for x in diffs]
-    files = [p for p in sorted(out.rglob("*") if out.is_dir() else [out]) if p.is_file()]
+    for item in leftovers_of(out, model_root(out)):
+        differences.append({"component": "folder", "key": None, "problem": item})
+    files = [p for p in sorted(out.rglob("*") if out.is_dir() else [out]) if p.is_file()
+             and not (out.is_dir() and any(x.startswith(".") or is_backup(x) for x in p.relative_to(out).parts))]
     hashes = []
     with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="sha256",
               disable=None if progress else True, leave=False) as bar:

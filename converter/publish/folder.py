@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ..errors import ConversionError
 from ..write.naming import MODEL_INDEX
-from .provenance import RECORD_NAME, read_record
+from ..write.workfiles import RECORD_NAME, model_files, not_model_files
+from .provenance import read_record
 
 
 @dataclass
@@ -38,21 +39,15 @@ class ConvertedFolder:
         return cfg.get("_class_name") or (cfg.get("architectures") or [None])[0]
 
 
-def upload_ignore_patterns() -> list[str]:
-    """What upload_folder leaves out: its own defaults (.git, .cache/huggingface), the record, and
-    the temporary files of a card or record write that was interrupted."""
-    from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
-
-    return [RECORD_NAME, ".*.partial", "*/.*.partial", *DEFAULT_IGNORE_PATTERNS]  # + leftovers of an interrupted write
-
-
 def upload_files(out: Path) -> list[tuple[str, int]]:
-    """The files upload_folder would send, filtered exactly as it filters them."""
-    from huggingface_hub.utils import filter_repo_objects
+    """The files an upload sends: the model's own (converter/write/workfiles.py decides), with sizes.
+    A symlink that leads out of OUT is refused."""
+    return [(rel, p.stat().st_size) for rel, p in model_files(out)]
 
-    paths = {p.relative_to(out).as_posix(): p for p in sorted(out.glob("**/*")) if p.is_file()}
-    kept = filter_repo_objects(paths, ignore_patterns=upload_ignore_patterns())
-    return [(name, paths[name].stat().st_size) for name in kept]
+
+def left_out(out: Path) -> list[str]:
+    """What an upload leaves out: work folders, backups, hidden files, the record, other kinds."""
+    return not_model_files(out)
 
 
 def _json(path: Path) -> dict:

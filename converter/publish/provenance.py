@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..errors import ConversionError
 
-RECORD_NAME = "wan2diffusers.json"
+from ..write.workfiles import RECORD_NAME  # noqa: E402,F401 - named where what belongs to a model is decided
 RECORD_VERSION = 1
 LIBRARIES = ("diffusers", "transformers", "torch", "huggingface_hub", "safetensors")
 CARD_FIELDS = ("license", "license_name", "license_link", "language", "tags", "pipeline_tag")

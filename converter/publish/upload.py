@@ -1,5 +1,5 @@
 """The upload: huggingface_hub's create_repo(exist_ok=True), create_branch (for --revision) and
-upload_folder (through hf_xet when installed, which resumes an interrupted upload; else the LFS
+create_commit of the model's files (through hf_xet when installed, which resumes an interrupted upload; else the LFS
 protocol).  The token comes from HF_TOKEN or the stored login and is handed to HfApi only: it is
 never printed, and every message that leaves this module has it masked."""
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConversionError
-from .folder import upload_ignore_patterns
+from ..write.workfiles import model_files
 
 MASK = "***"
 NETWORK_ERRORS = {"TransportError", "ConnectError", "NetworkError", "TimeoutException", "ConnectTimeout",
@@ -88,7 +88,7 @@ def explain(e: BaseException, target: Target, token: str | None, step: str = "up
 
 
 def upload(out: Path, target: Target, token: str) -> dict:
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi(token=token)
     step = "creating the repository"
@@ -98,8 +98,11 @@ def upload(out: Path, target: Target, token: str) -> dict:
             step = f"creating branch {target.revision}"
             api.create_branch(target.repo_id, branch=target.revision, exist_ok=True)
         step = "uploading"
-        info = api.upload_folder(repo_id=target.repo_id, folder_path=str(out), revision=target.revision,
-                                 commit_message=target.commit_message, ignore_patterns=upload_ignore_patterns())
+        # exactly the model's files, listed one by one (never a folder walk that could pick up a
+        # work folder, a backup or a symlink out of OUT)
+        operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(p)) for rel, p in model_files(out)]
+        info = api.create_commit(repo_id=target.repo_id, operations=operations, revision=target.revision,
+                                 commit_message=target.commit_message)
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 - every failure becomes one line with the token masked

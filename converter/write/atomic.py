@@ -1,19 +1,36 @@
 """Atomic output: everything is written into a hidden work folder beside OUT and renamed to OUT
 only when complete.  On any failure (or Ctrl-C / SIGTERM) the work folder is removed; after a
-SIGKILL what remains is `.<name>.partial-*`, which nothing mistakes for a finished conversion."""
+SIGKILL what remains is `.<name>.partial-<pid>-*`, which nothing mistakes for a finished
+conversion, and which the next write of the same OUT removes (`clean_stale`)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import ConversionError
+from .workfiles import PARTIAL, REPLACED, make_work_dir, work_folders
 
-PARTIAL_MARK = ".partial-"
+PARTIAL_MARK = f".{PARTIAL}-"
+
+
+def clean_stale(out: Path) -> list[str]:
+    """Before writing OUT: remove the work folders a killed earlier write of OUT left (incomplete
+    output, nothing else); name, never delete, a previous OUT an interrupted --overwrite set aside."""
+    notes = []
+    for w in work_folders(Path(out).parent, Path(out).name):
+        if w.running:
+            continue
+        if w.kind == PARTIAL:
+            shutil.rmtree(w.path, ignore_errors=True)
+            notes.append(f"removed {w.path}, left by an interrupted earlier run (incomplete output)")
+        elif w.kind == REPLACED:
+            notes.append(f"{w.path} holds the output an interrupted --overwrite had set aside; "
+                         f"move it back or delete it")
+    return notes
 
 
 def check_destination(out: Path, overwrite: bool) -> None:
@@ -21,6 +38,21 @@ def check_destination(out: Path, overwrite: bool) -> None:
         raise ConversionError(f"{out}: already exists (pass --overwrite to replace it)")
     if out.exists() and not out.is_dir():
         raise ConversionError(f"{out}: exists and is not a folder")
+
+
+def check_output(src: Path, out: Path, overwrite: bool) -> None:
+    """OUT must be a new (or, with --overwrite, replaceable) folder that neither holds nor lies
+    inside the source: replacing it would delete the source, or part of it."""
+    text = str(out).strip()
+    if text in ("", ".", "..") or Path(text).resolve() == Path.cwd().resolve():
+        raise ConversionError(f"OUT {str(out)!r}: give a new folder for the output, not the current one")
+    if os.path.lexists(src):
+        s, o = Path(src).resolve(), Path(out).resolve()
+        if o == s or o in s.parents:
+            raise ConversionError(f"{out}: would replace the source {src} (it holds it); choose another OUT")
+        if s in o.parents:
+            raise ConversionError(f"{out}: lies inside the source {src}; choose an OUT outside it")
+    check_destination(Path(out), overwrite)
 
 
 @contextmanager
@@ -40,12 +72,12 @@ def atomic_output_dir(out: Path, overwrite: bool):
         previous = None
     work = None
     try:
-        work = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARK}", dir=out.parent))  # after the handler
+        work = make_work_dir(out, PARTIAL)  # after the handler
         yield work
         os.chmod(work, 0o755)
         if out.exists():
             check_destination(out, overwrite)
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
+            trash = make_work_dir(out, REPLACED)
             os.rename(out, trash / "old")
             try:
                 os.rename(work, out)
