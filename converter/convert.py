@@ -114,6 +114,21 @@ def verify_written(cp: ComponentPlan, folder: Path, layout: ShardLayout) -> None
         raise ConversionError(f"{folder}: written headers differ from the plan: {diff}")
 
 
+def nonfinite_values(cp: ComponentPlan, progress: bool = True) -> dict[str, int]:
+    """Source key -> how many NaN/Inf values it holds (keys with none left out): one extra read
+    of every floating source tensor, a chunk at a time."""
+    refs = sorted(cp.source.tensors.items(), key=lambda kv: (str(kv[1].file), kv[1].offset))
+    found = {}
+    with tqdm(total=sum(r.nbytes for _, r in refs), unit="B", unit_scale=True, desc=f"checking {cp.component}",
+              disable=None if progress else True, leave=False) as bar:
+        for key, ref in refs:
+            n = safetensors_file.count_nonfinite(ref)
+            if n:
+                found[key] = n
+            bar.update(ref.nbytes)
+    return found
+
+
 def describe(cp: ComponentPlan) -> dict:
     p, src = cp.plan, cp.source
     return {

@@ -569,3 +569,27 @@ def test_publish_refuses_a_symlink_to_a_file_outside_out(pipe, tmp_path):
     os.unlink(pipe / "vae" / "extra.json")
     os.symlink(tmp_path, pipe / "linked")
     one_error(run_cli("publish", pipe, "me/x", "--dry-run", "--no-measure", ok=False), "linked", "outside")
+
+
+# --- 15. NaN / Inf in a source tensor ---------------------------------------------------------------
+
+def test_nan_and_inf_in_the_source_are_named_with_check_finite(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    tensors = t2v_tensors()
+    tensors["blocks.1.ffn.2.weight"][0, :3] = float("nan")
+    tensors["head.head.bias"][0] = float("-inf")
+    save_file(tensors, str(src / "diffusion_pytorch_model.safetensors"))
+    shutil.copy(FIXTURES / "t2v" / "config.json", src / "config.json")
+    expected = {k: int((~torch.isfinite(v)).sum()) for k, v in tensors.items() if not torch.isfinite(v).all()}
+    assert expected == {"blocks.1.ffn.2.weight": 3, "head.head.bias": 1}
+
+    r = run_cli("convert", src, tmp_path / "checked", "--check-finite", "--json")
+    report = r.json()
+    assert report["finite_check"] == "done" and report["components"][0]["nonfinite"] == expected
+    assert "warning:" in r.stderr and "blocks.1.ffn.2.weight (3)" in r.stderr and "head.head.bias (1)" in r.stderr
+
+    plain = run_cli("convert", src, tmp_path / "plain")
+    assert "not checked for NaN/Inf" in plain.stdout and "warning" not in plain.stderr
+    clean = run_cli("convert", FIXTURES / "t2v", tmp_path / "clean", "--check-finite", "--json").json()
+    assert clean["components"][0]["nonfinite"] == {}

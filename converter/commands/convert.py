@@ -33,12 +33,15 @@ from .common import check_size, human_size, parse_settings, run_reporting
               help="Write the transformer quantized (optimum-quanto, diffusers' QuantoConfig format: "
                    "from_pretrained loads it with no extra argument); the other components stay float. "
                    "Which modules stay float: mappings/quantization.yaml.")
+@click.option("--check-finite", is_flag=True,
+              help="Read every floating source tensor once more and warn, naming the keys, about NaN or Inf "
+                   "values (without it, the values are not checked and the report says so).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, when the new one is complete).")
 @click.option("--dry-run", is_flag=True, help="Read headers, detect, plan and prove coverage; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 def convert(src: Path, out: Path, only: str | None, max_shard_size: str, dtype: str, clip_heads: int | None,
-            flow_shift: float | None, settings: tuple[str, ...], quantize: str | None, overwrite: bool, dry_run: bool,
-            as_json: bool):
+            flow_shift: float | None, settings: tuple[str, ...], quantize: str | None, check_finite: bool,
+            overwrite: bool, dry_run: bool, as_json: bool):
     """Convert the original-layout Wan 2.1 weights in SRC into a Diffusers folder OUT.
 
     SRC is a Hub repo id (e.g. Wan-AI/Wan2.1-T2V-14B: only the needed files are downloaded),
@@ -52,14 +55,15 @@ def convert(src: Path, out: Path, only: str | None, max_shard_size: str, dtype: 
         overrides = parse_settings(settings)
         check_size(max_shard_size)
         return run_convert(src, out, components, max_shard_size, dtype, overrides, clip_heads, flow_shift,
-                           overwrite, dry_run, as_json, quantize=quantize)
+                           overwrite, dry_run, as_json, quantize=quantize, check_finite=check_finite)
 
     run_reporting(action, as_json, out, "nothing was written", "; nothing was written")
 
 
 def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, flow_shift, overwrite, dry_run,
-                as_json, quantize=None) -> dict:
-    from ..convert import describe, plan_component, require_coverage, verify_written, write_component
+                as_json, quantize=None, check_finite=False) -> dict:
+    from ..convert import (describe, nonfinite_values, plan_component, require_coverage, verify_written,
+                           write_component)
     from ..discover import discover
     from ..hub import download, looks_like_repo_id
     from ..pipeline import plan_pipeline, write_pipeline_extras
@@ -97,6 +101,16 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, fl
             f"target tensors produced, shapes match")
         plans.append(cp)
     report = {"ok": True, "dry_run": dry_run, "components": [describe(cp) for cp in plans]}
+    report["finite_check"] = "done" if check_finite else "skipped"
+    for cp, info in zip(plans, report["components"]):
+        info["nonfinite"] = nonfinite_values(cp, progress=not as_json) if check_finite else None
+        if info["nonfinite"]:
+            bad = info["nonfinite"]
+            click.echo(f"warning: {cp.component}: {len(bad)} source tensor(s) hold NaN or Inf values: "
+                       + ", ".join(f"{k} ({n})" for k, n in list(bad.items())[:8])
+                       + (f" and {len(bad) - 8} more" if len(bad) > 8 else "") + "; converted as they are", err=True)
+    if not check_finite:
+        say("values: not checked for NaN/Inf (--check-finite reads the source once more)")
     if quantize:  # the transformer written quantized (converter/quantize)
         from ..quantize.plan import quantize_plans
 

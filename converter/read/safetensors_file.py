@@ -177,12 +177,14 @@ def copy_bytes(ref: TensorRef, out, chunk: int = 64 * 1024 * 1024) -> None:
             remaining -= len(data)
 
 
-def iter_cast(ref: TensorRef, dtype, chunk: int = 64 * 1024 * 1024):
-    """A contiguous tensor's values cast to `dtype`, as raw bytes, one chunk at a time: an
-    elementwise cast needs no more than a chunk of the tensor in memory."""
+def iter_chunks(ref: TensorRef, chunk: int = 64 * 1024 * 1024):
+    """A tensor's values as flat tensors of at most `chunk` bytes, read in order (a strided .pth
+    tensor is read whole, made contiguous)."""
     import torch
 
-    assert ref.stride is None, ref.key
+    if ref.stride is not None:
+        yield read_tensor(ref).reshape(-1)
+        return
     src_dtype = __getattr__("DTYPES")[ref.dtype]
     item = ITEMSIZE[ref.dtype]
     step = max(item, chunk - chunk % item)
@@ -195,8 +197,28 @@ def iter_cast(ref: TensorRef, dtype, chunk: int = 64 * 1024 * 1024):
             got = f.readinto(buf)
             if got != n:
                 raise ConversionError(f"{ref.file}: truncated while reading {ref.key}")
-            yield torch.frombuffer(buf, dtype=src_dtype).to(dtype).view(torch.uint8).numpy().data
+            yield torch.frombuffer(buf, dtype=src_dtype)
             done += n
+
+
+def iter_cast(ref: TensorRef, dtype, chunk: int = 64 * 1024 * 1024):
+    """A contiguous tensor's values cast to `dtype`, as raw bytes, one chunk at a time: an
+    elementwise cast needs no more than a chunk of the tensor in memory."""
+    import torch
+
+    assert ref.stride is None, ref.key
+    for part in iter_chunks(ref, chunk):
+        yield part.to(dtype).view(torch.uint8).numpy().data
+
+
+def count_nonfinite(ref: TensorRef) -> int:
+    """How many NaN or +-Inf values a floating tensor holds (0 for integer tensors), chunk by chunk."""
+    import torch
+
+    if not ref.dtype.startswith(("F", "BF")):
+        return 0
+    wide = ref.dtype.startswith("F8")  # isfinite has no float8 kernel
+    return sum(int((~torch.isfinite(part.float() if wide else part)).sum()) for part in iter_chunks(ref))
 
 
 class LazyRows:
