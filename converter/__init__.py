@@ -1,3 +1,12 @@
-"""wan2diffusers: offline conversion of original Wan 2.1 checkpoints to the Diffusers layout."""
+"""wan2diffusers: exact, streamed, verified conversion of original Wan checkpoints to Diffusers.
+
+The Python API (the CLI `wan2diffusers` is a thin layer over it): `convert`, `quantize`,
+`inspect`, `verify`, `repair`, `publish` return the report `--json` prints (a `Report`);
+expected failures raise `ConversionError` with the one-line message the CLI prints."""
 
 __version__ = "0.1.0"
+
+from .api import ConversionError, Report, convert, inspect, publish, quantize, repair, verify  # noqa: E402
+
+__all__ = ["__version__", "ConversionError", "Report", "convert", "inspect", "publish", "quantize", "repair",
+           "verify"]

@@ -183,8 +183,8 @@ def make_pool(path: Path, nbytes: int) -> None:
 
 
 def write_checkpoint(folder: Path, layers: int, shard_bytes: int, pool: Path) -> dict:
-    from converter.read.safetensors_file import TensorRef
-    from converter.write.safetensors_writer import write_safetensors
+    from wan2diffusers.read.safetensors_file import TensorRef
+    from wan2diffusers.write.safetensors_writer import write_safetensors
 
     folder.mkdir(parents=True)
     keys = synthetic_keys(layers)
@@ -295,7 +295,7 @@ def remove_work(work: Path, parent: Path, keep: bool) -> None:
 
 
 def rename_map(src: Path) -> dict[str, str]:
-    from converter.convert import plan_component, require_coverage
+    from wan2diffusers.component import plan_component, require_coverage
 
     cp = plan_component("transformer", src)
     require_coverage(cp)
@@ -308,7 +308,7 @@ SAMPLED = ("patch_embedding.weight", "blocks.0.ffn.net.0.proj.weight", "proj_out
 def compare_outputs(ours: Path, theirs: Path, keys: tuple[str, ...] | None = SAMPLED) -> str:
     """Same keys, dtypes and shapes in both folders' safetensors headers, and the tensors named in
     `keys` (None: every tensor) byte-identical, read one at a time."""
-    from converter.read.safetensors_file import read_header, read_tensor
+    from wan2diffusers.read.safetensors_file import read_header, read_tensor
 
     def headers(folder):
         refs = {}

@@ -99,7 +99,7 @@ def main() -> None:
     args = ap.parse_args()
     if not CLI.exists():
         raise SystemExit(f"{CLI} not found: run with the project's virtualenv python")
-    from converter.quantize.policy import load_policy
+    from wan2diffusers.quantization.policy import load_policy
 
     keep = [] if args.diffusers_default else list(load_policy().components["transformer"].modules_to_not_convert)
     parent = args.workdir or Path(tempfile.gettempdir())

@@ -11,7 +11,7 @@ What it does, for each layer count L given with --layers (default: 2 and 4, to s
 1. Writes a synthetic ORIGINAL-layout `models_t5_umt5-xxl-enc-bf16.pth` at the real umT5-XXL
    encoder shapes (vocab 256384, d_model 4096, 64 heads x d_kv 64, d_ff 10240 gated-gelu, 32
    relative-attention buckets in every layer), bfloat16, with only L layers.  The key names and
-   structure come from the tiny fixture (tests/fixtures/t5, read with converter.read.pth_file
+   structure come from the tiny fixture (tests/fixtures/t5, read with wan2diffusers.read.pth_file
    read_pth_index) with every dimension scaled.  The file is written with torch's own serializer
    without holding it: the state dict is made of FakeTensors (no storage) and saved under
    `torch.serialization.skip_data(materialize_fake_tensors=True)`, which writes the real zip
@@ -31,7 +31,7 @@ What it does, for each layer count L given with --layers (default: 2 and 4, to s
                     transformers' UMT5EncoderModel on the meta device from OUR output config.json,
                     `load_state_dict(sd, assign=True)` and `save_pretrained(..., max_shard_size="5GB")`.
 3. Checks our output against the source (shared.weight rows, and a few block tensors, read with
-   converter.read.safetensors_file read_tensor from both files; rows are read as row slices so
+   wan2diffusers.read.safetensors_file read_tensor from both files; rows are read as row slices so
    the 2.1 GB embedding is never loaded here either) and against the whole-file output (same
    keys/shapes/dtypes, sampled tensors byte-identical).
 
@@ -124,7 +124,7 @@ def human(n: float) -> str:
 
 def fixture_template() -> list[tuple[str, tuple[int, ...], str]]:
     """(key, real shape, dtype tag) for the non-block keys and block 0, in the fixture's order."""
-    from converter.read.pth_file import read_pth_index
+    from wan2diffusers.read.pth_file import read_pth_index
 
     tiny = json.loads((FIXTURE / "fixture.json").read_text())["official_init_kwargs"]
     # tiny dim == tiny num_buckets (32): the relative position table [buckets, heads] is recognised
@@ -202,7 +202,7 @@ def write_checkpoint(path: Path, layers: int, pool: bytes) -> dict:
     from collections import OrderedDict
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from converter.read.pth_file import read_pth_index
+    from wan2diffusers.read.pth_file import read_pth_index
 
     keys = synthetic_keys(layers)
     if not hasattr(torch.serialization, "skip_data"):
@@ -324,7 +324,7 @@ def timed(logs: Path, label: str, argv: list[str], shown: str | None = None) -> 
 
 
 def rename_map(src: Path) -> dict[str, str]:
-    from converter.convert import plan_component, require_coverage
+    from wan2diffusers.component import plan_component, require_coverage
 
     cp = plan_component("text_encoder", src)
     require_coverage(cp)
@@ -332,7 +332,7 @@ def rename_map(src: Path) -> dict[str, str]:
 
 
 def headers(folder: Path) -> dict:
-    from converter.read.safetensors_file import read_header
+    from wan2diffusers.read.safetensors_file import read_header
 
     refs = {}
     for f in sorted(folder.glob("*.safetensors")):
@@ -353,7 +353,7 @@ def same_bytes(a, b) -> bool:
     """The two TensorRefs hold the same bytes (each read with read_tensor: positioned reads)."""
     import torch
 
-    from converter.read.safetensors_file import read_tensor
+    from wan2diffusers.read.safetensors_file import read_tensor
 
     def raw(ref):
         return read_tensor(ref).reshape(-1).view(torch.uint8).numpy().tobytes()
@@ -362,7 +362,7 @@ def same_bytes(a, b) -> bool:
 
 
 def check_against_source(src: Path, out: Path, layers: int) -> str:
-    from converter.read.pth_file import read_pth_index
+    from wan2diffusers.read.pth_file import read_pth_index
 
     s, o = read_pth_index(src), headers(out / "text_encoder")
     ren = rename_map(src)

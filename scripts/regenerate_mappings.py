@@ -32,15 +32,15 @@ INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
 MAX_LINES = 20
 sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
-from converter.errors import ConversionError  # noqa: E402
-from converter.mapping.rules import resolve_layouts, template_for  # noqa: E402
-from converter.mapping.tables import KNOWN_COMPONENTS, load_table, parse_table  # noqa: E402
-from converter.plan.detect import detect  # noqa: E402
-from converter.plan.plan import active_rules, build_plan  # noqa: E402
-from converter.plan.target import build_target  # noqa: E402
-from converter.read.pth_file import read_pth_index  # noqa: E402
-from converter.read.safetensors_file import TensorRef, read_header  # noqa: E402
-from converter.read.source import SourceCheckpoint  # noqa: E402
+from wan2diffusers.errors import ConversionError  # noqa: E402
+from wan2diffusers.mapping.rules import resolve_layouts, template_for  # noqa: E402
+from wan2diffusers.mapping.tables import KNOWN_COMPONENTS, load_table, parse_table  # noqa: E402
+from wan2diffusers.plan.detect import detect  # noqa: E402
+from wan2diffusers.plan.plan import active_rules, build_plan  # noqa: E402
+from wan2diffusers.plan.target import build_target  # noqa: E402
+from wan2diffusers.read.pth_file import read_pth_index  # noqa: E402
+from wan2diffusers.read.safetensors_file import TensorRef, read_header  # noqa: E402
+from wan2diffusers.read.source import SourceCheckpoint  # noqa: E402
 
 
 # ---- a published checkpoint from the fixture's headers -------------------------------------

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from converter.cli import main
+from wan2diffusers.cli import main
 
 # keep the target-layout cache of the tests away from the user's ~/.cache (subprocesses inherit it)
 os.environ["WAN2DIFFUSERS_CACHE"] = tempfile.mkdtemp(prefix="wan2diffusers-test-cache-")

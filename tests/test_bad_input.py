@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import converter.convert
+import wan2diffusers.component
 from conftest import FIXTURES, run_cli
 
 SHARD1 = "diffusion_pytorch_model-00001-of-00002.safetensors"
@@ -198,7 +198,7 @@ def test_output_inside_out_is_not_the_source(sharded):
 
 def test_interrupted_write_leaves_nothing(sharded, tmp_path, monkeypatch):
     calls = []
-    real = converter.convert.produce
+    real = wan2diffusers.component.produce
 
     def interrupted(pt):
         calls.append(pt.key)
@@ -206,7 +206,7 @@ def test_interrupted_write_leaves_nothing(sharded, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(pt)
 
-    monkeypatch.setattr(converter.convert, "produce", interrupted)
+    monkeypatch.setattr(wan2diffusers.component, "produce", interrupted)
     out = tmp_path / "out"
     result = run_cli("convert", sharded, out, ok=False)
     assert result.exit_code == 130 and "interrupted" in result.stderr
@@ -217,7 +217,7 @@ def test_failure_while_writing_keeps_the_previous_output(sharded, tmp_path, monk
     out = tmp_path / "out"
     run_cli("convert", sharded, out)
     before = (out / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
-    monkeypatch.setattr(converter.convert, "produce",
+    monkeypatch.setattr(wan2diffusers.component, "produce",
                         lambda pt: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     result = run_cli("convert", sharded, out, "--overwrite", "--dtype", "bf16", ok=False)
     assert "No space left on device" in result.stderr

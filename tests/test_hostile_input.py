@@ -157,7 +157,7 @@ def test_pth_tensors_with_impossible_strides_or_wrong_arguments_are_refused(tmp_
 
 
 def test_the_hostile_pth_builder_makes_a_file_the_reader_accepts_when_honest(tmp_path):
-    from converter.read.pth_file import read_pth_index
+    from wan2diffusers.read.pth_file import read_pth_index
 
     refs = read_pth_index(hostile_pth(tmp_path / "ok.pth", None, 0, (3, 4), (4, 1)))
     assert refs["w"].shape == (3, 4) and refs["w"].nbytes == 48
@@ -173,7 +173,7 @@ def test_a_compressed_pickle_is_refused_before_it_is_inflated(tmp_path):
             for _ in range(400):  # 400 MB of MARK opcodes, a few hundred KB on disk
                 f.write(block)
     assert bomb.stat().st_size < 2_000_000
-    probe = ("import resource, sys\nfrom converter.cli import main\n"
+    probe = ("import resource, sys\nfrom wan2diffusers.cli import main\n"
              "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
              "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, code, file=sys.stderr)\n")
     r = subprocess.run([sys.executable, "-c", probe, "inspect", str(bomb)], capture_output=True, text=True,
@@ -265,7 +265,7 @@ def test_a_foreign_layout_cache_entry_is_ignored_and_rebuilt(tmp_path, monkeypat
 
 
 def test_a_cache_entry_with_a_valid_digest_but_a_foreign_shape_is_ignored(tmp_path, monkeypatch):
-    from converter.plan import layout_cache
+    from wan2diffusers.plan import layout_cache
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("WAN2DIFFUSERS_CACHE", str(cache))
@@ -320,12 +320,12 @@ def test_a_transposed_weight_in_one_block_is_named(tmp_path, with_config):
 EXAMPLE = Path(__file__).parents[1] / "examples" / "Wan2.1-T2V-tiny"
 PROBE = """
 import os, signal, sys
-from converter.cli import main
+from wan2diffusers.cli import main
 {patch}
 main(sys.argv[1:])
 """
 KILL_AFTER_SWAP = """
-import converter.diagnose.repairs as r
+import wan2diffusers.diagnose.repairs as r
 real = r._swap
 def swap_then_die(folder, work):
     real(folder, work)
@@ -333,7 +333,7 @@ def swap_then_die(folder, work):
 r._swap = swap_then_die
 """
 KILL_WHILE_WRITING = """
-import converter.convert as c
+import wan2diffusers.component as c
 real = c.write_component
 def write_then_die(cp, folder, *a, **k):
     real(cp, folder, *a, **k)

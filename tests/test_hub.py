@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from converter.hub import allow_patterns, looks_like_repo_id
+from wan2diffusers.hub import allow_patterns, looks_like_repo_id
 from repos import make_original_repo
 
 
@@ -18,7 +18,7 @@ def cli(args, hf_home, offline=True):
     else:
         env.pop("HF_HUB_OFFLINE", None)
         env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there: no network
-    return subprocess.run([sys.executable, "-m", "converter.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "wan2diffusers.cli", *map(str, args)], capture_output=True,
                           text=True, env=env, timeout=300)
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import transformers
 from conftest import FIXTURES, TOL, fixture_io, rel_err, run_cli
-from converter.read.pth_file import read_pth_index
+from wan2diffusers.read.pth_file import read_pth_index
 from test_text_encoder import load_converted
 
 PTH = FIXTURES / "clip" / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"

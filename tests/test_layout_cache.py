@@ -13,7 +13,7 @@ from conftest import FIXTURES, run_cli
 
 PROBE = """
 import sys
-from converter.cli import main
+from wan2diffusers.cli import main
 try:
     main(sys.argv[1:])
 except SystemExit:

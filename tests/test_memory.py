@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import FIXTURES
-from converter.read.safetensors_file import iter_cast, read_header
+from wan2diffusers.read.safetensors_file import iter_cast, read_header
 
 MB = 1024 * 1024
 TIME = "/usr/bin/time"
@@ -22,7 +22,7 @@ TIME = "/usr/bin/time"
 def peak_rss_mb(*args) -> float:
     """Maximum resident set size of `wan2diffusers ARGS`, as /usr/bin/time -v reports it (the
     child is exec'ed from `time` itself, so nothing of this test process is counted)."""
-    cmd = [TIME, "-v", sys.executable, "-m", "converter.cli", *map(str, args)]
+    cmd = [TIME, "-v", sys.executable, "-m", "wan2diffusers.cli", *map(str, args)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     kb = next(int(line.split(":")[1]) for line in r.stderr.splitlines() if "Maximum resident set size" in line)

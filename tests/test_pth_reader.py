@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import FIXTURES
-from converter.errors import ConversionError
-from converter.read.pth_file import read_pth_index
-from converter.read.safetensors_file import read_tensor
+from wan2diffusers.errors import ConversionError
+from wan2diffusers.read.pth_file import read_pth_index
+from wan2diffusers.read.safetensors_file import read_tensor
 
 PTH = [FIXTURES / "vae" / "Wan2.1_VAE.pth", FIXTURES / "t5" / "models_t5_umt5-xxl-enc-bf16.pth",
        FIXTURES / "clip" / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"]

@@ -75,7 +75,7 @@ def cli(args, env_extra: dict, drop=("HF_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT"
     """The CLI in a subprocess: huggingface_hub reads HF_ENDPOINT and HF_HUB_* when imported."""
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update({"HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1", **env_extra})
-    return subprocess.run([sys.executable, "-m", "converter.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "wan2diffusers.cli", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=600)
 
 

@@ -16,8 +16,8 @@ import diffusers
 from conftest import FIXTURES, TOL, rel_err, run_cli
 from test_transformer import run_official_call
 
-from converter.errors import ConversionError
-from converter.quantize.policy import load_policy, parse_policy, policy_path
+from wan2diffusers.errors import ConversionError
+from wan2diffusers.quantization.policy import load_policy, parse_policy, policy_path
 
 WEIGHTS = ["int8", "float8", "int4"]
 # diffusers' default path on a fixture, as the issue reports it: the bound our policy must meet
@@ -163,7 +163,7 @@ def test_sliced_quantization_equals_whole_weight_quantization(float_dir, tmp_pat
     """The weights are quantized a few rows at a time (memory); with slices far smaller than any
     weight (odd sizes, int4 groups paired across the packing), the values are still diffusers'.
     i2v: the image embedder's 1280-wide FFN is quantized in groups of 128."""
-    import converter.quantize.quanto as quanto
+    import wan2diffusers.quantization.quanto as quanto
 
     float_folder = float_dir("i2v")
     monkeypatch.setattr(quanto, "SLICE_ELEMENTS", 300)
@@ -185,8 +185,8 @@ def test_backend_equals_qlinear_freeze_on_odd_shapes(monkeypatch, weights, dtype
     far smaller than the weights."""
     from optimum.quanto import QLinear
 
-    import converter.quantize.quanto as quanto
-    from converter.quantize.backend import get_backend
+    import wan2diffusers.quantization.quanto as quanto
+    from wan2diffusers.quantization.backend import get_backend
 
     monkeypatch.setattr(quanto, "SLICE_ELEMENTS", 500)
     backend = get_backend("quanto")
@@ -298,9 +298,9 @@ def test_the_shipped_policy_is_valid_and_bad_policies_are_refused():
 
 def test_a_policy_name_that_keeps_nothing_float_is_refused(t2v_float):
     """diffusers only compares Linear names: a parent module (time_embedder) protects nothing."""
-    from converter.plan.target import build_target
-    from converter.quantize.backend import get_backend
-    from converter.quantize.plan import check_policy_names
+    from wan2diffusers.plan.target import build_target
+    from wan2diffusers.quantization.backend import get_backend
+    from wan2diffusers.quantization.plan import check_policy_names
 
     config = {k: v for k, v in json.loads((t2v_float / "config.json").read_text()).items() if not k.startswith("_")}
     model = build_target("WanTransformer3DModel", config).model

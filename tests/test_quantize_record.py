@@ -23,7 +23,7 @@ def test_quantize_carries_the_record_and_publish_reads_it(tmp_path):
     assert record == original
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    r = subprocess.run([sys.executable, "-m", "converter.cli", "publish", str(tmp_path / "q8"), "me/wan-int8",
+    r = subprocess.run([sys.executable, "-m", "wan2diffusers.cli", "publish", str(tmp_path / "q8"), "me/wan-int8",
                         "--dry-run", "--no-measure"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     card = (tmp_path / "q8" / "README.md").read_text()

@@ -11,15 +11,15 @@ import torch
 from safetensors import safe_open
 
 from conftest import FIXTURES
-from converter.errors import ConversionError
-from converter.mapping import transforms
-from converter.mapping.schema import Rule
-from converter.mapping.tables import load_table, parse_table, table_file, table_names
-from converter.plan.detect import detect
-from converter.plan.plan import build_plan
-from converter.plan.target import build_target
-from converter.read.safetensors_file import TensorRef
-from converter.read.source import SourceCheckpoint
+from wan2diffusers.errors import ConversionError
+from wan2diffusers.mapping import transforms
+from wan2diffusers.mapping.schema import Rule
+from wan2diffusers.mapping.tables import load_table, parse_table, table_file, table_names
+from wan2diffusers.plan.detect import detect
+from wan2diffusers.plan.plan import build_plan
+from wan2diffusers.plan.target import build_target
+from wan2diffusers.read.safetensors_file import TensorRef
+from wan2diffusers.read.source import SourceCheckpoint
 
 
 def test_every_shipped_table_validates():

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import transformers
 from conftest import FIXTURES, TOL, fixture_io, rel_err, run_cli
-from converter.read.pth_file import read_pth_index
+from wan2diffusers.read.pth_file import read_pth_index
 
 PTH = FIXTURES / "t5" / "models_t5_umt5-xxl-enc-bf16.pth"
 

@@ -13,13 +13,13 @@ from diffusers import AutoencoderKLWan
 from safetensors.torch import load_file
 
 from conftest import FIXTURES, TOL, fixture_io, rel_err, run_cli
-from converter.mapping.tables import load_table
-from converter.plan.detect import detect
-from converter.plan.plan import build_plan
-from converter.plan.target import build_target
-from converter.read.pth_file import read_pth_index
-from converter.read.safetensors_file import TensorRef
-from converter.read.source import SourceCheckpoint
+from wan2diffusers.mapping.tables import load_table
+from wan2diffusers.plan.detect import detect
+from wan2diffusers.plan.plan import build_plan
+from wan2diffusers.plan.target import build_target
+from wan2diffusers.read.pth_file import read_pth_index
+from wan2diffusers.read.safetensors_file import TensorRef
+from wan2diffusers.read.source import SourceCheckpoint
 
 VAE_PTH = FIXTURES / "vae" / "Wan2.1_VAE.pth"
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import FIXTURES, run_cli
-from converter.read.safetensors_file import read_header
+from wan2diffusers.read.safetensors_file import read_header
 from test_inspect import converted_root, diffusers_int8, fresh  # noqa: F401
 
 T5_PTH = FIXTURES / "t5" / "models_t5_umt5-xxl-enc-bf16.pth"

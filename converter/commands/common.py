@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from ..actions.common import human_size, parse_settings  # noqa: F401 - the commands import them from here
 from ..errors import ConversionError
 
 MAX_DETAILS = 25
@@ -21,35 +22,6 @@ def fail(e: ConversionError, as_json: bool) -> None:
     if len(e.details) > MAX_DETAILS:
         click.echo(f"  ... and {len(e.details) - MAX_DETAILS} more", err=True)
     sys.exit(1)
-
-
-def parse_settings(settings) -> dict[str, dict]:
-    import yaml
-
-    out: dict[str, dict] = {}
-    for item in settings:
-        name, eq, value = item.partition("=")
-        component, dot, fact = name.partition(".")
-        if not (eq and dot and component and fact):
-            raise ConversionError(f"--set {item!r}: expected COMPONENT.FACT=VALUE, e.g. transformer.num_heads=12")
-        out.setdefault(component, {})[fact] = yaml.safe_load(value)
-    return out
-
-
-def check_size(size: str) -> None:
-    from huggingface_hub.serialization._base import parse_size_to_int
-
-    try:
-        parse_size_to_int(size)
-    except ValueError:
-        raise ConversionError(f"--max-shard-size {size!r}: expected a size such as 5GB or 500MB") from None
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
 
 
 def run_reporting(action, as_json: bool, where, interrupted: str, after_oserror: str = "") -> dict:

@@ -23,16 +23,15 @@ def inspect_cmd(path: Path, as_json: bool):
     file with a key prefix), variant and size, dtypes, parameter count, shard health, what
     from_pretrained would complain about, and the fix `repair` or `convert` would apply.
     Exits 0 when it could inspect (see "healthy" in --json), 1 when PATH cannot be read."""
-    from ..diagnose.report import inspect_path, render
+    from .. import api
+    from ..diagnose.report import render
 
     try:
-        _, _, report = inspect_path(path)
+        report = api.inspect(path)
     except ConversionError as e:
         fail(e, as_json)
-    except OSError as e:
-        fail(ConversionError(f"{e.filename or path}: {e.strerror or e}"), as_json)
     if as_json:
-        click.echo(json.dumps({"ok": True, **report}, indent=2))
+        click.echo(json.dumps(report, indent=2))
     else:
         for line in render(report):
             click.echo(line)

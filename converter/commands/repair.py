@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import click
 
-from ..errors import ConversionError
-from ..write.naming import MODEL_INDEX
-from .common import check_size, parse_settings, run_reporting
+from .. import api
+from .common import parse_settings, run_reporting
 
 
 @click.command()
@@ -35,9 +33,8 @@ def repair(path: Path, source: Path | None, backup: str | None, settings: tuple[
     the backup. A component with a problem repair cannot fix is left untouched, with the reason
     (exit 1)."""
     def action():
-        overrides = parse_settings(settings)
-        check_size(max_shard_size)
-        return run_repair(path, source, backup, overrides, max_shard_size, dry_run, as_json)
+        return api.repair(path, source=source, backup=backup, settings=parse_settings(settings),
+                          max_shard_size=max_shard_size, dry_run=dry_run, log=None if as_json else click.echo)
 
     report = run_reporting(action, as_json, path, "the folder was not changed")
     if not report["ok"]:
@@ -47,149 +44,3 @@ def repair(path: Path, source: Path | None, backup: str | None, settings: tuple[
         for line in refused:
             click.echo(f"  {line}", err=True)
         sys.exit(1)
-
-
-def run_repair(path: Path, source: Path | None, backup: str | None, overrides: dict, max_shard_size: str,
-               dry_run: bool, as_json: bool) -> dict:
-    from ..diagnose.repairs import apply, plan_repairs
-    from ..diagnose.report import inspect_path
-
-    say = (lambda *a, **k: None) if as_json else click.echo
-    path = Path(path)
-    if source is not None and not Path(source).exists():
-        raise ConversionError(f"{source}: no such file or folder (--source)")
-    backups = Backups(path, backup)
-    notes = [] if dry_run else set_aside_stale_work(path, backups)
-    for note in notes:
-        say(f"note: {note}")
-    found, diags, _ = inspect_path(path)
-    plans = plan_repairs(diags, source)
-    components = []
-    for rp in plans:
-        unit = rp.diagnosis.unit
-        info = {"component": rp.component, "path": str(unit.path), "repairs": rp.repairs, "refused": rp.refused,
-                "done": [], "backed_up": [], "deleted": []}
-        components.append(info)
-        if rp.refused:
-            say(f"{rp.component}: refused ({unit.path})")
-            for r in rp.refused:
-                say(f"  cannot: {r}")
-            continue
-        if not rp.repairs:
-            say(f"{rp.component}: healthy, nothing to do")
-            continue
-        if dry_run:
-            say(f"{rp.component}: would apply {', '.join(rp.repairs)}")
-            continue
-        dest = backups.for_unit(unit.path)
-        apply(rp, dest, source, overrides.get(rp.component), max_shard_size)
-        info["done"] = rp.done
-        info["backed_up" if dest else "deleted"] = rp.backed_up
-        say(f"{rp.component}: repaired ({unit.path})")
-        for line in rp.done:
-            say(f"  {line}")
-        if rp.backed_up:
-            where = f"backed up to {backups.root / backups.rel(unit.path)}" if dest else "deleted (--backup none)"
-            say(f"  {where}: {', '.join(rp.backed_up)}")
-    ok = not any(c["refused"] for c in components)
-    pipeline = repair_pipeline(path, dry_run, say) if ok else None
-    return {"ok": ok, "path": str(path), "dry_run": dry_run, "components": components, "pipeline": pipeline,
-            "backup": str(backups.root) if backups.root is not None else None, "notes": notes}
-
-
-class Backups:
-    """Where what repair replaces goes: a new folder per run, never an earlier backup.
-    Default: `<model>.backup-<time>` beside the model folder (the pipeline folder when PATH is a
-    component inside one, so that the backup is never part of what publish uploads); `--backup DIR`:
-    DIR itself when it is new or empty, else a new `<name>.backup-<time>` inside it."""
-
-    def __init__(self, path: Path, option: str | None):
-        from ..diagnose.layout import model_root
-        from ..write.workfiles import backup_stamp
-
-        self.path = path
-        self.model = model_root(path)
-        self.option = option
-        self.root: Path | None = None  # made on first use
-        stamp = backup_stamp()
-        if option == "none":
-            self.base = None
-        elif option:
-            given = Path(option)
-            if given.resolve() == self.model.resolve() or self.model.resolve() in given.resolve().parents:
-                raise ConversionError(f"--backup {option}: lies inside {self.model}, the folder being repaired; "
-                                      f"choose a folder outside it")
-            if os.path.lexists(given) and not given.is_dir():
-                raise ConversionError(f"--backup {option}: exists and is not a folder")
-            empty = given.is_dir() and not any(given.iterdir())
-            self.base = given if not given.exists() or empty else given / f"{self.model.name}.backup-{stamp}"
-        else:
-            self.base = self.model.parent / f"{self.model.name}.backup-{stamp}"
-
-    def rel(self, unit_path: Path) -> Path:
-        try:
-            return Path(unit_path).relative_to(self.model)
-        except ValueError:
-            return Path()
-
-    def folder(self) -> Path:
-        from ..write.workfiles import backup_dir
-
-        if self.root is None:
-            if self.base.is_dir() and not any(self.base.iterdir()):
-                self.root = self.base  # the empty folder the user named
-            else:
-                self.root = backup_dir(self.base)
-        return self.root
-
-    def for_unit(self, unit_path: Path):
-        """A callable giving the unit's backup folder (made on first use), or None (--backup none)."""
-        if self.base is None:
-            return None
-
-        def dest() -> Path:
-            d = self.folder() / self.rel(unit_path)
-            d.mkdir(parents=True, exist_ok=True)
-            return d
-        return dest
-
-
-def set_aside_stale_work(path: Path, backups: Backups) -> list[str]:
-    """Work folders an interrupted repair (or conversion) left beside PATH or inside the model
-    folder: they may hold the folder's previous files, so they go into the backup, never deleted;
-    with --backup none they are named and left."""
-    from ..write.workfiles import work_folders
-
-    model = backups.model
-    stale = [w for w in work_folders(path.parent, path.name) + work_folders(model.parent, model.name)
-             + work_folders(model) + (work_folders(path) if path.is_dir() else []) if not w.running]
-    notes = []
-    for w in dict.fromkeys(stale):
-        if backups.base is None:
-            notes.append(f"left {w.describe}; --backup none: check and delete it by hand")
-            continue
-        dest = backups.folder() / "interrupted" / w.path.name.lstrip(".")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(w.path, dest)
-        notes.append(f"moved {w.describe} -> {dest}")
-    return notes
-
-
-def repair_pipeline(path: Path, dry_run: bool, say) -> dict | None:
-    """After the components: a folder of component subfolders gets its model_index.json."""
-    from ..diagnose.pipeline_repair import plan_model_index, write_model_index
-    from ..diagnose.report import inspect_path
-
-    found, diags, _ = inspect_path(path)  # as the component repairs left it
-    plan, reason = plan_model_index(found, diags)
-    if plan is None and reason is None:
-        return None
-    if plan is None:  # a folder of some components is a fine result: say so, change nothing
-        say(f"pipeline: left as is: {reason}")
-        return {"left_as_is": reason, "added": []}
-    if dry_run:
-        say(f"pipeline: would write {', '.join(plan.extras + [MODEL_INDEX])} ({plan.spec.class_name})")
-        return {"left_as_is": None, "added": []}
-    added = write_model_index(plan, path)
-    say(f"pipeline: wrote {', '.join(added)} ({plan.spec.class_name}, scheduler flow_shift {plan.flow_shift})")
-    return {"left_as_is": None, "added": added}

@@ -25,16 +25,12 @@ def verify(out: Path, source: Path | None, as_json: bool):
     the shards). With --source, every output tensor is compared with what the mapping makes of
     the source tensors, one tensor at a time. Reports the sha256 of every file. Exits 1 on any
     difference, naming the keys."""
-    from ..diagnose.verify import verify_path
+    from .. import api
 
     try:
-        if source is not None and not Path(source).exists():
-            raise ConversionError(f"{source}: no such file or folder (--source)")
-        report = verify_path(out, source, progress=not as_json)
+        report = api.verify(out, source, progress=not as_json)
     except ConversionError as e:
         fail(e, as_json)
-    except OSError as e:
-        fail(ConversionError(f"{e.filename or out}: {e.strerror or e}"), as_json)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..convert import (
+from ..component import (
     plan_component,
     produce,
     require_coverage,

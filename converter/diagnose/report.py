@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..commands.common import human_size
+from ..actions.common import human_size
 from .examine import Diagnosis, diagnose, summary
 from ..write.workfiles import leftovers_of
 from .layout import Found, find, model_root

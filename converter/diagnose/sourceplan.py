@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from ..convert import ComponentPlan, plan_component
+from ..component import ComponentPlan, plan_component
 from ..discover import discover
 from ..errors import ConversionError
 from ..mapping.tables import load_table

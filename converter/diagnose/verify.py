@@ -164,7 +164,7 @@ def _check_quantized(unit: Unit, key: str, expected: torch.Tensor) -> str:
 def _check_requantized(unit: Unit, key: str, expected: torch.Tensor) -> str:
     """float8, int4: the source weight quantized again by the quanto backend (per tensor, exactly
     what diffusers' QuantoConfig path writes) must give the very same stored tensors."""
-    from ..quantize.backend import get_backend
+    from ..quantization.backend import get_backend
     from ..read.safetensors_file import DTYPES
 
     weights = ((unit.config or {}).get("quantization_config") or {}).get("weights_dtype")

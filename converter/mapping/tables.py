@@ -1,4 +1,4 @@
-"""Load the YAML mapping tables shipped as package data (converter.mappings)."""
+"""Load the YAML mapping tables shipped as package data (wan2diffusers.mappings)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from ..errors import ConversionError
 from .schema import Table
 
-TABLE_PACKAGE = "converter.mappings"
+TABLE_PACKAGE = __name__.split(".")[0] + ".mappings"  # wan2diffusers.mappings
 
 
 # pipeline order
@@ -21,7 +21,7 @@ KNOWN_COMPONENTS = ("transformer", "vae", "text_encoder", "image_encoder")
 
 
 def tables_root():
-    """Installed: the package data `converter.mappings`. Imported from a source checkout that is
+    """Installed: the package data `wan2diffusers.mappings`. Imported from a source checkout that is
     not installed (e.g. `python -m pytest` in the clone): the checkout's top-level mappings/."""
     try:
         return resources.files(TABLE_PACKAGE)

@@ -27,8 +27,10 @@ class Detection:
     notes: list[str]
 
 
-def detect(table: Table, src: SourceCheckpoint, overrides: dict[str, Any] | None = None) -> Detection:
-    """`overrides`: fact name -> value given by the user (e.g. a head count the weights cannot tell)."""
+def detect(table: Table, src: SourceCheckpoint, overrides: dict[str, Any] | None = None,
+           override_config: bool = False) -> Detection:
+    """`overrides`: fact name -> value given by the user (e.g. a head count the weights cannot tell).
+    One that contradicts the source's config.json is refused unless `override_config`."""
     overrides = overrides or {}
     unknown = set(overrides) - set(table.facts)
     if unknown:
@@ -51,8 +53,16 @@ def detect(table: Table, src: SourceCheckpoint, overrides: dict[str, Any] | None
     for name, fact in table.facts.items():
         if name in overrides:
             check_value(fact, overrides[name], f"--set {table.component}.{name}")
+            field = fact.config or fact.check
+            if field and field in cfg and cfg[field] != overrides[name]:
+                if not override_config:
+                    raise ConversionError(
+                        f"--set {table.component}.{name}={overrides[name]!r} contradicts {src.path / 'config.json'} "
+                        f"({field}={cfg[field]!r}); drop --set, or add --override-config to use the given value")
+                notes.append(f"{name}={overrides[name]!r} as given, overriding config.json's {cfg[field]!r}")
+            else:
+                notes.append(f"{name}={overrides[name]!r} as given (not derived)")
             facts[name] = overrides[name]
-            notes.append(f"{name}={overrides[name]!r} as given (not derived)")
         else:
             try:
                 facts[name] = _evaluate(name, fact, table, src, variant.name, facts)
@@ -109,7 +119,7 @@ def _evaluate(name: str, f: Fact, table: Table, src: SourceCheckpoint, variant: 
             known = ", ".join(f"{s.name} (dim {s.dim})" for s in table.sizes)
             raise ConversionError(
                 f"{src.path}: {why}, and dim {facts.get('dim')} is not a known size ({known}); "
-                + (f.hint or f"put {f.config or name} in a config.json beside the weights"))
+                + (f.hint or f"give it with --set {table.component}.{name}=VALUE"))
         if f.else_every is not None:
             step, upto = f.else_every
             return list(range(0, facts[upto], step))

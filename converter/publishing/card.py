@@ -89,7 +89,7 @@ def is_ours(readme: Path) -> bool:
 # ---- the body ------------------------------------------------------------------------------
 
 def _size(n: int) -> str:
-    from ..commands.common import human_size
+    from ..actions.common import human_size
 
     return human_size(n)
 

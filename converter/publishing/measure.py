@@ -55,7 +55,7 @@ def measure(component: str, variant: str | None, dtype: str, fixtures: Path) -> 
     """Convert fixtures/<fixture> with `dtype` into a temporary folder and compare its outputs."""
     from safetensors.torch import load_file
 
-    from ..convert import plan_component, require_coverage, verify_written, write_component
+    from ..component import plan_component, require_coverage, verify_written, write_component
 
     name = fixture_for(component, variant)
     folder = Path(fixtures) / (name or "")

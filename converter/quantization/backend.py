@@ -4,7 +4,7 @@ A backend answers four questions, the first three from shapes alone (nothing is 
 which Linear modules the loader will quantize, which entries (name, dtype, shape) one quantized
 module stores, and what `quantization_config` goes into config.json; the fourth is the values of
 those entries for one weight tensor.  Everything else (reading, planning, sharding, writing,
-verifying) is the backend-free machinery of converter/convert.py and converter/quantize/plan.py.
+verifying) is the backend-free machinery of converter/component.py and converter/quantization/plan.py.
 optimum-quanto is the only backend today (diffusers marks QuantoConfig deprecated); a torchao one
 would implement the same methods and be listed in BACKENDS."""
 
@@ -59,7 +59,7 @@ class QuantBackend(ABC):
         quantized the way the loader does it, as key -> (dtype, shape).  The coverage proof."""
 
 
-BACKENDS = {"quanto": "converter.quantize.quanto:QuantoBackend"}
+BACKENDS = {"quanto": f"{__package__}.quanto:QuantoBackend"}
 
 
 def get_backend(name: str) -> QuantBackend:

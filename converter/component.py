@@ -30,7 +30,7 @@ class ComponentPlan:
     plan: Plan
     weights_name: str  # output file name (sharded: <stem>-0000i-of-0000n.safetensors)
     folder: str  # output subfolder
-    quantized: Any = None  # a converter.quantize.plan.QuantizedPlan: write its entries instead
+    quantized: Any = None  # a wan2diffusers.quantization.plan.QuantizedPlan: write its entries instead
 
 
 def open_source(component: str, src_path: Path) -> SourceCheckpoint:
@@ -41,10 +41,10 @@ def open_source(component: str, src_path: Path) -> SourceCheckpoint:
 
 
 def plan_component(component: str, src_path: Path, dtype: str = "keep",
-                   overrides: dict | None = None) -> ComponentPlan:
+                   overrides: dict | None = None, override_config: bool = False) -> ComponentPlan:
     table = load_table(component)
     src = open_source(component, src_path)
-    det = detect(table, src, overrides)
+    det = detect(table, src, overrides, override_config)
     target = build_target(det.target_class, det.config)
     plan = build_plan(table, src, det, target, dtype)
     return ComponentPlan(component, src, plan, table.output.weights_name, table.output.folder)

@@ -2,7 +2,7 @@
 written quantized (the policy and the backend's rule), the entries each becomes (key, dtype,
 shape: the safetensors headers are written from these before any data), the proof that they are
 exactly what the loader expects, and, while writing, each weight read, quantized and handed out
-part by part.  converter/convert.py writes `ComponentPlan.quantized` when it is set."""
+part by part.  converter/component.py writes `ComponentPlan.quantized` when it is set."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class QuantizedPlan:
     def produce(self, entry) -> TensorRef | torch.Tensor:
         """The value of a planned entry: a float one as the float conversion makes it; a quantized
         part from its weight, quantized once when its first part is written and freed with its last."""
-        from ..convert import produce
+        from ..component import produce
 
         if isinstance(entry, PlannedTensor):
             return produce(entry)
@@ -111,7 +111,7 @@ def float_weight(pt: PlannedTensor):
     """A planned float weight as the float conversion would write it: read lazily, a slice of
     rows at a time, when only its name/dtype change (LazyRows); else in memory (produce() gives
     a TensorRef to copy, an iterator of cast chunks, or a tensor)."""
-    from ..convert import produce
+    from ..component import produce
 
     if pt.is_elementwise and len(pt.shape) == 2:
         return LazyRows(pt.sources[0], pt.shape, DTYPES[pt.dtype])
@@ -207,7 +207,7 @@ def attach(cp, weights: str) -> QuantizedPlan:
 def quantize_plans(plans: list, infos: list[dict], weights: str, say) -> None:
     """`convert --quantize`: the quantizable components of `plans` (those the policy names: the
     transformer) planned quantized; their report entries (describe()) updated in place."""
-    from ..commands.common import human_size
+    from ..actions.common import human_size
 
     policy = load_policy()
     chosen = [(cp, info) for cp, info in zip(plans, infos) if cp.component in policy.components]

@@ -11,7 +11,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..convert import ComponentPlan
+from ..component import ComponentPlan
 from ..errors import ConversionError
 from ..mapping.schema import Rule
 from ..mapping.tables import load_table

@@ -1,0 +1,111 @@
+"""What `convert` does (the CLI and the Python API call it): original Wan weights -> a Diffusers folder."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..errors import ConversionError
+from .common import human_size, silent
+
+
+def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, flow_shift, overwrite, dry_run,
+                say=silent, warn=silent, progress: bool = True, quantize=None, check_finite=False,
+                override_config=False) -> dict:
+    from ..component import (describe, nonfinite_values, plan_component, require_coverage, verify_written,
+                           write_component)
+    from ..discover import discover
+    from ..hub import download, looks_like_repo_id
+    from ..pipeline import plan_pipeline, write_pipeline_extras
+    from ..publishing.provenance import RECORD_NAME, build_record, write_record
+    from ..write.atomic import atomic_output_dir, check_output, clean_stale
+
+    src, out = Path(src), Path(out)
+    check_output(src, out, overwrite or dry_run)
+    started = time.perf_counter()
+    plans = []
+    hub_repo = None
+    if looks_like_repo_id(str(src)):
+        say(f"downloading from the Hub: {src} (only what the components need)")
+        hub_repo, src = str(src), download(str(src), only)
+    found = discover(src, only)
+    stray = set(overrides) - set(found)
+    if stray:
+        raise ConversionError(f"--set: {', '.join(sorted(stray))} is not among the components found in {src} "
+                              f"({', '.join(found)})")
+    if clip_heads and "image_encoder" in found:  # a shorthand: harmless where there is no CLIP
+        overrides.setdefault("image_encoder", {}).setdefault("num_heads", clip_heads)
+    for component, path in found.items():
+        cp = plan_component(component, path, dtype, overrides.get(component), override_config)
+        det = cp.plan.detection
+        say(f"{component}:")
+        say(f"  source:   {cp.source.path} ({describe(cp)['source_layout']}, {len(cp.source.files)} file(s), "
+            f"{len(cp.source.tensors)} tensors, {human_size(cp.source.total_bytes)})")
+        say(f"  detected: {det.variant}{', size ' + det.size if det.size else ''} -> {cp.plan.target.class_name}")
+        for note in det.notes:
+            say(f"  note:     {note}")
+        require_coverage(cp)
+        say(f"  coverage: {len(cp.source.tensors)}/{len(cp.source.tensors)} source tensors used "
+            f"({len(cp.plan.dropped)} dropped by rule), {len(cp.plan.tensors)}/{len(cp.plan.target.shapes)} "
+            f"target tensors produced, shapes match")
+        plans.append(cp)
+    report = {"ok": True, "dry_run": dry_run, "components": [describe(cp) for cp in plans]}
+    report["finite_check"] = "done" if check_finite else "skipped"
+    for cp, info in zip(plans, report["components"]):
+        info["nonfinite"] = nonfinite_values(cp, progress=progress) if check_finite else None
+        if info["nonfinite"]:
+            bad = info["nonfinite"]
+            warn(f"warning: {cp.component}: {len(bad)} source tensor(s) hold NaN or Inf values: "
+                       + ", ".join(f"{k} ({n})" for k, n in list(bad.items())[:8])
+                       + (f" and {len(bad) - 8} more" if len(bad) > 8 else "") + "; converted as they are")
+    if not check_finite:
+        say("values: not checked for NaN/Inf (--check-finite reads the source once more)")
+    if quantize:  # the transformer written quantized (converter/quantization)
+        from ..quantization.plan import quantize_plans
+
+        quantize_plans(plans, report["components"], quantize, say)
+    pipe = None
+    transformer = next((cp for cp in plans if cp.component == "transformer"), None)
+    if transformer is not None:
+        weights = {cp.folder: (cp.plan.target.library, cp.plan.target.class_name) for cp in plans}
+        pipe = plan_pipeline(transformer.plan.detection.variant, weights, src, flow_shift, only)
+        report["pipeline"] = {"class": pipe.spec.class_name, "complete": pipe.complete, "missing": pipe.missing,
+                              "extras": pipe.extras, "flow_shift": pipe.flow_shift}
+        if pipe.complete:
+            say(f"pipeline: {pipe.spec.class_name} (scheduler flow_shift {pipe.flow_shift})")
+        else:
+            say(f"pipeline: incomplete for {pipe.spec.class_name}: no {', '.join(pipe.missing)} in {src}; "
+                f"model_index.json is not written (load the components one by one)")
+    if dry_run:
+        total = sum(c["bytes"] for c in report["components"])
+        say(f"dry run: would write {out} ({human_size(total)}); nothing written")
+        return report
+
+    report["notes"] = clean_stale(out)
+    for note in report["notes"]:
+        say(f"note: {note}")
+    with atomic_output_dir(out, overwrite) as work:
+        for cp, info in zip(plans, report["components"]):
+            folder = work / cp.folder
+            layout = write_component(cp, folder, max_shard_size)
+            verify_written(cp, folder, layout)
+            info["output"] = str((out / cp.folder).resolve())
+            info["files"] = sorted(p.name for p in folder.iterdir())
+        if pipe is not None:
+            write_pipeline_extras(pipe, work)
+        written = sorted(p.name for p in work.iterdir())
+        # the conversion record publish reads (from_pretrained never looks at it)
+        write_record(work, build_record(src, hub_repo, dtype, plans, report))
+    elapsed = time.perf_counter() - started
+    report["output"] = str(out.resolve())
+    report["seconds"] = round(elapsed, 3)
+    for info in report["components"]:
+        say(f"wrote {info['component']}: {len(info['files'])} file(s), {human_size(info['bytes'])}, "
+            f"{', '.join(info['dtypes'])}")
+    if pipe is not None and pipe.extras:
+        say(f"wrote {', '.join(pipe.extras)}{' and model_index.json' if pipe.complete else ''}")
+    report["written"] = written
+    report["record"] = RECORD_NAME
+    say(f"done in {elapsed:.1f} s")
+    say(f"result: {out.resolve()}")
+    return report

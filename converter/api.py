@@ -1,0 +1,140 @@
+"""The Python API: what each `wan2diffusers` command does, callable from scripts and notebooks.
+The CLI is a thin layer over these functions: each returns the report that `--json` prints (a
+`Report`, a dict with attribute access), and an expected failure (bad input, a refused
+operation, an OS error) raises `ConversionError` with the same one-line message the CLI prints.
+
+    import wan2diffusers
+    report = wan2diffusers.convert("Wan2.1-T2V-1.3B", "out/t2v", dtype="bf16")
+    report.output, [c["class"] for c in report.components]
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+from pathlib import Path
+from typing import Callable, Iterable, Literal, Mapping, Union
+
+from .actions.common import check_size, os_errors, parse_settings, silent
+from .errors import ConversionError
+
+PathArg = Union[str, "PathLike[str]"]
+Log = Callable[[str], None]
+Dtype = Literal["keep", "fp32", "bf16", "fp16"]
+Weights = Literal["int8", "float8", "int4"]
+
+__all__ = ["Report", "ConversionError", "convert", "quantize", "inspect", "verify", "repair", "publish"]
+
+
+class Report(dict):
+    """What an action did, exactly the dict `--json` prints; keys read as attributes too
+    (`report.ok`, `report["components"]`)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _components(only: Union[str, Iterable[str], None]) -> list[str] | None:
+    if only is None:
+        return None
+    items = only.split(",") if isinstance(only, str) else list(only)
+    return [c.strip() for c in items if c.strip()] or None
+
+
+def _settings(settings: Union[Mapping[str, Mapping], Iterable[str], None]) -> dict[str, dict]:
+    """{component: {fact: value}} as given, or `COMPONENT.FACT=VALUE` strings as --set takes them."""
+    if settings is None:
+        return {}
+    if isinstance(settings, Mapping):
+        out = {}
+        for component, facts in settings.items():
+            if not isinstance(facts, Mapping):
+                raise ConversionError(f"settings[{component!r}]: expected a mapping of fact -> value")
+            out[str(component)] = dict(facts)
+        return out
+    return parse_settings(settings)
+
+
+def convert(source: PathArg, output: PathArg, *, dtype: Dtype = "keep", quantize: Weights | None = None,
+            only: Union[str, Iterable[str], None] = None, overwrite: bool = False, max_shard_size: str = "5GB",
+            settings: Union[Mapping[str, Mapping], Iterable[str], None] = None, override_config: bool = False,
+            clip_heads: int | None = None, flow_shift: float | None = None, check_finite: bool = False,
+            dry_run: bool = False, log: Log | None = None, warn: Log | None = None,
+            progress: bool = True) -> Report:
+    """Convert the original Wan weights at `source` (a repo folder, one file, or a Hub repo id)
+    into a Diffusers folder `output` (`wan2diffusers convert`). `settings`: facts the weights
+    cannot tell, e.g. {"transformer": {"num_heads": 12}}; a value that contradicts the source's
+    config.json is refused unless `override_config`. `log`/`warn`: where the text report and
+    warnings go (default: nowhere). Returns the report; raises ConversionError."""
+    from .actions.convert import run_convert
+
+    with os_errors(output, "; nothing was written"):
+        check_size(max_shard_size)
+        return Report(run_convert(Path(source), Path(output), _components(only), max_shard_size, dtype,
+                                  _settings(settings), clip_heads, flow_shift, overwrite, dry_run,
+                                  say=log or silent, warn=warn or silent, progress=progress, quantize=quantize,
+                                  check_finite=check_finite, override_config=override_config))
+
+
+def quantize(source: PathArg, output: PathArg, *, weights: Weights, overwrite: bool = False,
+             max_shard_size: str = "5GB", dry_run: bool = False, log: Log | None = None) -> Report:
+    """Quantize the transformer of the converted Diffusers folder `source` (a pipeline folder or a
+    transformer folder) into `output` (`wan2diffusers quantize`)."""
+    from .actions.quantize import run_quantize
+
+    with os_errors(output, "; nothing was written"):
+        check_size(max_shard_size)
+        return Report(run_quantize(Path(source), Path(output), weights, max_shard_size, overwrite, dry_run,
+                                   say=log or silent))
+
+
+def inspect(path: PathArg) -> Report:
+    """What `path` holds and what is wrong with it, from headers only (`wan2diffusers inspect`);
+    `report.healthy` says whether anything is wrong."""
+    from .diagnose.report import inspect_path
+
+    with os_errors(path):
+        return Report({"ok": True, **inspect_path(Path(path))[2]})
+
+
+def verify(path: PathArg, source: PathArg | None = None, *, progress: bool = True) -> Report:
+    """Keys, shapes, index and config of every component checked strictly; with `source`, every
+    tensor compared through the mapping (`wan2diffusers verify`). Differences do not raise:
+    `report.ok` is False and `report.differences` names them."""
+    from .diagnose.verify import verify_path
+
+    if source is not None and not Path(source).exists():
+        raise ConversionError(f"{source}: no such file or folder (--source)")
+    with os_errors(path):
+        return Report(verify_path(Path(path), Path(source) if source is not None else None, progress=progress))
+
+
+def repair(path: PathArg, *, source: PathArg | None = None, backup: PathArg | Literal["none"] | None = None,
+           settings: Union[Mapping[str, Mapping], Iterable[str], None] = None, max_shard_size: str = "5GB",
+           dry_run: bool = False, log: Log | None = None) -> Report:
+    """Fix what `inspect` finds, in place, with a backup (`wan2diffusers repair`). Components it
+    cannot fix are left as they were: `report.ok` is False and each says why in `refused`."""
+    from .actions.repair import run_repair
+
+    with os_errors(path, "; the folder was not changed"):
+        check_size(max_shard_size)
+        return Report(run_repair(Path(path), Path(source) if source is not None else None,
+                                 None if backup is None else str(backup), _settings(settings), max_shard_size,
+                                 dry_run, say=log or silent))
+
+
+def publish(output: PathArg, repo_id: str, *, revision: str | None = None, private: bool = False,
+            commit_message: str | None = None, base_model: str | None = None, source: PathArg | None = None,
+            record: PathArg | None = None, hash_sources: bool = False, fixtures: PathArg | None = None,
+            measure: bool = True, dry_run: bool = False, log: Log | None = None) -> Report:
+    """Write the model card into `output` and upload its model files to `repo_id` (`wan2diffusers publish`)."""
+    from .actions.publish import run_publish
+
+    def opt(p):
+        return Path(p) if p is not None else None
+
+    with os_errors(output):
+        return Report(run_publish(Path(output), repo_id, revision, private, commit_message, base_model, opt(source),
+                                  opt(record), hash_sources, opt(fixtures), not measure, dry_run, say=log or silent))
