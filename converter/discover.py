@@ -7,10 +7,11 @@ from pathlib import Path
 
 from .errors import ConversionError
 from .mapping.tables import load_table, table_names
-from .read.files import what_is
+from .hub import missing_local_path
+from .read.files import load_json, what_is
 from .read.pth_file import read_pth_index
 from .read.source import common_prefix
-from .write.naming import index_name
+from .write.naming import MODEL_INDEX, index_name
 
 
 def discover(src: Path, only: list[str] | None = None) -> dict[str, Path]:
@@ -20,7 +21,7 @@ def discover(src: Path, only: list[str] | None = None) -> dict[str, Path]:
     found: dict[str, Path] = {}
     kind = what_is(src)
     if kind == "missing":
-        raise ConversionError(f"{src}: no such file or folder")
+        raise ConversionError(missing_local_path(str(src)))
     if kind not in ("a regular file", "a folder"):
         raise ConversionError(f"{src}: is {kind}; expected a checkpoint file or folder")
     if kind == "a regular file":
@@ -35,6 +36,7 @@ def discover(src: Path, only: list[str] | None = None) -> dict[str, Path]:
         else:
             raise ConversionError(f"{src}: expected a .safetensors or .pth file, or a folder")
     else:
+        already_converted(src, tables)
         for name, t in tables.items():
             if t.source.weights_name:
                 if (src / t.source.weights_name).exists() or (src / index_name(t.source.weights_name)).exists():
@@ -53,6 +55,28 @@ def discover(src: Path, only: list[str] | None = None) -> dict[str, Path]:
             raise ConversionError(f"{src}: no {', '.join(missing)} weights here")
         found = {c: p for c, p in found.items() if c in only}
     return found
+
+
+def already_converted(src: Path, tables: dict) -> None:
+    """Refuse a folder this tool (or diffusers) already wrote, saying what to run instead."""
+    targets = {v.target_class for t in tables.values() for v in t.variants}
+    folders = {t.output.folder for t in tables.values()}
+    what = None
+    if (src / MODEL_INDEX).is_file():
+        what = "a Diffusers pipeline folder (model_index.json)"
+    elif any((src / f / "config.json").is_file() for f in folders):
+        what = "a folder of converted components (" + ", ".join(f + "/" for f in sorted(folders) if (src / f).is_dir()) + ")"
+    elif (src / "config.json").is_file():
+        try:
+            cfg = load_json(src / "config.json", "config")
+        except ConversionError:
+            return
+        name = cfg.get("_class_name") or (cfg.get("architectures") or [None])[0] if isinstance(cfg, dict) else None
+        if name in targets:
+            what = f"a converted {name} folder"
+    if what:
+        raise ConversionError(f"{src}: already {what}; nothing to convert. Check it with `wan2diffusers verify "
+                              f"{src}`, quantize it with `wan2diffusers quantize {src} OUT --weights int8`")
 
 
 def _has_all(keys: dict, required: list[str], prefixes: list[str]) -> bool:

@@ -3,6 +3,8 @@ components need, with huggingface_hub (its cache, resumable downloads, HF_TOKEN 
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
 from pathlib import Path
 
@@ -14,7 +16,26 @@ REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
 def looks_like_repo_id(src: str) -> bool:
-    return not Path(src).exists() and REPO_ID.fullmatch(str(src)) is not None
+    """`ORG/NAME` that is not a local path. A path whose first part is a local folder
+    (`examples/Wan2.1-T2V-tin`) is a mistyped local path, not a repo id: it is refused by
+    `missing_local_path` with the names that do exist."""
+    return (not os.path.lexists(src) and REPO_ID.fullmatch(str(src)) is not None
+            and not Path(str(src).split("/")[0]).is_dir())
+
+
+def missing_local_path(src: str) -> str:
+    """One line for a local path that does not exist, naming the closest entries of its folder."""
+    path = Path(src)
+    parent = path.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        names = sorted(p.name for p in parent.iterdir())
+    except OSError:
+        names = []
+    close = difflib.get_close_matches(path.name, names, n=3, cutoff=0.6)
+    hint = f" (did you mean {', '.join(str(parent / n) for n in close)}?)" if close else ""
+    return f"{src}: no such file or folder{hint}"
 
 
 def allow_patterns(only: list[str] | None) -> list[str]:
@@ -54,7 +75,8 @@ def download(repo_id: str, only: list[str] | None, revision: str | None = None) 
     except RevisionNotFoundError:
         raise ConversionError(f"{repo_id}: no revision {revision!r}") from None
     except LocalEntryNotFoundError:
-        raise ConversionError(f"{repo_id}: cannot download: no network (or HF_HUB_OFFLINE is set) and "
-                              f"not in the local Hub cache; pass a local folder instead") from None
+        raise ConversionError(f"{repo_id}: no local folder of that name, and it cannot be downloaded as a Hub "
+                              f"repo id: no network (or HF_HUB_OFFLINE is set) and not in the local Hub "
+                              f"cache") from None
     except Exception as e:  # noqa: BLE001 - network failures come in many types
         raise ConversionError(f"{repo_id}: download failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None

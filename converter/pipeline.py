@@ -76,7 +76,7 @@ def plan_pipeline(variant: str, weights: dict[str, tuple[str, str]], src: Path,
     tok = tok if tok is not None and tok.is_dir() and any(tok.iterdir()) else None
     plan = PipelinePlan(variant, spec, spec.flow_shift if flow_shift is None else flow_shift, tok, weights)
     generated = ("scheduler", "image_processor")  # made from the table, not found in the source
-    if tok is not None and (not only or "tokenizer" in only):
+    if tok is not None and (not only or "tokenizer" in only or "text_encoder" in only):  # it comes with the encoder
         plan.extras.append("tokenizer")
     plan.missing = [c for c in spec.components if c not in weights and c not in plan.extras and c not in generated]
     if plan.complete:  # a partial conversion writes only what the source had

@@ -136,7 +136,11 @@ def test_convert_quantize_is_diffusers_format_and_values(float_dir, tmp_path, na
     # `quantize` on the float Diffusers folder writes the very same files
     again = tmp_path / "again"
     run_cli("quantize", float_folder, again, "--weights", weights)
-    assert sorted(p.name for p in again.iterdir()) == sorted(p.name for p in folder.iterdir())
+    # beside the weights: the float folder's conversion record, carried over (publish reads it)
+    record = json.loads((again / "wan2diffusers.json").read_text())
+    assert record["derived_from"]["weights"] == weights
+    assert sorted(p.name for p in again.iterdir() if p.name != "wan2diffusers.json") == \
+        sorted(p.name for p in folder.iterdir())
     for p in folder.iterdir():
         assert (again / p.name).read_bytes() == p.read_bytes(), p.name
 

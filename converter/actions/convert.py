@@ -74,7 +74,13 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, fl
         if pipe.complete:
             say(f"pipeline: {pipe.spec.class_name} (scheduler flow_shift {pipe.flow_shift})")
         else:
-            say(f"pipeline: incomplete for {pipe.spec.class_name}: no {', '.join(pipe.missing)} in {src}; "
+            chosen = set(only or []) | ({"tokenizer"} if only and "text_encoder" in only else set())
+            left = [c for c in pipe.missing if only and c not in chosen]
+            absent = [c for c in pipe.missing if c not in left]
+            why = ([f"{', '.join(left)} left out (--only)"] if left else []) + \
+                  ([f"no {', '.join(absent)} in {src}"] if absent else [])
+            report["pipeline"]["left_out"] = left
+            say(f"pipeline: incomplete for {pipe.spec.class_name}: {'; '.join(why)}; "
                 f"model_index.json is not written (load the components one by one)")
     if dry_run:
         total = sum(c["bytes"] for c in report["components"])
@@ -87,10 +93,16 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, fl
     with atomic_output_dir(out, overwrite) as work:
         for cp, info in zip(plans, report["components"]):
             folder = work / cp.folder
-            layout = write_component(cp, folder, max_shard_size)
+            t0 = time.perf_counter()
+            layout = write_component(cp, folder, max_shard_size, progress=progress)
             verify_written(cp, folder, layout)
+            info["seconds"] = round(time.perf_counter() - t0, 3)
             info["output"] = str((out / cp.folder).resolve())
             info["files"] = sorted(p.name for p in folder.iterdir())
+            # one line per component, terminal or not (the progress bar is gone when it is done)
+            say(f"wrote {info['component']}: {len(info['files'])} file(s), {human_size(info['bytes'])} in "
+                f"{info['seconds']:.1f} s ({human_size(info['bytes'] / max(info['seconds'], 1e-3))}/s), "
+                f"{', '.join(info['dtypes'])}")
         if pipe is not None:
             write_pipeline_extras(pipe, work)
         written = sorted(p.name for p in work.iterdir())
@@ -99,9 +111,6 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, fl
     elapsed = time.perf_counter() - started
     report["output"] = str(out.resolve())
     report["seconds"] = round(elapsed, 3)
-    for info in report["components"]:
-        say(f"wrote {info['component']}: {len(info['files'])} file(s), {human_size(info['bytes'])}, "
-            f"{', '.join(info['dtypes'])}")
     if pipe is not None and pipe.extras:
         say(f"wrote {', '.join(pipe.extras)}{' and model_index.json' if pipe.complete else ''}")
     report["written"] = written

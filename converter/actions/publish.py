@@ -35,8 +35,9 @@ def run_publish(out, repo_id, revision, private, commit_message, base_model, sou
     rec = folder.record
     notes = []
     if rec is None:
-        note(f"no conversion record in {out} (convert writes wan2diffusers.json; `quantize` leaves it out: "
-            f"pass the float folder's with --record): the card cannot state the source, tables or coverage")
+        note(f"no conversion record in {out} (convert writes wan2diffusers.json, and `quantize` of a pipeline "
+             f"folder carries it; for a transformer folder `quantize` made, pass the float folder's with "
+             f"--record): the card cannot state the source, tables or coverage")
     if hash_sources:
         if rec is None:
             raise ConversionError(f"{out}: --hash-sources needs the conversion record wan2diffusers.json")

@@ -47,16 +47,18 @@ def run_quantize(src, out, weights, max_shard_size, overwrite, dry_run, say=sile
             report["record"] = carry_record(where.root, work, weights)
             if report["record"]:
                 left = report["left_out"] = [n for n in left if n != record_name()]
+        else:  # a component folder of a converted folder: its record comes along (publish needs no --record)
+            report["record"] = carry_record(where.root.parent, work, weights)
     elapsed = time.perf_counter() - started
     report["output"] = str(out.resolve())
     report["seconds"] = round(elapsed, 3)
     say(f"wrote {cp.component}: {len(report['files'])} file(s), {human_size(info['bytes'])}, "
         f"{', '.join(info['dtypes'])}")
-    if where.pipeline:
+    if where.pipeline and keep:
         say(f"unchanged: {', '.join(keep)} ({report['links']['linked']} file(s) hard-linked, "
             f"{report['links']['copied']} copied)" + (f"; left out: {', '.join(left)}" if left else ""))
-        if report["record"]:
-            say(f"record:  {record_name()} carried over, noting the quantization (publish reads it)")
+    if report.get("record"):
+        say(f"record:  {record_name()} carried over, noting the quantization (publish reads it)")
     say(f"done in {elapsed:.1f} s")
     say(f"result: {out.resolve()}")
     return report

@@ -25,15 +25,20 @@ def run_repair(path: Path, source: Path | None, backup: str | None, overrides: d
     found, diags, _ = inspect_path(path)
     plans = plan_repairs(diags, source)
     components = []
+    said_refused = None
     for rp in plans:
         unit = rp.diagnosis.unit
         info = {"component": rp.component, "path": str(unit.path), "repairs": rp.repairs, "refused": rp.refused,
                 "done": [], "backed_up": [], "deleted": []}
         components.append(info)
         if rp.refused:
+            if rp.refused == said_refused:  # the whole folder refused once (an original repo folder)
+                say(f"{rp.component}: refused (the same reason)")
+                continue
             say(f"{rp.component}: refused ({unit.path})")
             for r in rp.refused:
                 say(f"  cannot: {r}")
+            said_refused = rp.refused
             continue
         if not rp.repairs:
             say(f"{rp.component}: healthy, nothing to do")

@@ -23,8 +23,8 @@ from .common import run_reporting
               help="The original folder: its README's license and tags are carried over, and --hash-sources "
                    "reads its files (default: the folder convert read, from OUT/wan2diffusers.json).")
 @click.option("--record", type=click.Path(path_type=Path), default=None,
-              help="The conversion record to describe (default: OUT/wan2diffusers.json). For a folder made by "
-                   "`wan2diffusers quantize`, which leaves it out, pass the float folder's.")
+              help="The conversion record to describe (default: OUT/wan2diffusers.json; `quantize` of a pipeline "
+                   "folder carries it over). For a transformer folder `quantize` made, pass the float folder's.")
 @click.option("--hash-sources", is_flag=True,
               help="Stream every source file through sha256 for the card (slow on tens of GB). Without it, "
                    "only the hashes that are free are given (files from the local Hub cache).")

@@ -38,9 +38,12 @@ def repair(path: Path, source: Path | None, backup: str | None, settings: tuple[
 
     report = run_reporting(action, as_json, path, "the folder was not changed")
     if not report["ok"]:
-        refused = [f"{c['component']}: {r}" for c in report["components"] for r in c["refused"]]
-        click.echo(f"error: {len(refused)} problem(s) repair cannot fix (those components were left as they were)",
+        reasons: dict[str, list[str]] = {}  # one line per reason, naming every component it refused
+        for c in report["components"]:
+            for r in c["refused"]:
+                reasons.setdefault(r, []).append(c["component"])
+        click.echo(f"error: {len(reasons)} problem(s) repair cannot fix (those components were left as they were)",
                    err=True)
-        for line in refused:
-            click.echo(f"  {line}", err=True)
+        for r, components in reasons.items():
+            click.echo(f"  {', '.join(components)}: {r}", err=True)
         sys.exit(1)

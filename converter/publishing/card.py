@@ -143,17 +143,47 @@ def _quant_summary(quant: dict[str, dict]) -> str:
     return "; ".join(parts)
 
 
+def dtype_keyword() -> str:
+    """The from_pretrained argument the installed diffusers wants for the dtype: `dtype` since it
+    deprecated `torch_dtype` (diffusers PR #14205, utils/deprecation_utils.py `_resolve_dtype`),
+    else `torch_dtype`. Read from its source file, without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("diffusers")
+    if spec is None or spec.origin is None:
+        return "torch_dtype"
+    helper = Path(spec.origin).parent / "utils" / "deprecation_utils.py"
+    try:
+        return "dtype" if "_resolve_dtype" in helper.read_text(encoding="utf-8") else "torch_dtype"
+    except OSError:
+        return "torch_dtype"
+
+
 def _usage(f: ConvertedFolder, repo_id: str) -> list[str]:
+    kw = dtype_keyword()
     if f.pipeline_class:
         return [f"from diffusers import {f.pipeline_class}", "",
-                f'pipe = {f.pipeline_class}.from_pretrained("{repo_id}", torch_dtype=torch.bfloat16)']
+                f'pipe = {f.pipeline_class}.from_pretrained("{repo_id}", {kw}=torch.bfloat16)']
     out = []
     for comp in f.components:
         cls = f.class_of(comp)
         lib = "diffusers" if "_class_name" in f.components[comp] else "transformers"
+        where = "" if f.single else f', subfolder="{comp}"'
         out += [f"from {lib} import {cls}",
-                f'{comp} = {cls}.from_pretrained("{repo_id}", subfolder="{comp}", torch_dtype=torch.bfloat16)']
+                f'{comp} = {cls}.from_pretrained("{repo_id}"{where}, '
+                f'{kw if lib == "diffusers" else transformers_dtype_keyword()}=torch.bfloat16)']
     return out
+
+
+def transformers_dtype_keyword() -> str:
+    """transformers renamed `torch_dtype` to `dtype` in 4.56."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor = (int(x) for x in version("transformers").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return "torch_dtype"
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
 def _conversion(inputs: CardInputs) -> list[str]:

@@ -23,6 +23,7 @@ class ConvertedFolder:
     files: list[tuple[str, int]] = field(default_factory=list)  # what an upload sends: (path in repo, bytes)
     weights: dict[str, tuple[int, list[str]]] = field(default_factory=dict)  # component -> (tensors, dtype tags)
     record_path: Path | None = None  # where the record was read from (OUT's own, or --record)
+    single: bool = False  # OUT is one component folder (config.json and weights at its top)
 
     @property
     def quantization(self) -> dict[str, dict]:
@@ -72,9 +73,19 @@ def weights_summary(folder: Path) -> tuple[int, list[str]]:
     return n, sorted(dtypes)
 
 
+def component_of_class(class_name) -> str | None:
+    """The component (its output folder name) whose table targets this class."""
+    from ..mapping.tables import load_table, table_names
+
+    for c in table_names():
+        if class_name in {v.target_class for v in load_table(c).variants}:
+            return load_table(c).output.folder
+    return None
+
+
 def read_folder(out: Path, record: Path | None = None) -> ConvertedFolder:
     """`record`: the conversion record to use instead of OUT's own (e.g. the float folder's, for
-    a folder `wan2diffusers quantize` made, which leaves the record out)."""
+    a transformer folder `wan2diffusers quantize` made, which has none of its own)."""
     out = Path(out)
     if not out.is_dir():
         raise ConversionError(f"{out}: no such folder (pass the OUT folder `wan2diffusers convert` wrote)")
@@ -85,12 +96,17 @@ def read_folder(out: Path, record: Path | None = None) -> ConvertedFolder:
     def pipeline_order(p: Path):
         return (KNOWN_COMPONENTS.index(p.name) if p.name in KNOWN_COMPONENTS else len(KNOWN_COMPONENTS), p.name)
 
-    components = {}
+    components, single = {}, False
     for sub in sorted((p for p in out.iterdir() if p.is_dir()), key=pipeline_order):
         cfg = sub / "config.json"
         has_weights = any(sub.glob("*.safetensors"))
         if cfg.is_file() and has_weights:
             components[sub.name] = _json(cfg)
+    if not components and (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        cfg = _json(out / "config.json")  # one component folder (e.g. what `quantize X/transformer OUT` writes)
+        name = component_of_class(cfg.get("_class_name") or (cfg.get("architectures") or [None])[0])
+        if name is not None:
+            components, single = {name: cfg}, True
     if not components:
         raise ConversionError(f"{out}: no converted component in this folder (no <component>/config.json "
                               f"with .safetensors weights); run `wan2diffusers convert` first")
@@ -98,7 +114,8 @@ def read_folder(out: Path, record: Path | None = None) -> ConvertedFolder:
     if record is not None and not record_path.is_file():
         raise ConversionError(f"{record_path}: no such conversion record")
     folder = ConvertedFolder(out, pipeline_class, components, read_record(record_path), upload_files(out),
-                             {c: weights_summary(out / c) for c in components}, record_path)
+                             {c: weights_summary(out if single else out / c) for c in components}, record_path,
+                             single)
     if folder.record is None:
         folder.record_path = None
     return folder

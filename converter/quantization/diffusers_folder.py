@@ -14,7 +14,7 @@ from pathlib import Path
 from ..component import ComponentPlan
 from ..errors import ConversionError
 from ..mapping.schema import Rule
-from ..mapping.tables import load_table
+from ..mapping.tables import load_table, table_names
 from ..plan.detect import Detection
 from ..plan.plan import FLOAT_TAGS, Plan, PlannedTensor
 from ..plan.target import build_target
@@ -47,6 +47,10 @@ def locate(root: Path) -> DiffusersSource:
             raise ConversionError(f"{root}: a pipeline folder with no quantizable component "
                                   f"({', '.join(load_table(c).output.folder + '/' for c in components)})")
         return DiffusersSource(root, root / load_table(found[0]).output.folder, found[0], True)
+    if not (root / "config.json").exists():  # a folder of component subfolders (convert --only ...)
+        found = [c for c in components if (root / load_table(c).output.folder / "config.json").is_file()]
+        if found:
+            return DiffusersSource(root, root / load_table(found[0]).output.folder, found[0], True)
     return DiffusersSource(root, root, _component_of(root), False)
 
 
@@ -107,11 +111,16 @@ def pipeline_members(root: Path, skip: str) -> tuple[list[str], list[str]]:
     """What a pipeline folder holds besides `skip`: model_index.json and the component folders it
     names (kept), and the other top-level entries (left out: e.g. a README or a conversion
     record, which describe the float folder)."""
-    index = load_json(root / PIPELINE_INDEX, "model index")
-    named = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0]}
-    keep, left = [PIPELINE_INDEX], []
+    if (root / PIPELINE_INDEX).is_file():
+        index = load_json(root / PIPELINE_INDEX, "model index")
+        named = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0]}
+        keep = [PIPELINE_INDEX]
+    else:  # a folder of component subfolders: each known component folder is a member
+        named = {load_table(c).output.folder for c in table_names()}
+        keep = []
+    left = []
     for p in sorted(root.iterdir()):
-        if p.name == skip or p.name == PIPELINE_INDEX:
+        if p.name == skip or p.name == PIPELINE_INDEX or p.name.startswith("."):
             continue
         (keep if p.name in named and p.is_dir() else left).append(p.name)
     return keep, left

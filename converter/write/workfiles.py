@@ -96,7 +96,7 @@ def not_model_files(root: Path) -> list[str]:
         dirnames[:] = sorted(d for d in dirnames if not (d.startswith(".") or is_backup(d)))
         for f in sorted(filenames):
             rel = (rel_dir / f).as_posix()
-            if not belongs(rel):
+            if not belongs(rel) and rel != RECORD_NAME:  # the record is never uploaded, by design: not news
                 out.append(rel)
     return out
 
