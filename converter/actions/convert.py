@@ -87,9 +87,7 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, fl
         say(f"dry run: would write {out} ({human_size(total)}); nothing written")
         return report
 
-    report["notes"] = clean_stale(out)
-    for note in report["notes"]:
-        say(f"note: {note}")
+    report["notes"] = clean_stale(out, say)
     with atomic_output_dir(out, overwrite) as work:
         for cp, info in zip(plans, report["components"]):
             folder = work / cp.folder

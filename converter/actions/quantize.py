@@ -34,13 +34,13 @@ def run_quantize(src, out, weights, max_shard_size, overwrite, dry_run, say=sile
     if dry_run:
         say(f"dry run: would write {out}; nothing written")
         return report
-    report["notes"] = clean_stale(out)
-    for note in report["notes"]:
-        say(f"note: {note}")
+    report["notes"] = clean_stale(out, say)
     with atomic_output_dir(out, overwrite) as work:
         folder = work / cp.folder if where.pipeline else work
+        t0 = time.perf_counter()
         layout = write_component(cp, folder, max_shard_size)
         verify_written(cp, folder, layout)
+        report["write_seconds"] = round(time.perf_counter() - t0, 3)
         report["files"] = sorted(p.name for p in folder.iterdir())
         if where.pipeline:
             report["links"] = link_or_copy(where.root, work, keep)
@@ -52,8 +52,9 @@ def run_quantize(src, out, weights, max_shard_size, overwrite, dry_run, say=sile
     elapsed = time.perf_counter() - started
     report["output"] = str(out.resolve())
     report["seconds"] = round(elapsed, 3)
-    say(f"wrote {cp.component}: {len(report['files'])} file(s), {human_size(info['bytes'])}, "
-        f"{', '.join(info['dtypes'])}")
+    t = report["write_seconds"]
+    say(f"wrote {cp.component}: {len(report['files'])} file(s), {human_size(info['bytes'])} in {t:.1f} s "
+        f"({human_size(cp.source.total_bytes / max(t, 1e-3))}/s read), {', '.join(info['dtypes'])}")
     if where.pipeline and keep:
         say(f"unchanged: {', '.join(keep)} ({report['links']['linked']} file(s) hard-linked, "
             f"{report['links']['copied']} copied)" + (f"; left out: {', '.join(left)}" if left else ""))

@@ -17,9 +17,10 @@ from .workfiles import PARTIAL, REPLACED, make_work_dir, work_folders
 PARTIAL_MARK = f".{PARTIAL}-"
 
 
-def clean_stale(out: Path) -> list[str]:
+def clean_stale(out: Path, say=None) -> list[str]:
     """Before writing OUT: remove the work folders a killed earlier write of OUT left (incomplete
-    output, nothing else); name, never delete, a previous OUT an interrupted --overwrite set aside."""
+    output, nothing else); name, never delete, a previous OUT an interrupted --overwrite set aside.
+    Returns (and says, as `note:` lines) what it found."""
     notes = []
     for w in work_folders(Path(out).parent, Path(out).name):
         if w.running:
@@ -30,6 +31,8 @@ def clean_stale(out: Path) -> list[str]:
         elif w.kind == REPLACED:
             notes.append(f"{w.path} holds the output an interrupted --overwrite had set aside; "
                          f"move it back or delete it")
+    for note in notes if say else []:
+        say(f"note: {note}")
     return notes
 
 
