@@ -12,22 +12,43 @@ from .common import human_size, silent
 def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, flow_shift, overwrite, dry_run,
                 say=silent, warn=silent, progress: bool = True, quantize=None, check_finite=False,
                 override_config=False) -> dict:
-    from ..component import (describe, nonfinite_values, plan_component, require_coverage, verify_written,
-                           write_component)
-    from ..discover import discover
+    """read -> plan (coverage proven) -> [check values] -> [quantize plan] -> pipeline plan -> write."""
+    from ..component import describe
     from ..hub import download, looks_like_repo_id
-    from ..pipeline import plan_pipeline, write_pipeline_extras
-    from ..publishing.provenance import RECORD_NAME, build_record, write_record
-    from ..write.atomic import atomic_output_dir, check_output, clean_stale
+    from ..write.atomic import check_output
 
     src, out = Path(src), Path(out)
     check_output(src, out, overwrite or dry_run)
     started = time.perf_counter()
-    plans = []
     hub_repo = None
     if looks_like_repo_id(str(src)):
         say(f"downloading from the Hub: {src} (only what the components need)")
         hub_repo, src = str(src), download(str(src), only)
+    plans = plan_components(src, only, dtype, overrides, clip_heads, override_config, say)
+    report = {"ok": True, "dry_run": dry_run, "components": [describe(cp) for cp in plans]}
+    check_values(plans, report, check_finite, progress, say, warn)
+    if quantize:  # the transformer written quantized (converter/quantization)
+        from ..quantization.plan import quantize_plans
+
+        quantize_plans(plans, report["components"], quantize, say)
+    pipe = pipeline_plan(plans, src, flow_shift, only, report, say)
+    if dry_run:
+        total = sum(c["bytes"] for c in report["components"])
+        say(f"dry run: would write {out} ({human_size(total)}); nothing written")
+        return report
+    write_all(plans, pipe, src, out, hub_repo, dtype, max_shard_size, overwrite, report, progress, say)
+    elapsed = time.perf_counter() - started
+    report["seconds"] = round(elapsed, 3)
+    say(f"done in {elapsed:.1f} s")
+    say(f"result: {out.resolve()}")
+    return report
+
+
+def plan_components(src: Path, only, dtype, overrides, clip_heads, override_config, say) -> list:
+    """Every component found in SRC planned, its coverage proven (nothing written)."""
+    from ..component import describe, plan_component, require_coverage
+    from ..discover import discover
+
     found = discover(src, only)
     stray = set(overrides) - set(found)
     if stray:
@@ -35,6 +56,7 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, fl
                               f"({', '.join(found)})")
     if clip_heads and "image_encoder" in found:  # a shorthand: harmless where there is no CLIP
         overrides.setdefault("image_encoder", {}).setdefault("num_heads", clip_heads)
+    plans = []
     for component, path in found.items():
         cp = plan_component(component, path, dtype, overrides.get(component), override_config)
         det = cp.plan.detection
@@ -49,43 +71,57 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, fl
             f"({len(cp.plan.dropped)} dropped by rule), {len(cp.plan.tensors)}/{len(cp.plan.target.shapes)} "
             f"target tensors produced, shapes match")
         plans.append(cp)
-    report = {"ok": True, "dry_run": dry_run, "components": [describe(cp) for cp in plans]}
+    return plans
+
+
+def check_values(plans, report, check_finite, progress, say, warn) -> None:
+    """--check-finite: name the source tensors holding NaN or Inf; otherwise say they were not checked."""
+    from ..component import nonfinite_values
+
     report["finite_check"] = "done" if check_finite else "skipped"
     for cp, info in zip(plans, report["components"]):
         info["nonfinite"] = nonfinite_values(cp, progress=progress) if check_finite else None
-        if info["nonfinite"]:
-            bad = info["nonfinite"]
+        bad = info["nonfinite"]
+        if bad:
             warn(f"warning: {cp.component}: {len(bad)} source tensor(s) hold NaN or Inf values: "
-                       + ", ".join(f"{k} ({n})" for k, n in list(bad.items())[:8])
-                       + (f" and {len(bad) - 8} more" if len(bad) > 8 else "") + "; converted as they are")
+                 + ", ".join(f"{k} ({n})" for k, n in list(bad.items())[:8])
+                 + (f" and {len(bad) - 8} more" if len(bad) > 8 else "") + "; converted as they are")
     if not check_finite:
         say("values: not checked for NaN/Inf (--check-finite reads the source once more)")
-    if quantize:  # the transformer written quantized (converter/quantization)
-        from ..quantization.plan import quantize_plans
 
-        quantize_plans(plans, report["components"], quantize, say)
-    pipe = None
+
+def pipeline_plan(plans, src: Path, flow_shift, only, report, say):
+    """The pipeline the transformer's variant names, complete or not (then: what is missing, and why)."""
+    from ..pipeline import plan_pipeline
+
     transformer = next((cp for cp in plans if cp.component == "transformer"), None)
-    if transformer is not None:
-        weights = {cp.folder: (cp.plan.target.library, cp.plan.target.class_name) for cp in plans}
-        pipe = plan_pipeline(transformer.plan.detection.variant, weights, src, flow_shift, only)
-        report["pipeline"] = {"class": pipe.spec.class_name, "complete": pipe.complete, "missing": pipe.missing,
-                              "extras": pipe.extras, "flow_shift": pipe.flow_shift}
-        if pipe.complete:
-            say(f"pipeline: {pipe.spec.class_name} (scheduler flow_shift {pipe.flow_shift})")
-        else:
-            chosen = set(only or []) | ({"tokenizer"} if only and "text_encoder" in only else set())
-            left = [c for c in pipe.missing if only and c not in chosen]
-            absent = [c for c in pipe.missing if c not in left]
-            why = ([f"{', '.join(left)} left out (--only)"] if left else []) + \
-                  ([f"no {', '.join(absent)} in {src}"] if absent else [])
-            report["pipeline"]["left_out"] = left
-            say(f"pipeline: incomplete for {pipe.spec.class_name}: {'; '.join(why)}; "
-                f"model_index.json is not written (load the components one by one)")
-    if dry_run:
-        total = sum(c["bytes"] for c in report["components"])
-        say(f"dry run: would write {out} ({human_size(total)}); nothing written")
-        return report
+    if transformer is None:
+        return None
+    weights = {cp.folder: (cp.plan.target.library, cp.plan.target.class_name) for cp in plans}
+    pipe = plan_pipeline(transformer.plan.detection.variant, weights, src, flow_shift, only)
+    report["pipeline"] = {"class": pipe.spec.class_name, "complete": pipe.complete, "missing": pipe.missing,
+                          "extras": pipe.extras, "flow_shift": pipe.flow_shift}
+    if pipe.complete:
+        say(f"pipeline: {pipe.spec.class_name} (scheduler flow_shift {pipe.flow_shift})")
+        return pipe
+    chosen = set(only or []) | ({"tokenizer"} if only and "text_encoder" in only else set())
+    left = [c for c in pipe.missing if only and c not in chosen]
+    absent = [c for c in pipe.missing if c not in left]
+    why = ([f"{', '.join(left)} left out (--only)"] if left else []) + \
+          ([f"no {', '.join(absent)} in {src}"] if absent else [])
+    report["pipeline"]["left_out"] = left
+    say(f"pipeline: incomplete for {pipe.spec.class_name}: {'; '.join(why)}; "
+        f"model_index.json is not written (load the components one by one)")
+    return pipe
+
+
+def write_all(plans, pipe, src, out: Path, hub_repo, dtype, max_shard_size, overwrite, report, progress, say):
+    """Write every component (streamed), the pipeline's extras and the record into a work folder,
+    check each written header against the plan, and rename the folder to OUT."""
+    from ..component import verify_written, write_component
+    from ..pipeline import write_pipeline_extras
+    from ..publishing.provenance import RECORD_NAME, build_record, write_record
+    from ..write.atomic import atomic_output_dir, clean_stale
 
     report["notes"] = clean_stale(out, say)
     with atomic_output_dir(out, overwrite) as work:
@@ -103,16 +139,10 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, fl
                 f"{', '.join(info['dtypes'])}")
         if pipe is not None:
             write_pipeline_extras(pipe, work)
-        written = sorted(p.name for p in work.iterdir())
+        report["written"] = sorted(p.name for p in work.iterdir())
         # the conversion record publish reads (from_pretrained never looks at it)
         write_record(work, build_record(src, hub_repo, dtype, plans, report))
-    elapsed = time.perf_counter() - started
     report["output"] = str(out.resolve())
-    report["seconds"] = round(elapsed, 3)
+    report["record"] = RECORD_NAME
     if pipe is not None and pipe.extras:
         say(f"wrote {', '.join(pipe.extras)}{' and model_index.json' if pipe.complete else ''}")
-    report["written"] = written
-    report["record"] = RECORD_NAME
-    say(f"done in {elapsed:.1f} s")
-    say(f"result: {out.resolve()}")
-    return report
