@@ -109,7 +109,7 @@ def test_convert_leaves_a_record_publish_reads_and_from_pretrained_ignores(t2v, 
 def test_t2v_card_and_plan(t2v):
     src, out = t2v
     report = run_cli("publish", out, "me/Wan2.1-T2V-tiny-Diffusers", "--base-model", "Wan-AI/Wan2.1-T2V-1.3B",
-                     "--dry-run", "--json").json()
+                     "--dry-run", "--json", "--fixtures", FIXTURES).json()
     card = ModelCard.load(out / "README.md")
     assert card.data.to_dict() == {"library_name": "diffusers", "base_model": "Wan-AI/Wan2.1-T2V-1.3B",
                                    "pipeline_tag": "text-to-video", "license": "apache-2.0",
@@ -143,7 +143,7 @@ def test_t2v_card_and_plan(t2v):
 def test_i2v_card(i2v):
     _, out = i2v
     report = run_cli("publish", out, "me/Wan2.1-I2V-tiny-Diffusers", "--base-model", "Wan-AI/Wan2.1-I2V-14B-480P",
-                     "--dry-run", "--json").json()
+                     "--dry-run", "--json", "--fixtures", FIXTURES).json()
     data = ModelCard.load(out / "README.md").data.to_dict()
     text = ModelCard.load(out / "README.md").text
     assert data["pipeline_tag"] == "image-to-video" and data["base_model"] == "Wan-AI/Wan2.1-I2V-14B-480P"
