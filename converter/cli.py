@@ -16,7 +16,7 @@ from .commands.verify import verify
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="wan2diffusers")
 def main():
-    """Convert original Wan 2.1 checkpoints to the Diffusers layout, offline and streamed."""
+    """Convert original Wan checkpoints (Wan 2.1, Wan 2.2) to the Diffusers layout, offline and streamed."""
 
 
 main.add_command(convert)

@@ -32,7 +32,7 @@ def discover(src: Path, only: list[str] | None = None) -> dict[str, Path]:
             found = {n: src for n, t in tables.items() if not t.source.weights_name
                      and _has_all(keys, t.source.required_keys, t.source.strip_prefixes)}
             if not found:
-                raise ConversionError(f"{src}: not a Wan 2.1 VAE, umT5 or CLIP state dict (no known keys)")
+                raise ConversionError(f"{src}: not a Wan VAE, umT5 or CLIP state dict (no known keys)")
         else:
             raise ConversionError(f"{src}: expected a .safetensors or .pth file, or a folder")
     else:
@@ -45,7 +45,7 @@ def discover(src: Path, only: list[str] | None = None) -> dict[str, Path]:
                 found[name] = src
         if not found:
             names = [t.source.weights_name or t.source.file_names[0] for t in tables.values()]
-            raise ConversionError(f"{src}: no Wan 2.1 weights here (looked for {', '.join(names)})")
+            raise ConversionError(f"{src}: no Wan weights here (looked for {', '.join(names)})")
     if only:
         unknown = set(only) - set(tables)
         if unknown:

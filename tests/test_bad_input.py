@@ -152,7 +152,7 @@ def test_config_not_json(single, tmp_path):
 
 def test_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
-    refused(tmp_path / "empty", tmp_path / "out", str(tmp_path / "empty"), "no Wan 2.1 weights")
+    refused(tmp_path / "empty", tmp_path / "out", str(tmp_path / "empty"), "no Wan weights")
 
 
 def test_missing_source(tmp_path):
@@ -165,8 +165,8 @@ def test_a_checkpoint_that_is_not_wan(tmp_path):
     llm = {"model.embed_tokens.weight": torch.zeros(32, 8), "model.layers.0.self_attn.q_proj.weight": torch.zeros(8, 8),
            "model.layers.0.mlp.up_proj.weight": torch.zeros(16, 8), "lm_head.weight": torch.zeros(32, 8)}
     save_file(llm, str(src / "diffusion_pytorch_model.safetensors"))
-    refused(src, tmp_path / "out", "not a Wan 2.1 transformer checkpoint", "patch_embedding.weight")
-    refused(src / "diffusion_pytorch_model.safetensors", tmp_path / "out2", "not a Wan 2.1 transformer")
+    refused(src, tmp_path / "out", "not a Wan transformer checkpoint", "patch_embedding.weight")
+    refused(src / "diffusion_pytorch_model.safetensors", tmp_path / "out2", "not a Wan transformer")
 
 
 def test_unrelated_files_are_ignored(sharded, tmp_path):
@@ -229,4 +229,4 @@ def test_json_error_report(tmp_path):
     (tmp_path / "empty").mkdir()
     result = run_cli("convert", tmp_path / "empty", tmp_path / "out", "--json", ok=False)
     report = json.loads(result.stdout)
-    assert report["ok"] is False and "no Wan 2.1 weights" in report["error"]
+    assert report["ok"] is False and "no Wan weights" in report["error"]

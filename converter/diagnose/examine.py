@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import ConversionError
 from ..mapping.rules import resolve_layouts, template_for
-from ..mapping.schema import Nested
+from ..mapping.schema import Fixed, Nested
 from ..plan.detect import Detection, detect
 from ..plan.plan import Plan, active_rules, build_plan
 from ..plan.target import TargetModel, build_target, model_class
@@ -89,10 +89,11 @@ def given_overrides(table, cfg: dict) -> dict:
     ...), fact name -> value, from a Diffusers/transformers config through the table's `config:`."""
     out = {}
     for name, entry in table.config.items():
-        fact = entry if isinstance(entry, str) else entry.fact
-        f = table.facts.get(fact) if fact else None
-        if f is not None and f.config is not None and name in cfg and cfg[name] is not None:
-            out[fact] = cfg[name]
+        for e in entry if isinstance(entry, list) else [entry]:
+            fact = e if isinstance(e, str) else e.fact
+            f = table.facts.get(fact) if fact else None
+            if f is not None and f.config is not None and name in cfg and cfg[name] is not None:
+                out[fact] = cfg[name]
     return out
 
 
@@ -111,7 +112,7 @@ def derive(unit: Unit, keys: dict | None = None) -> Detection:
         return SourceCheckpoint(unit.path, "diffusers", unit.weights.files, view, given)
 
     view = original_view(table, keys)
-    if not view or not any(isinstance(v, Nested) for v in table.placeholders.values()):
+    if not view or not any(isinstance(v, (Nested, Fixed)) for v in table.placeholders.values()):
         return detect(table, source(view))
     # nested indices (a flat original list grouped by stage) need the facts to be named: derive
     # them first from the keys that need none, then name the rest
@@ -228,8 +229,8 @@ def diagnose(unit: Unit) -> Diagnosis:
     elif unit.layout == "diffusers":
         _diagnose_diffusers(d)
     else:
-        d.findings.append(Finding("unknown-keys", f"{unit.path}: no key is a Wan 2.1 {unit.component} key "
-                                  f"(e.g. {', '.join(sorted(unit.keys)[:3])})", "none: not a Wan 2.1 checkpoint"))
+        d.findings.append(Finding("unknown-keys", f"{unit.path}: no key is a Wan {unit.component} key "
+                                  f"(e.g. {', '.join(sorted(unit.keys)[:3])})", "none: not a Wan checkpoint"))
     if unit.leftovers:
         names = ", ".join(p.name for p in unit.leftovers)
         chosen = ws.index.name if ws.index is not None else ws.name

@@ -160,7 +160,7 @@ def single_file_unit(path: Path) -> Unit:
     keys, quanto = split_quanto(ws.tensors)
     sides = best_component(keys)
     if sides is None:
-        raise ConversionError(f"{path}: not a Wan 2.1 checkpoint: its keys match no table "
+        raise ConversionError(f"{path}: not a Wan checkpoint: its keys match no table "
                               f"(e.g. {', '.join(sorted(ws.tensors)[:3]) or 'no tensors'})")
     return Unit(sides.component, path, "single file", ws, [ws], sides=sides, quanto=quanto, keys=keys,
                 loads=path.name)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from ..errors import ConversionError
-from .schema import Nested, Table
+from .schema import Fixed, Nested, Table
 
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
@@ -54,6 +54,8 @@ def compile_template(text: str, placeholders: dict) -> Template:
         if isinstance(v, Nested):  # the flat index and the indices it stands for are all numbers
             kinds[k] = "index"
             kinds.update((n, "index") for n in v.nested if n not in placeholders)
+        elif isinstance(v, Fixed):  # one number, given by a fact: matched as a number, checked by its layout
+            kinds[k] = "index"
         else:
             kinds[k] = v if isinstance(v, str) else tuple(v)
     return _compile(text, tuple(sorted(kinds.items())))
@@ -89,8 +91,11 @@ def resolve_layouts(table: Table, facts: dict) -> dict[str, Layout]:
     """Enumerate every `Nested` placeholder of the table with the derived facts."""
     out = {}
     for name, spec in table.placeholders.items():
-        if not isinstance(spec, Nested):
+        if not isinstance(spec, (Nested, Fixed)):
             continue
+        needed = [spec.fixed] if isinstance(spec, Fixed) else [*spec.ranges, *spec.strides, spec.offset]
+        if any(isinstance(x, str) and facts.get(x) is None for x in needed):
+            continue  # its facts belong to another variant of the table: no rule of this one uses it
 
         def number(x, what):
             value = facts.get(x) if isinstance(x, str) else x
@@ -98,6 +103,10 @@ def resolve_layouts(table: Table, facts: dict) -> dict[str, Layout]:
                 raise ConversionError(f"{table.component} table: placeholder {name}: {what} {x!r} is {value!r}, not a number")
             return value
 
+        if isinstance(spec, Fixed):
+            value = str(number(spec.fixed, "value"))
+            out[name] = Layout((), {value: {}}, {(): value})
+            continue
         ranges = [number(r, "range") for r in spec.ranges]
         strides = [number(s, "stride") for s in spec.strides]
         offset = number(spec.offset, "offset")

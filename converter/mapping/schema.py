@@ -38,7 +38,7 @@ class Size(Strict):
     num_heads: int | None = None
 
 
-LIST_FACTS = ("indices", "shapes", "present_at", "length", "add")  # primary sources added for layouts
+LIST_FACTS = ("indices", "shapes", "present_at", "member_of", "length", "add")  # primary sources added for layouts
 
 
 class Fact(Strict):
@@ -63,6 +63,7 @@ class Fact(Strict):
     indices: str | None = None
     shapes: tuple[str, int] | None = None
     present_at: tuple[str, str] | None = None
+    member_of: tuple[str, str] | None = None  # [A, B]: for each item of list fact B, whether list fact A holds it
     length: str | None = None
     add: list[Union[int, str]] | None = None
     every: Union[int, str, None] = None
@@ -94,6 +95,17 @@ class ConfigEntry(Strict):
     fact: str | None = None
     const: Any = None
     variant: list[str] | None = None
+
+
+def config_entry(entry, variant: str):
+    """The entry of a `config:` field that applies to `variant`: a fact name, one entry, or the
+    first of a list of per-variant entries whose `variant` holds it (None: the field is not set)."""
+    if isinstance(entry, str):
+        return ConfigEntry(fact=entry)
+    for e in entry if isinstance(entry, list) else [entry]:
+        if e.variant is None or variant in e.variant:
+            return e
+    return None
 
 
 class Rule(Strict):
@@ -153,6 +165,13 @@ class Nested(Strict):
         return self
 
 
+class Fixed(Strict):
+    """A placeholder that stands for one number given by a fact (or an int): e.g. the index of a
+    stage's resample, which follows its `num_res_blocks` residual blocks."""
+
+    fixed: Union[int, str]
+
+
 class Table(Strict):
     schema_version: Literal[1]
     component: str
@@ -162,6 +181,6 @@ class Table(Strict):
     variants: list[Variant] = Field(min_length=1)
     sizes: list[Size] = []
     facts: dict[str, Fact] = {}
-    config: dict[str, Union[str, ConfigEntry]] = {}
+    config: dict[str, Union[str, ConfigEntry, list[ConfigEntry]]] = {}
     rules: list[Rule] = Field(min_length=1)
-    placeholders: dict[str, Union[Literal["index"], list[str], Nested]] = {}
+    placeholders: dict[str, Union[Literal["index"], list[str], Nested, Fixed]] = {}

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import ConversionError
 from ..mapping.rules import template_for
-from ..mapping.schema import Fact, Table
+from ..mapping.schema import Fact, Table, config_entry
 from ..read.source import SourceCheckpoint
 
 MISSING = "__required__"
@@ -40,7 +40,7 @@ def detect(table: Table, src: SourceCheckpoint, overrides: dict[str, Any] | None
     if absent:
         sample = ", ".join(sorted(keys)[:3]) or "no tensors at all"
         raise ConversionError(
-            f"{src.path}: not a Wan 2.1 {table.component} checkpoint: no {absent[0]} "
+            f"{src.path}: not a Wan {table.component} checkpoint: no {absent[0]} "
             f"(holds {len(keys)} tensors, e.g. {sample})")
     variant = next(v for v in table.variants if all(k in keys for k in v.when_present))
     notes: list[str] = []
@@ -75,10 +75,9 @@ def detect(table: Table, src: SourceCheckpoint, overrides: dict[str, Any] | None
 
     config: dict[str, Any] = {}
     for field, entry in table.config.items():
-        if isinstance(entry, str):
-            config[field] = facts[entry]
-        elif entry.variant is None or variant.name in entry.variant:
-            config[field] = facts[entry.fact] if entry.fact else entry.const
+        chosen = config_entry(entry, variant.name)
+        if chosen is not None:
+            config[field] = facts[chosen.fact] if chosen.fact else chosen.const
     return Detection(table.component, variant.name, size, variant.target_class, facts, config, notes)
 
 
@@ -238,6 +237,9 @@ def _list_fact(name: str, f: Fact, table: Table, src: SourceCheckpoint, facts: d
         text, over = f.present_at
         t = template_for(table, text)
         return [t.fill({"n": str(n)}) in keys for n in facts[over]]
+    if f.member_of is not None:
+        have, over = (facts[x] for x in f.member_of)
+        return [n in have for n in over]
     if f.length is not None:
         return len(facts[f.length])
     return sum(facts[x] if isinstance(x, str) else x for x in f.add)
