@@ -133,6 +133,7 @@ def describe(cp: ComponentPlan) -> dict:
     p, src = cp.plan, cp.source
     return {
         "component": cp.component,
+        "instance": cp.folder,  # the output folder: transformer_2 is the second transformer instance
         "source": str(src.path),
         "source_layout": src.layout + (f" (prefix {src.prefix!r} removed)" if src.prefix else ""),
         "source_files": [str(f) for f in src.files],

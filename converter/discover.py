@@ -1,8 +1,10 @@
 """Which components a source holds: a folder in the original repo layout (transformer weights at
-the root, .pth files beside them), or a single file.  File names come from the tables."""
+the root or in expert folders, .pth files beside them), or a single file. File names come from the
+tables, where a repo keeps its transformer instances from mappings/pipeline.yaml."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .errors import ConversionError
@@ -14,8 +16,32 @@ from .read.source import common_prefix
 from .write.naming import MODEL_INDEX, index_name
 
 
+def component_of(instance: str) -> str:
+    """The table an instance converts with: transformer_2 -> transformer; a component is its own."""
+    from .pipeline import transformer_instances
+
+    return transformer_instances().get(instance, instance)
+
+
+def transformer_folders(src: Path, weights_name: str) -> dict[str, Path]:
+    """The transformer instances of a repo folder (mappings/pipeline.yaml transformer_layouts: the
+    first layout whose folders all hold transformer weights), instance -> folder."""
+    from .pipeline import load_pipeline_table
+
+    def has_weights(folder: Path) -> bool:
+        return os.path.lexists(folder / weights_name) or os.path.lexists(folder / index_name(weights_name))
+
+    for layout in load_pipeline_table().transformer_layouts:
+        folders = {inst: src if sub == "." else src / sub for inst, sub in layout.instances.items()}
+        if all(has_weights(f) for f in folders.values()):
+            return folders
+    return {}
+
+
 def discover(src: Path, only: list[str] | None = None) -> dict[str, Path]:
-    """component -> the path to hand to plan_component, in pipeline order."""
+    """instance (output folder: transformer, transformer_2, vae, ...) -> the path to hand to
+    plan_component with its component (`component_of`), in pipeline order. `only` names components:
+    `transformer` takes every transformer instance."""
     src = Path(src)
     tables = {name: load_table(name) for name in table_names()}
     found: dict[str, Path] = {}
@@ -39,8 +65,7 @@ def discover(src: Path, only: list[str] | None = None) -> dict[str, Path]:
         already_converted(src, tables)
         for name, t in tables.items():
             if t.source.weights_name:
-                if (src / t.source.weights_name).exists() or (src / index_name(t.source.weights_name)).exists():
-                    found[name] = src
+                found.update(transformer_folders(src, t.source.weights_name))
             elif any((src / f).is_file() for f in t.source.file_names):
                 found[name] = src
         if not found:
@@ -50,17 +75,19 @@ def discover(src: Path, only: list[str] | None = None) -> dict[str, Path]:
         unknown = set(only) - set(tables)
         if unknown:
             raise ConversionError(f"--only: unknown component(s) {sorted(unknown)}; choose from {sorted(tables)}")
-        missing = [c for c in only if c not in found]
+        missing = [c for c in only if c not in {component_of(i) for i in found}]
         if missing:
             raise ConversionError(f"{src}: no {', '.join(missing)} weights here")
-        found = {c: p for c, p in found.items() if c in only}
+        found = {i: p for i, p in found.items() if component_of(i) in only}
     return found
 
 
 def already_converted(src: Path, tables: dict) -> None:
     """Refuse a folder this tool (or diffusers) already wrote, saying what to run instead."""
+    from .pipeline import transformer_instances
+
     targets = {v.target_class for t in tables.values() for v in t.variants}
-    folders = {t.output.folder for t in tables.values()}
+    folders = {t.output.folder for t in tables.values()} | set(transformer_instances())
     what = None
     if (src / MODEL_INDEX).is_file():
         what = "a Diffusers pipeline folder (model_index.json)"

@@ -1,5 +1,7 @@
-"""The parts of a pipeline folder that are not converted weights: scheduler/, tokenizer/,
-image_processor/ and model_index.json, as mappings/pipeline.yaml declares them per variant."""
+"""The model families of mappings/pipeline.yaml: where a repo keeps its transformer instances
+(one, or Wan 2.2 A14B's two experts), which pipeline the converted components make, and the parts
+of a pipeline folder that are not converted weights: scheduler/, tokenizer/, image_processor/ and
+model_index.json (with the pipeline's own config, e.g. boundary_ratio)."""
 
 from __future__ import annotations
 
@@ -22,10 +24,32 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class When(_Strict):
+    variant: str | None = None  # the transformer table's detected variant
+    instances: list[str] | None = None  # the transformer instances converted (exactly these)
+    facts: dict[str, Any] = {}  # transformer facts that must have these values
+
+
 class PipelineSpec(_Strict):
+    name: str
+    family: str = "Wan 2.1"
+    when: When
     class_name: str = Field(alias="class")
     flow_shift: float
+    config: dict[str, Any] = {}  # the pipeline's own config (model_index.json): boundary_ratio, ...
+    vae: str | None = None  # the VAE variant the pipeline needs, when not any
     components: list[str]
+
+    def fits(self, variant: str, instances: list[str], facts: dict) -> bool:
+        w = self.when
+        return ((w.variant is None or w.variant == variant)
+                and (w.instances is None or sorted(w.instances) == sorted(instances))
+                and all(facts.get(k) == v for k, v in w.facts.items()))
+
+
+class TransformerLayout(_Strict):
+    name: str
+    instances: dict[str, str]  # output folder -> folder in the repo ("." = the repo's root)
 
 
 class ClassConfig(_Strict):
@@ -41,7 +65,8 @@ class TokenizerSpec(_Strict):
 class PipelineTable(_Strict):
     schema_version: int
     description: str
-    pipelines: dict[str, PipelineSpec]
+    transformer_layouts: list[TransformerLayout]
+    pipelines: list[PipelineSpec]
     scheduler: ClassConfig
     tokenizer: TokenizerSpec
     image_processor: ClassConfig
@@ -51,6 +76,20 @@ class PipelineTable(_Strict):
 def load_pipeline_table() -> PipelineTable:
     path = tables_root().joinpath("pipeline.yaml")
     return parse_yaml(path.read_text(encoding="utf-8"), str(path), PipelineTable, "pipeline table")
+
+
+def transformer_instances() -> dict[str, str]:
+    """Every transformer instance folder a pipeline may hold -> the table component it is an
+    instance of (transformer_2 -> transformer)."""
+    return {name: "transformer" for lay in load_pipeline_table().transformer_layouts for name in lay.instances}
+
+
+def choose_pipeline(variant: str, instances: list[str], facts: dict) -> PipelineSpec:
+    for spec in load_pipeline_table().pipelines:
+        if spec.fits(variant, instances, facts):
+            return spec
+    raise ConversionError(f"no pipeline in mappings/pipeline.yaml fits a {variant} transformer with instances "
+                          f"{', '.join(instances)}")
 
 
 @dataclass
@@ -68,10 +107,15 @@ class PipelinePlan:
         return not self.missing
 
 
-def plan_pipeline(variant: str, weights: dict[str, tuple[str, str]], src: Path,
-                  flow_shift: float | None = None, only: list[str] | None = None) -> PipelinePlan:
+def plan_pipeline(variant: str, instances: list[str], facts: dict, weights: dict[str, tuple[str, str]], src: Path,
+                  flow_shift: float | None = None, only: list[str] | None = None,
+                  vae_variant: str | None = None) -> PipelinePlan:
+    """`weights`: output folder -> (library, class) of what was converted."""
     table = load_pipeline_table()
-    spec = table.pipelines[variant]
+    spec = choose_pipeline(variant, instances, facts)
+    if spec.vae is not None and vae_variant is not None and vae_variant != spec.vae:
+        raise ConversionError(f"{src}: a {spec.family} {spec.name} transformer needs the {spec.vae} VAE; this "
+                              f"repo's VAE is {vae_variant}")
     tok = src / table.tokenizer.source_folder if src.is_dir() else None
     tok = tok if tok is not None and tok.is_dir() and any(tok.iterdir()) else None
     plan = PipelinePlan(variant, spec, spec.flow_shift if flow_shift is None else flow_shift, tok, weights)
@@ -125,13 +169,20 @@ def model_index(plan: PipelinePlan) -> dict:
     libs["image_processor"] = ("transformers", table.image_processor.class_name)
     index: dict[str, Any] = {"_class_name": plan.spec.class_name, "_diffusers_version": diffusers.__version__}
     modules, _ = cls._get_signature_keys(cls)
-    for name, param in inspect.signature(cls.__init__).parameters.items():
+    params = inspect.signature(cls.__init__).parameters
+    unknown = set(plan.spec.config) - set(params)
+    if unknown:
+        raise ConversionError(f"mappings/pipeline.yaml: {plan.spec.name}: {plan.spec.class_name} takes no "
+                              f"{', '.join(sorted(unknown))}")
+    for name, param in params.items():
         if name == "self":
             continue
         if name in plan.spec.components:
             index[name] = list(libs[name])
         elif name in modules or name in cls._optional_components:
             index[name] = [None, None]
+        elif name in plan.spec.config:
+            index[name] = plan.spec.config[name]
         elif param.default is not inspect.Parameter.empty:
             index[name] = param.default
     return dict(sorted(index.items()))

@@ -38,13 +38,33 @@ def make_umt5_tokenizer(folder: Path, vocab_size: int = 40) -> None:
     T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(str(folder))
 
 
-def make_original_repo(root: Path, variant: str, with_tokenizer: bool = True) -> Path:
-    """`variant`: t2v, i2v, flf2v or vace (the transformer fixture to use)."""
-    root.mkdir(parents=True, exist_ok=True)
-    for f in (FIXTURES / variant).iterdir():
+VAE22_PTH = "Wan2.2_VAE.pth"
+EXPERTS = ("high_noise_model", "low_noise_model")
+WAN22 = ("t2v_a14b", "i2v_a14b", "ti2v_5b")
+
+
+def copy_transformer(fixture: Path, dest: Path) -> None:
+    """The transformer files of a fixture folder (weights, index, config), as the repo has them."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in fixture.iterdir():
         if f.name.startswith("diffusion_pytorch_model") or f.name == "config.json":
-            shutil.copy(f, root / f.name)
-    shutil.copy(FIXTURES / "vae" / VAE_PTH, root / VAE_PTH)
+            shutil.copy(f, dest / f.name)
+
+
+def make_original_repo(root: Path, variant: str, with_tokenizer: bool = True) -> Path:
+    """`variant`: t2v, i2v, flf2v or vace (Wan 2.1), t2v_a14b, i2v_a14b or ti2v_5b (Wan 2.2: the
+    A14B repos keep their experts in high_noise_model/ and low_noise_model/ and use the Wan 2.1 VAE;
+    TI2V-5B has the Wan 2.2 VAE). The transformer fixture(s) of that name are used."""
+    root.mkdir(parents=True, exist_ok=True)
+    if variant in ("t2v_a14b", "i2v_a14b"):
+        for expert in EXPERTS:
+            copy_transformer(FIXTURES / variant / expert, root / expert)
+    else:
+        copy_transformer(FIXTURES / variant, root)
+    if variant == "ti2v_5b":
+        shutil.copy(FIXTURES / "vae22" / VAE22_PTH, root / VAE22_PTH)
+    else:
+        shutil.copy(FIXTURES / "vae" / VAE_PTH, root / VAE_PTH)
     shutil.copy(FIXTURES / "t5" / T5_PTH, root / T5_PTH)
     if variant in ("i2v", "flf2v"):
         shutil.copy(FIXTURES / "clip" / CLIP_PTH, root / CLIP_PTH)
@@ -53,7 +73,7 @@ def make_original_repo(root: Path, variant: str, with_tokenizer: bool = True) ->
         (xlmr / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "XLMRobertaTokenizer"}))
     if with_tokenizer:
         make_umt5_tokenizer(root / "google" / "umt5-xxl")
-    (root / "README.md").write_text("---\nlicense: apache-2.0\n---\n# Wan2.1\n")
+    (root / "README.md").write_text(f"---\nlicense: apache-2.0\n---\n# Wan{'2.2' if variant in WAN22 else '2.1'}\n")
     (root / "configuration.json").write_text(json.dumps({"framework": "Pytorch", "task": "text-to-video"}))
     (root / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
     (root / "assets").mkdir()

@@ -38,8 +38,9 @@ def t2v_pipeline(tmp_path_factory):
 
 def test_t2v_repo_becomes_a_complete_pipeline(t2v_pipeline):
     out, report = t2v_pipeline
-    assert report["pipeline"] == {"class": "WanPipeline", "complete": True, "missing": [],
-                                  "extras": ["tokenizer", "scheduler"], "flow_shift": 3.0}
+    assert report["pipeline"] == {"name": "t2v", "family": "Wan 2.1", "class": "WanPipeline", "complete": True,
+                                  "missing": [], "extras": ["tokenizer", "scheduler"], "flow_shift": 3.0,
+                                  "config": {}}
     assert sorted(report["written"]) == ["model_index.json", "scheduler", "text_encoder", "tokenizer",
                                          "transformer", "vae"]
     index = json.loads((out / "model_index.json").read_text())

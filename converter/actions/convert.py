@@ -47,20 +47,23 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, fl
 def plan_components(src: Path, only, dtype, overrides, clip_heads, override_config, say) -> list:
     """Every component found in SRC planned, its coverage proven (nothing written)."""
     from ..component import describe, plan_component, require_coverage
-    from ..discover import discover
+    from ..discover import component_of, discover
 
     found = discover(src, only)
-    stray = set(overrides) - set(found)
+    components = list(dict.fromkeys(component_of(i) for i in found))
+    stray = set(overrides) - set(components)
     if stray:
         raise ConversionError(f"--set: {', '.join(sorted(stray))} is not among the components found in {src} "
-                              f"({', '.join(found)})")
+                              f"({', '.join(components)})")
     if clip_heads and "image_encoder" in found:  # a shorthand: harmless where there is no CLIP
         overrides.setdefault("image_encoder", {}).setdefault("num_heads", clip_heads)
     plans = []
-    for component, path in found.items():
+    for instance, path in found.items():
+        component = component_of(instance)
         cp = plan_component(component, path, dtype, overrides.get(component), override_config)
+        cp.folder = instance  # transformer_2: the second expert, converted with the transformer table
         det = cp.plan.detection
-        say(f"{component}:")
+        say(f"{instance}:")
         say(f"  source:   {cp.source.path} ({describe(cp)['source_layout']}, {len(cp.source.files)} file(s), "
             f"{len(cp.source.tensors)} tensors, {human_size(cp.source.total_bytes)})")
         say(f"  detected: {det.variant}{', size ' + det.size if det.size else ''} -> {cp.plan.target.class_name}")
@@ -92,20 +95,27 @@ def check_values(plans, report, check_finite, progress, say, warn) -> None:
 
 def pipeline_plan(plans, src: Path, flow_shift, only, report, say):
     """The pipeline the transformer's variant names, complete or not (then: what is missing, and why)."""
+    from ..discover import component_of
     from ..pipeline import plan_pipeline
 
-    transformer = next((cp for cp in plans if cp.component == "transformer"), None)
-    if transformer is None:
+    transformers = [cp for cp in plans if cp.component == "transformer"]
+    if not transformers:
         return None
+    det = transformers[0].plan.detection
+    vae = next((cp.plan.detection.variant for cp in plans if cp.component == "vae"), None)
     weights = {cp.folder: (cp.plan.target.library, cp.plan.target.class_name) for cp in plans}
-    pipe = plan_pipeline(transformer.plan.detection.variant, weights, src, flow_shift, only)
-    report["pipeline"] = {"class": pipe.spec.class_name, "complete": pipe.complete, "missing": pipe.missing,
-                          "extras": pipe.extras, "flow_shift": pipe.flow_shift}
+    pipe = plan_pipeline(det.variant, [cp.folder for cp in transformers], det.facts, weights, src, flow_shift, only,
+                         vae)
+    report["pipeline"] = {"name": pipe.spec.name, "family": pipe.spec.family, "class": pipe.spec.class_name,
+                          "complete": pipe.complete, "missing": pipe.missing, "extras": pipe.extras,
+                          "flow_shift": pipe.flow_shift, "config": dict(pipe.spec.config)}
     if pipe.complete:
-        say(f"pipeline: {pipe.spec.class_name} (scheduler flow_shift {pipe.flow_shift})")
+        extra = "".join(f", {k} {v}" for k, v in pipe.spec.config.items())
+        say(f"pipeline: {pipe.spec.class_name} ({pipe.spec.family} {pipe.spec.name}; scheduler flow_shift "
+            f"{pipe.flow_shift}{extra})")
         return pipe
     chosen = set(only or []) | ({"tokenizer"} if only and "text_encoder" in only else set())
-    left = [c for c in pipe.missing if only and c not in chosen]
+    left = [c for c in pipe.missing if only and component_of(c) not in chosen]
     absent = [c for c in pipe.missing if c not in left]
     why = ([f"{', '.join(left)} left out (--only)"] if left else []) + \
           ([f"no {', '.join(absent)} in {src}"] if absent else [])
@@ -134,7 +144,7 @@ def write_all(plans, pipe, src, out: Path, hub_repo, dtype, max_shard_size, over
             info["output"] = str((out / cp.folder).resolve())
             info["files"] = sorted(p.name for p in folder.iterdir())
             # one line per component, terminal or not (the progress bar is gone when it is done)
-            say(f"wrote {info['component']}: {len(info['files'])} file(s), {human_size(info['bytes'])} in "
+            say(f"wrote {info['instance']}: {len(info['files'])} file(s), {human_size(info['bytes'])} in "
                 f"{info['seconds']:.1f} s ({human_size(info['bytes'] / max(info['seconds'], 1e-3))}/s), "
                 f"{', '.join(info['dtypes'])}")
         if pipe is not None:

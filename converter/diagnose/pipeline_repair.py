@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..pipeline import PipelinePlan, load_pipeline_table, write_pipeline_extras
+from ..pipeline import PipelinePlan, choose_pipeline, write_pipeline_extras
 from ..write.workfiles import REPAIR, make_work_dir
 from ..write.naming import MODEL_INDEX
 from .examine import Diagnosis
@@ -26,13 +26,15 @@ def plan_model_index(found: Found, diags: list[Diagnosis]) -> tuple[PipelinePlan
     (None, None) when there is nothing to do."""
     if found.kind != "folder of component subfolders":
         return None, None
-    transformer = next((d for d in diags if d.unit.component == "transformer"), None)
+    transformers = [d for d in diags if d.unit.component == "transformer"]
+    transformer = transformers[0] if transformers else None
     variant = transformer and (transformer.detection.variant if transformer.detection else transformer.variant)
     if transformer is None or not variant:
         return None, "no model_index.json, and no transformer whose variant names the pipeline"
     if not all(d.healthy for d in diags):
         return None, "no model_index.json: repair the components first"
-    spec = load_pipeline_table().pipelines[variant]
+    facts = transformer.detection.facts if transformer.detection else {}
+    spec = choose_pipeline(variant, [d.unit.path.name for d in transformers], facts)
     weights = {d.unit.path.name: (d.target.library, d.target.class_name) for d in diags if d.target is not None}
     present = {c for c, marker in PRESENT.items() if (found.path / c / marker).is_file()}
     missing = [c for c in spec.components if c not in weights and c not in present and c not in GENERATED]

@@ -119,7 +119,7 @@ def build_record(src: Path, hub_repo: str | None, dtype: str, plans, report: dic
             files.append({"name": name, "size": f.stat().st_size, "sha256": sha,
                           "sha256_from": FROM_HUB_CACHE if sha else None})
         components.append({
-            "component": cp.component, "variant": info["variant"], "size": info["size"], "class": info["class"],
+            "component": cp.folder, "table": cp.component, "variant": info["variant"], "size": info["size"], "class": info["class"],
             "source_layout": info["source_layout"], "source_files": files,
             "source_tensors": info["source_tensors"], "target_tensors": info["target_tensors"],
             "converted": info["converted"], "dropped": info["dropped"], "coverage": info["coverage"],
