@@ -9,60 +9,80 @@ from .common import human_size, silent
 
 
 def run_quantize(src, out, weights, max_shard_size, overwrite, dry_run, say=silent) -> dict:
-    from ..component import require_coverage, verify_written, write_component
-    from ..quantization.diffusers_folder import link_or_copy, locate, pipeline_members, plan_folder
+    """Every quantizable component of SRC (both experts of a Wan 2.2 A14B pipeline) planned,
+    proven, quantized; the rest of a pipeline folder hard-linked unchanged."""
+    from ..component import require_coverage
+    from ..quantization.diffusers_folder import locate_all, pipeline_members, plan_folder
     from ..quantization.plan import attach
-    from ..write.atomic import atomic_output_dir, check_output, clean_stale
+    from ..write.atomic import check_output
 
     src, out = Path(src), Path(out)
     check_output(src, out, overwrite or dry_run)
     started = time.perf_counter()
-    where = locate(src)
-    cp = plan_folder(where)
-    require_coverage(cp)
-    say(f"{cp.component}: {where.folder} ({cp.plan.target.class_name}, {len(cp.plan.tensors)} tensors, "
-        f"{human_size(cp.source.total_bytes)}): keys and shapes match")
-    qp = attach(cp, weights)
-    info = qp.describe()
-    say(f"  quantized: {info['quantized_modules']} Linear weights to {weights} ({qp.backend.name}); kept float: "
-        f"{', '.join(qp.keep_float)} (+ the class's _keep_in_fp32_modules)")
-    say(f"  size:      {human_size(info['float_bytes'])} -> {human_size(info['bytes'])}")
-    report = {"ok": True, "dry_run": dry_run, "source": str(src), "component": cp.component,
-              "class": cp.plan.target.class_name, "pipeline": where.pipeline, "quantization": info}
-    keep, left = pipeline_members(where.root, cp.folder) if where.pipeline else ([], [])
+    wheres = locate_all(src)
+    plans, infos = [], []
+    for where in wheres:
+        cp = plan_folder(where)
+        require_coverage(cp)
+        say(f"{cp.folder}: {where.folder} ({cp.plan.target.class_name}, {len(cp.plan.tensors)} tensors, "
+            f"{human_size(cp.source.total_bytes)}): keys and shapes match")
+        qp = attach(cp, weights)
+        info = qp.describe()
+        say(f"  quantized: {info['quantized_modules']} Linear weights to {weights} ({qp.backend.name}); kept float: "
+            f"{', '.join(qp.keep_float)} (+ the class's _keep_in_fp32_modules)")
+        say(f"  size:      {human_size(info['float_bytes'])} -> {human_size(info['bytes'])}")
+        plans.append(cp)
+        infos.append({"instance": cp.folder, "component": cp.component, "class": cp.plan.target.class_name,
+                      "quantization": info})
+    first, pipeline = infos[0], wheres[0].pipeline
+    report = {"ok": True, "dry_run": dry_run, "source": str(src), "component": first["component"],
+              "class": first["class"], "pipeline": pipeline, "quantization": first["quantization"],
+              "components": infos}
+    keep, left = pipeline_members(src, [cp.folder for cp in plans]) if pipeline else ([], [])
     report["unchanged"], report["left_out"] = keep, left
     if dry_run:
         say(f"dry run: would write {out}; nothing written")
         return report
-    report["notes"] = clean_stale(out, say)
-    with atomic_output_dir(out, overwrite) as work:
-        folder = work / cp.folder if where.pipeline else work
-        t0 = time.perf_counter()
-        layout = write_component(cp, folder, max_shard_size)
-        verify_written(cp, folder, layout)
-        report["write_seconds"] = round(time.perf_counter() - t0, 3)
-        report["files"] = sorted(p.name for p in folder.iterdir())
-        if where.pipeline:
-            report["links"] = link_or_copy(where.root, work, keep)
-            report["record"] = carry_record(where.root, work, weights)
-            if report["record"]:
-                left = report["left_out"] = [n for n in left if n != record_name()]
-        else:  # a component folder of a converted folder: its record comes along (publish needs no --record)
-            report["record"] = carry_record(where.root.parent, work, weights)
+    write_quantized(plans, infos, src, out, weights, max_shard_size, overwrite, pipeline, report, say)
     elapsed = time.perf_counter() - started
     report["output"] = str(out.resolve())
     report["seconds"] = round(elapsed, 3)
-    t = report["write_seconds"]
-    say(f"wrote {cp.component}: {len(report['files'])} file(s), {human_size(info['bytes'])} in {t:.1f} s "
-        f"({human_size(cp.source.total_bytes / max(t, 1e-3))}/s read), {', '.join(info['dtypes'])}")
-    if where.pipeline and keep:
-        say(f"unchanged: {', '.join(keep)} ({report['links']['linked']} file(s) hard-linked, "
-            f"{report['links']['copied']} copied)" + (f"; left out: {', '.join(left)}" if left else ""))
     if report.get("record"):
         say(f"record:  {record_name()} carried over, noting the quantization (publish reads it)")
     say(f"done in {elapsed:.1f} s")
     say(f"result: {out.resolve()}")
     return report
+
+
+def write_quantized(plans, infos, src: Path, out: Path, weights, max_shard_size, overwrite, pipeline, report, say):
+    from ..component import verify_written, write_component
+    from ..quantization.diffusers_folder import link_or_copy
+    from ..write.atomic import atomic_output_dir, clean_stale
+
+    report["notes"] = clean_stale(out, say)
+    keep, left = report["unchanged"], report["left_out"]
+    with atomic_output_dir(out, overwrite) as work:
+        for cp, info in zip(plans, infos):
+            folder = work / cp.folder if pipeline else work
+            t0 = time.perf_counter()
+            layout = write_component(cp, folder, max_shard_size)
+            verify_written(cp, folder, layout)
+            info["write_seconds"] = round(time.perf_counter() - t0, 3)
+            info["files"] = sorted(p.name for p in folder.iterdir())
+            q, t = info["quantization"], info["write_seconds"]
+            say(f"wrote {cp.folder}: {len(info['files'])} file(s), {human_size(q['bytes'])} in {t:.1f} s "
+                f"({human_size(cp.source.total_bytes / max(t, 1e-3))}/s read), {', '.join(q['dtypes'])}")
+        report["files"], report["write_seconds"] = infos[0]["files"], infos[0]["write_seconds"]
+        if pipeline:
+            report["links"] = link_or_copy(src, work, keep)
+            report["record"] = carry_record(src, work, weights)
+            if report["record"]:
+                left = report["left_out"] = [n for n in left if n != record_name()]
+            if keep:
+                say(f"unchanged: {', '.join(keep)} ({report['links']['linked']} file(s) hard-linked, "
+                    f"{report['links']['copied']} copied)" + (f"; left out: {', '.join(left)}" if left else ""))
+        else:  # a component folder of a converted folder: its record comes along (publish needs no --record)
+            report["record"] = carry_record(src.parent, work, weights)
 
 
 def carry_record(float_folder: Path, work: Path, weights: str) -> bool:

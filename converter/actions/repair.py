@@ -47,7 +47,7 @@ def run_repair(path: Path, source: Path | None, backup: str | None, overrides: d
             say(f"{rp.component}: would apply {', '.join(rp.repairs)}")
             continue
         dest = backups.for_unit(unit.path)
-        apply(rp, dest, source, overrides.get(rp.component), max_shard_size)
+        apply(rp, dest, source, overrides.get(unit.component), max_shard_size)
         info["done"] = rp.done
         info["backed_up" if dest else "deleted"] = rp.backed_up
         say(f"{rp.component}: repaired ({unit.path})")
@@ -57,7 +57,7 @@ def run_repair(path: Path, source: Path | None, backup: str | None, overrides: d
             where = f"backed up to {backups.root / backups.rel(unit.path)}" if dest else "deleted (--backup none)"
             say(f"  {where}: {', '.join(rp.backed_up)}")
     ok = not any(c["refused"] for c in components)
-    pipeline = repair_pipeline(path, dry_run, say) if ok else None
+    pipeline = repair_pipeline(path, dry_run, say, backups) if ok else None
     return {"ok": ok, "path": str(path), "dry_run": dry_run, "components": components, "pipeline": pipeline,
             "backup": str(backups.root) if backups.root is not None else None, "notes": notes}
 
@@ -140,12 +140,23 @@ def set_aside_stale_work(path: Path, backups: Backups) -> list[str]:
     return notes
 
 
-def repair_pipeline(path: Path, dry_run: bool, say) -> dict | None:
-    """After the components: a folder of component subfolders gets its model_index.json."""
-    from ..diagnose.pipeline_repair import plan_model_index, write_model_index
+def repair_pipeline(path: Path, dry_run: bool, say, backups: "Backups | None" = None) -> dict | None:
+    """After the components: a folder of component subfolders gets its model_index.json; a
+    pipeline folder's model_index.json gets what its pipeline needs (boundary_ratio, transformer_2)."""
+    from ..diagnose.pipeline_repair import fix_model_index, model_index_fixes, plan_model_index, write_model_index
     from ..diagnose.report import inspect_path
 
     found, diags, _ = inspect_path(path)  # as the component repairs left it
+    fixes = model_index_fixes(found, diags)
+    if fixes:
+        what = ", ".join(f"{k} {have!r} -> {want!r}" for k, (have, want) in fixes.items())
+        if dry_run:
+            say(f"pipeline: would rewrite {MODEL_INDEX}: {what}")
+            return {"left_as_is": None, "added": [], "fixed": {}}
+        dest = backups.for_unit(path) if backups is not None else None
+        fix_model_index(path, fixes, dest)
+        say(f"pipeline: rewrote {MODEL_INDEX}: {what}")
+        return {"left_as_is": None, "added": [], "fixed": {k: want for k, (_, want) in fixes.items()}}
     plan, reason = plan_model_index(found, diags)
     if plan is None and reason is None:
         return None

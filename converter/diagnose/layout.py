@@ -58,6 +58,7 @@ class Unit:
     config_error: str = ""
     sides: Sides | None = None
     quanto: dict[str, list[str]] = field(default_factory=dict)  # base key -> quanto keys
+    instance: str = ""  # the pipeline folder it sits in (transformer_2), when not the component's own name
     keys: dict[str, TensorRef] = field(default_factory=dict)  # quanto folded onto base keys
     loads: str = ""  # which weight files from_pretrained would pick
 
@@ -68,6 +69,11 @@ class Unit:
     @property
     def table(self):
         return load_table(self.component)
+
+    @property
+    def name(self) -> str:
+        """What the unit is called in reports: its instance (transformer_2) or its component."""
+        return self.instance or self.component
 
     @property
     def layout(self) -> str:
@@ -96,7 +102,17 @@ def pth_names() -> dict[str, str]:
 
 
 def output_folders() -> dict[str, str]:
-    return {load_table(c).output.folder: c for c in table_names()}
+    """Folder of a pipeline folder -> its component: each table's, and the extra transformer
+    instances of mappings/pipeline.yaml (transformer_2, Wan 2.2 A14B's second expert)."""
+    from ..pipeline import transformer_instances
+
+    folders: dict[str, str] = {}
+    for c in table_names():
+        folders[load_table(c).output.folder] = c
+        if c == "transformer":  # pipeline order: transformer, transformer_2, vae, ...
+            for name in transformer_instances():
+                folders.setdefault(name, c)
+    return folders
 
 
 def model_root(path: Path) -> Path:
@@ -129,6 +145,8 @@ def find(path: Path) -> Found:
             data = load_json(index, "model_index.json")
             model_index = data if isinstance(data, dict) else None
         units = [u for sub, c in subs for u in folder_units(sub, c)]
+        for u in units:
+            u.instance = u.path.name
         kind = "pipeline folder" if index.exists() else "folder of component subfolders"
         found = Found(path, kind, units, model_index)
         root = [u for u in folder_units(path, None)] if _has_weights(path) else []

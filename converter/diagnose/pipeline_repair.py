@@ -5,6 +5,7 @@ time): when every component its variant needs is there, write what the pipeline 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -57,3 +58,45 @@ def write_model_index(plan: PipelinePlan, folder: Path) -> list[str]:
         return added
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def expected_pipeline(diags: list[Diagnosis]):
+    """The pipeline the transformer(s) of these diagnoses make (mappings/pipeline.yaml), or None."""
+    transformers = [d for d in diags if d.unit.component == "transformer" and d.detection is not None]
+    if not transformers:
+        return None
+    det = transformers[0].detection
+    try:
+        return choose_pipeline(det.variant, [d.unit.path.name for d in transformers], det.facts)
+    except Exception:  # noqa: BLE001 - no row fits (e.g. an unusual folder name): nothing to compare with
+        return None
+
+
+def model_index_fixes(found: Found, diags: list[Diagnosis]) -> dict:
+    """What a pipeline folder's model_index.json must change to be what `convert` writes for its
+    transformer(s): key -> (what it says, what it should say). E.g. a Wan 2.2 A14B folder whose
+    boundary_ratio is lost (transformer_2 would never run) or whose transformer_2 is not listed."""
+    if found.kind != "pipeline folder" or found.model_index is None:
+        return {}
+    spec = expected_pipeline(diags)
+    if spec is None or found.model_index.get("_class_name") != spec.class_name:
+        return {}
+    index = found.model_index
+    fixes = {k: (index.get(k, "absent"), v) for k, v in spec.config.items() if index.get(k) != v}
+    for d in diags:  # a converted component the index does not list is never loaded
+        name = d.unit.path.name
+        if d.target is not None and name in spec.components and index.get(name) in (None, [None, None]):
+            fixes[name] = (index.get(name, "absent"), [d.target.library, d.target.class_name])
+    return fixes
+
+
+def fix_model_index(folder: Path, fixes: dict, backup) -> None:
+    """Rewrite model_index.json with `fixes` applied (atomically); the old one goes into the backup."""
+    path = folder / MODEL_INDEX
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.update({k: want for k, (_, want) in fixes.items()})
+    tmp = path.with_name(f".{MODEL_INDEX}.{REPAIR}-{os.getpid()}")
+    tmp.write_text(json.dumps(dict(sorted(data.items())), indent=2) + "\n", encoding="utf-8")
+    if backup is not None:
+        shutil.copy2(path, backup() / MODEL_INDEX)
+    os.replace(tmp, path)

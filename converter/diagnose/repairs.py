@@ -57,7 +57,8 @@ class RepairPlan:
 
     @property
     def component(self) -> str:
-        return self.diagnosis.unit.component
+        """Its name in reports: the instance (transformer_2) or the component."""
+        return self.diagnosis.unit.name
 
 
 def plan_repairs(diags: list[Diagnosis], source: Path | None) -> list[RepairPlan]:
@@ -242,7 +243,7 @@ def _restore_plan(d: Diagnosis, source: Path) -> dict:
     missing = next(f.keys for f in d.findings if f.repair == RESTORE)
     dtype = dtype_choice([r.dtype for r in unit.weights.tensors.values()])
     cfg = unit.config or {}
-    cp = plan_from_source(unit.component, source, {**cfg, **d.derived_config}, dtype)
+    cp = plan_from_source(unit.component, source, {**cfg, **d.derived_config}, dtype, instance=unit.instance or None)
     planned = {pt.key: pt for pt in cp.plan.tensors}
     out = {}
     for key in missing:

@@ -10,6 +10,7 @@ from ..actions.common import human_size
 from .examine import Diagnosis, diagnose, summary
 from ..write.workfiles import leftovers_of
 from .layout import Found, find, model_root
+from .pipeline_repair import model_index_fixes
 
 SHOW = 5  # keys listed per kind in the text report
 
@@ -24,7 +25,8 @@ def component_dict(d: Diagnosis) -> dict:
     u, ws = d.unit, d.unit.weights
     det = d.detection
     out = {
-        "component": u.component,
+        "component": u.name,
+        "table": u.component,
         "path": str(u.path),
         "where": u.where,
         "layout": u.layout,
@@ -60,6 +62,10 @@ def as_dict(found: Found, diags: list[Diagnosis]) -> dict:
            "healthy": all(d.healthy for d in diags) and not work, "notes": list(found.stray), "leftovers": work}
     if found.kind in ("pipeline folder", "folder of component subfolders"):
         out["model_index"] = found.model_index is not None
+        fixes = model_index_fixes(found, diags)
+        out["model_index_problems"] = [f"model_index.json: {k} is {have!r}, the pipeline needs {want!r}"
+                                       for k, (have, want) in fixes.items()]
+        out["healthy"] = out["healthy"] and not fixes
         if found.model_index is not None:
             listed = [k for k, v in found.model_index.items() if isinstance(v, list) and v and v[0]
                       and k in ("transformer", "vae", "text_encoder", "image_encoder")]
@@ -109,13 +115,16 @@ def render(report: dict) -> list[str]:
             lines.append(f"    fix:    {f['fix']} [{who}]")
     for note in report["notes"]:
         lines.append(f"note: {note}")
+    for item in report.get("model_index_problems", []):
+        lines.append(f"problem: {item}")
+        lines.append("  fix:    `wan2diffusers repair PATH` rewrites model_index.json [repair]")
     for item in report.get("leftovers", []):
         lines.append(f"problem: {item}")
         lines.append("  fix:    `wan2diffusers repair PATH` moves work folders into a backup; or delete them")
     marked = any(f["repair"] for c in report["components"] for f in c["findings"])
     if report["healthy"]:
         lines.append("healthy: nothing to repair")
-    elif marked or report.get("leftovers"):
+    elif marked or report.get("leftovers") or report.get("model_index_problems"):
         lines.append("problems found: `wan2diffusers repair PATH` fixes those marked repair")
     else:
         lines.append("problems found: none of them is one repair can fix (see each fix)")

@@ -31,10 +31,13 @@ def dtype_choice(tags: list[str]) -> str:
     return next((k for k, v in DTYPE_CHOICES.items() if v == tag), "keep")
 
 
-def plan_from_source(component: str, src: Path, out_config: dict | None, dtype: str = "keep") -> ComponentPlan:
+def plan_from_source(component: str, src: Path, out_config: dict | None, dtype: str = "keep",
+                     instance: str | None = None) -> ComponentPlan:
     """Plan the source as convert would. Facts the source cannot tell (e.g. a CLIP head count)
-    come from the output's config.json, as `--set` would give them."""
-    path = source_path(src, component)
+    come from the output's config.json, as `--set` would give them. `instance`: which of the
+    source's instances (transformer_2: the low-noise expert of a Wan 2.2 A14B repo)."""
+    found = discover(Path(src))
+    path = source_path(src, instance if instance in found else component)
     try:
         cp = plan_component(component, path, dtype)
     except ConversionError:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..discover import discover
+from ..discover import component_of, discover
 from ..errors import ConversionError
 from ..mapping import transforms
 from ..read.safetensors_file import read_tensor
@@ -40,11 +40,11 @@ def verify_path(out: Path, source: Path | None = None, progress: bool = True) ->
     for unit in found.units:
         d = diagnose(unit)
         diffs = structural(d)
-        info = {"component": unit.component, "path": str(unit.path), "layout": d.layout_label,
+        info = {"component": unit.name, "path": str(unit.path), "layout": d.layout_label,
                 "class": d.target.class_name if d.target else None, "tensors": len(unit.keys),
                 "compared": 0, "differences": diffs}
         if source is not None and unit.layout == "diffusers" and d.target is not None:
-            if unit.component not in discover(Path(source)):
+            if unit.component not in {component_of(i) for i in discover(Path(source))}:
                 info["not_compared"] = f"the source holds no {unit.component}"
             else:
                 try:
@@ -54,7 +54,7 @@ def verify_path(out: Path, source: Path | None = None, progress: bool = True) ->
                 info["compared"] = compared
                 diffs.extend(tdiffs)
         components.append(info)
-        differences += [{**x, "component": unit.component} for x in diffs]
+        differences += [{**x, "component": unit.name} for x in diffs]
     for item in leftovers_of(out, model_root(out)):
         differences.append({"component": "folder", "key": None, "problem": item})
     files = [p for p in sorted(out.rglob("*") if out.is_dir() else [out]) if p.is_file()
@@ -93,7 +93,7 @@ def structural(d: Diagnosis) -> list[dict]:
 
 
 def compare_with_source(unit: Unit, d: Diagnosis, source: Path, progress: bool) -> tuple[int, list[dict]]:
-    cp = plan_from_source(unit.component, source, unit.config)
+    cp = plan_from_source(unit.component, source, unit.config, instance=unit.instance or None)
     planned = {pt.key: pt for pt in cp.plan.tensors}
     diffs = []
     for k, v in cp.plan.detection.config.items():

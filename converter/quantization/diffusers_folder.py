@@ -33,25 +33,43 @@ class DiffusersSource:
     pipeline: bool
 
 
-def locate(root: Path) -> DiffusersSource:
-    """The quantizable component of a pipeline folder, or the component folder itself."""
+def quantizable_folders() -> list[tuple[str, str]]:
+    """(folder in a pipeline, component) of everything the policy quantizes: each component's own
+    folder and its extra instances (transformer_2, Wan 2.2 A14B's second expert)."""
+    from ..pipeline import transformer_instances
+
+    out = []
+    for c in load_policy().components:
+        names = [load_table(c).output.folder] + [i for i, comp in transformer_instances().items() if comp == c]
+        out += [(n, c) for n in dict.fromkeys(names)]
+    return out
+
+
+def locate_all(root: Path) -> list[DiffusersSource]:
+    """The quantizable components of a pipeline folder (every instance its model_index.json lists),
+    of a folder of component subfolders, or the component folder itself."""
     root = Path(root)
     if not root.is_dir():
         raise ConversionError(f"{root}: no such folder (expected a Diffusers transformer or pipeline folder)")
-    components = list(load_policy().components)
     if (root / PIPELINE_INDEX).is_file():
         index = load_json(root / PIPELINE_INDEX, "model index")
-        found = [c for c in components if isinstance(index, dict) and index.get(load_table(c).output.folder)
-                 and (root / load_table(c).output.folder).is_dir()]
+        found = [DiffusersSource(root, root / f, c, True) for f, c in quantizable_folders()
+                 if isinstance(index, dict) and index.get(f) not in (None, [None, None]) and (root / f).is_dir()]
         if not found:
             raise ConversionError(f"{root}: a pipeline folder with no quantizable component "
-                                  f"({', '.join(load_table(c).output.folder + '/' for c in components)})")
-        return DiffusersSource(root, root / load_table(found[0]).output.folder, found[0], True)
+                                  f"({', '.join(f + '/' for f, _ in quantizable_folders())})")
+        return found
     if not (root / "config.json").exists():  # a folder of component subfolders (convert --only ...)
-        found = [c for c in components if (root / load_table(c).output.folder / "config.json").is_file()]
+        found = [DiffusersSource(root, root / f, c, True) for f, c in quantizable_folders()
+                 if (root / f / "config.json").is_file()]
         if found:
-            return DiffusersSource(root, root / load_table(found[0]).output.folder, found[0], True)
-    return DiffusersSource(root, root, _component_of(root), False)
+            return found
+    return [DiffusersSource(root, root, _component_of(root), False)]
+
+
+def locate(root: Path) -> DiffusersSource:
+    """The first quantizable component (see locate_all)."""
+    return locate_all(root)[0]
 
 
 def _component_of(folder: Path) -> str:
@@ -104,10 +122,11 @@ def plan_folder(src: DiffusersSource) -> ComponentPlan:
                for k in target.shapes if k in source.tensors]
     det = Detection(src.component, "diffusers", "", class_name, {}, init, [])
     plan = Plan(det, target, tensors, [], problems)
-    return ComponentPlan(src.component, source, plan, table.output.weights_name, table.output.folder)
+    folder = src.folder.name if src.pipeline else table.output.folder  # transformer_2 keeps its folder
+    return ComponentPlan(src.component, source, plan, table.output.weights_name, folder)
 
 
-def pipeline_members(root: Path, skip: str) -> tuple[list[str], list[str]]:
+def pipeline_members(root: Path, skip) -> tuple[list[str], list[str]]:
     """What a pipeline folder holds besides `skip`: model_index.json and the component folders it
     names (kept), and the other top-level entries (left out: e.g. a README or a conversion
     record, which describe the float folder)."""
@@ -116,11 +135,14 @@ def pipeline_members(root: Path, skip: str) -> tuple[list[str], list[str]]:
         named = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0]}
         keep = [PIPELINE_INDEX]
     else:  # a folder of component subfolders: each known component folder is a member
-        named = {load_table(c).output.folder for c in table_names()}
+        from ..pipeline import transformer_instances
+
+        named = {load_table(c).output.folder for c in table_names()} | set(transformer_instances())
         keep = []
     left = []
     for p in sorted(root.iterdir()):
-        if p.name == skip or p.name == PIPELINE_INDEX or p.name.startswith("."):
+        if p.name in ({skip} if isinstance(skip, str) else set(skip)) or p.name == PIPELINE_INDEX \
+                or p.name.startswith("."):
             continue
         (keep if p.name in named and p.is_dir() else left).append(p.name)
     return keep, left

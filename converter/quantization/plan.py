@@ -218,5 +218,5 @@ def quantize_plans(plans: list, infos: list[dict], weights: str, say) -> None:
         qp = attach(cp, weights)
         q = qp.describe()
         info.update(bytes=q["bytes"], dtypes=q["dtypes"], quantization=q)
-        say(f"{cp.component}: quantized: {q['quantized_modules']} Linear weights to {weights} ({qp.backend.name}), "
+        say(f"{cp.folder}: quantized: {q['quantized_modules']} Linear weights to {weights} ({qp.backend.name}), "
             f"kept float: {', '.join(qp.keep_float)}; {human_size(q['float_bytes'])} -> {human_size(q['bytes'])}")
