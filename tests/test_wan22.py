@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import FIXTURES, TOL, fixture_io, rel_err, run_cli
 from repos import make_original_repo
@@ -119,3 +120,61 @@ def test_a_ti2v_transformer_with_a_2_1_vae_is_refused(tmp_path):
     shutil.copy(FIXTURES / "vae" / "Wan2.1_VAE.pth", src / "Wan2.1_VAE.pth")
     r = run_cli("convert", src, tmp_path / "out", ok=False)
     assert "needs the wan2.2 VAE" in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_inspect_verify_quantize_repair_and_publish_take_a_two_expert_pipeline(tmp_path):
+    src = make_original_repo(tmp_path / "Wan2.2-T2V-A14B-tiny", "t2v_a14b")
+    out = tmp_path / "pipe"
+    run_cli("convert", src, out, "--max-shard-size", "1MB")  # both experts sharded
+    report = run_cli("inspect", out, "--json").json()
+    assert report["healthy"] and [c["component"] for c in report["components"]][:2] == ["transformer", "transformer_2"]
+    verified = run_cli("verify", out, "--source", src, "--json").json()
+    assert verified["ok"] and [c["compared"] for c in verified["components"]][:2] == [69, 69]
+
+    # a swapped pair is caught: transformer_2 is compared with the low-noise expert
+    swapped = tmp_path / "swapped"
+    shutil.copytree(out, swapped)
+    (swapped / "transformer").rename(swapped / "tmp")
+    (swapped / "transformer_2").rename(swapped / "transformer")
+    (swapped / "tmp").rename(swapped / "transformer_2")
+    assert not run_cli("verify", swapped, "--source", src, "--json", ok=False).json()["ok"]
+
+    # both experts quantized, by quantize and by convert --quantize: the same files
+    run_cli("quantize", out, tmp_path / "q8", "--weights", "int8", "--max-shard-size", "1MB")
+    run_cli("convert", src, tmp_path / "c8", "--quantize", "int8", "--max-shard-size", "1MB")
+    for expert in ("transformer", "transformer_2"):
+        cfg = json.loads((tmp_path / "q8" / expert / "config.json").read_text())
+        assert cfg["quantization_config"]["weights_dtype"] == "int8"
+        files = sorted(p.name for p in (tmp_path / "q8" / expert).iterdir())
+        assert files == sorted(p.name for p in (tmp_path / "c8" / expert).iterdir())
+        for name in files:  # the same tensors (a shard's data order follows its source's)
+            if name.endswith(".safetensors"):
+                a, b = (load_file(str(tmp_path / d / expert / name)) for d in ("q8", "c8"))
+                assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (expert, name)
+    q8 = run_cli("verify", tmp_path / "q8", "--source", src, "--json").json()
+    assert q8["ok"] and all(c["compared"] == 69 for c in q8["components"][:2])
+
+    # repair: a lost index in transformer_2, a lost boundary_ratio
+    index = out / "transformer_2" / "diffusion_pytorch_model.safetensors.index.json"
+    assert index.is_file()
+    index.unlink()
+    mi = json.loads((out / "model_index.json").read_text())
+    del mi["boundary_ratio"]
+    (out / "model_index.json").write_text(json.dumps(mi))
+    broken = run_cli("inspect", out, "--json").json()
+    assert not broken["healthy"] and any("boundary_ratio" in p for p in broken["model_index_problems"])
+    fixed = run_cli("repair", out, "--backup", tmp_path / "bk", "--json").json()
+    assert fixed["ok"] and fixed["pipeline"]["fixed"] == {"boundary_ratio": 0.875}
+    assert index.is_file() and json.loads((out / "model_index.json").read_text())["boundary_ratio"] == 0.875
+    assert "boundary_ratio" not in json.loads((tmp_path / "bk" / "model_index.json").read_text())
+    assert run_cli("inspect", out, "--json").json()["healthy"]
+    out_t, expected = expert_output(out / "transformer_2", "t2v_a14b/low_noise_model")
+    assert rel_err(out_t, expected) <= TOL
+
+    # publish: the card says Wan 2.2 and names the 2.2 base model; both experts are uploaded
+    dry = run_cli("publish", out, "me/Wan2.2-T2V-A14B-tiny-Diffusers", "--base-model", "Wan-AI/Wan2.2-T2V-A14B",
+                  "--dry-run", "--no-measure", "--json").json()
+    card = (out / "README.md").read_text()
+    assert dry["card_metadata"]["base_model"] == "Wan-AI/Wan2.2-T2V-A14B"
+    assert "Wan 2.2 two-expert model" in card and "boundary_ratio 0.875" in card and "| transformer_2 |" in card
+    assert any(f["path"].startswith("transformer_2/") for f in dry["files"])

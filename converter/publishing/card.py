@@ -98,13 +98,20 @@ def _body(inputs: CardInputs) -> str:
     f, rec = inputs.folder, inputs.folder.record
     name = inputs.repo_id.split("/")[-1]
     lines = [f"# {name}", ""]
+    pipe = (rec or {}).get("pipeline") or {}
+    family = pipe.get("family") or "Wan"
     what = f"[{inputs.base_model}](https://huggingface.co/{inputs.base_model})" if inputs.base_model \
-        else "An original Wan 2.1 checkpoint"
+        else f"An original {family} checkpoint"
     quant = f.quantization
     lines.append(f"{what} in the Diffusers layout"
                  + (f", with {_quant_summary(quant)}" if quant else "")
                  + ", converted with wan2diffusers from the original weights: every tensor "
                  "was mapped by a declarative table and the mapping was proven complete before anything was written.")
+    if "transformer_2" in f.components:
+        ratio = (pipe.get("config") or {}).get("boundary_ratio")
+        lines += ["", f"A {family} two-expert model: `transformer` is the expert for high noise levels "
+                  f"(timesteps at or above {ratio if ratio is not None else 'boundary_ratio'} x 1000), "
+                  "`transformer_2` the one for low noise levels; the pipeline switches between them."]
     lines += ["", "## Use", "", "```python", "import torch"]
     lines += _usage(f, inputs.repo_id)
     lines += ["```", ""]
@@ -223,8 +230,10 @@ def _conversion(inputs: CardInputs) -> list[str]:
         lines.append("- Quantization: none.")
     pipe = rec.get("pipeline")
     if pipe:
-        lines.append(f"- Pipeline: `{pipe['class']}`" + (f", scheduler flow_shift {pipe['flow_shift']}" if pipe.get("complete")
-                     else f", incomplete (no {', '.join(pipe['missing'])})") + ".")
+        extra = "".join(f", {k} {v}" for k, v in (pipe.get("config") or {}).items())
+        lines.append(f"- Pipeline: `{pipe['class']}`" + (f" ({pipe['family']})" if pipe.get("family") else "")
+                     + (f", scheduler flow_shift {pipe['flow_shift']}{extra}" if pipe.get("complete")
+                        else f", incomplete (no {', '.join(pipe['missing'])})") + ".")
     return lines
 
 
