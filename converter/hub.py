@@ -43,12 +43,14 @@ def allow_patterns(only: list[str] | None) -> list[str]:
     from .pipeline import load_pipeline_table
 
     patterns = []
+    folders = sorted({sub for lay in load_pipeline_table().transformer_layouts for sub in lay.instances.values()})
     for name in table_names():
         if only and name not in only:
             continue
         src = load_table(name).source
-        if src.weights_name:
-            patterns += ["config.json", src.weights_name, index_name(src.weights_name), shard_glob(src.weights_name)]
+        if src.weights_name:  # at the root, or in each transformer instance's folder (Wan 2.2 A14B experts)
+            files = ["config.json", src.weights_name, index_name(src.weights_name), shard_glob(src.weights_name)]
+            patterns += [f if sub == "." else f"{sub}/{f}" for sub in folders for f in files]
         patterns += list(src.file_names)
     patterns.append("README.md")  # license and tags for the model card (publish)
     if not only or "tokenizer" in only or "text_encoder" in only:

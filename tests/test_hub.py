@@ -3,6 +3,7 @@ a repo already in the local Hub cache converts with no network."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -51,3 +52,20 @@ def test_a_cached_repo_converts_offline(tmp_path):
     r = cli(["convert", "Wan-AI/Wan2.1-T2V-1.3B", tmp_path / "out"], tmp_path / "hf")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "model_index.json").exists()
+
+
+def test_a_cached_wan22_a14b_repo_converts_offline_with_both_experts(tmp_path):
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "hf" / "hub" / "models--Wan-AI--Wan2.2-T2V-A14B"
+    make_original_repo(repo / "snapshots" / commit, "t2v_a14b")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    r = cli(["convert", "Wan-AI/Wan2.2-T2V-A14B", tmp_path / "out"], tmp_path / "hf")
+    assert r.returncode == 0, r.stderr
+    index = json.loads((tmp_path / "out" / "model_index.json").read_text())
+    assert index["boundary_ratio"] == 0.875 and index["transformer_2"] == ["diffusers", "WanTransformer3DModel"]
+    # only what the transformers need: each expert's folder, nothing of the encoders
+    wanted = allow_patterns(["transformer"])
+    assert {"high_noise_model/config.json", "low_noise_model/diffusion_pytorch_model-*-of-*.safetensors",
+            "low_noise_model/diffusion_pytorch_model.safetensors.index.json"} <= set(wanted)
+    assert not [p for p in wanted if p.endswith(".pth")]
