@@ -41,8 +41,12 @@ def test_the_shipped_tables_match_every_published_checkpoint(script, capsys, tmp
     monkeypatch.chdir(tmp_path)
     assert script.main(["--check"]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
-    # 6 transformers (T2V 1.3B/14B, I2V, FLF2V, VACE 1.3B/14B), the VAE, umT5-XXL, CLIP ViT-H/14
-    assert "9/9 checkpoints match the tables" in out and "DRIFT" not in out
+    # Wan 2.1: 6 transformers (T2V 1.3B/14B, I2V, FLF2V, VACE 1.3B/14B), the VAE, umT5-XXL, CLIP ViT-H/14;
+    # Wan 2.2: the T2V-A14B and I2V-A14B experts, TI2V-5B, the 2.2 VAE
+    assert "13/13 checkpoints match the tables" in out and "DRIFT" not in out
+    assert "Wan2.2-TI2V-5B: t2v, 5B -> WanTransformer3DModel, 825 keys" in out
+    assert "Wan2.2-I2V-A14B (each expert): t2v, 14B -> WanTransformer3DModel, 1095 keys" in out
+    assert "Wan2.2_VAE.pth (Wan2.2-TI2V-5B): wan2.2 -> AutoencoderKLWan, 196 keys" in out
     # the published layouts: 30/40 blocks of 26 (+2 for I2V's image keys) tensors, umT5-XXL's 24
     # layers of 10 and 2 more, the ViT-H/14's 32 layers of 16 and 8 more
     assert "Wan2.1-T2V-1.3B: t2v, 1.3B -> WanTransformer3DModel, 825 keys" in out
