@@ -345,6 +345,9 @@ def main() -> None:
                          "programs only; cold-all: drop it, warm nothing; warm: read the source first; "
                          "auto (default): cold when possible, else warm")
     ap.add_argument("--skip-diffusers", action="store_true", help="do not run the diffusers-script method")
+    ap.add_argument("--experts", type=int, choices=[1, 2], default=1,
+                    help="2: a Wan 2.2 A14B repo layout, two experts of L layers each in high_noise_model/ and "
+                         "low_noise_model/ (converted to transformer/ and transformer_2/); implies --skip-diffusers")
     ap.add_argument("--workdir", type=Path, default=None, help="parent folder for the work folder")
     ap.add_argument("--keep", action="store_true", help="keep everything written (default: remove it all)")
     ap.add_argument("--json", action="store_true", help="print machine-readable results on stdout")
@@ -374,7 +377,9 @@ def main() -> None:
         if fstype in ("tmpfs", "ramfs"):
             parent = REPO / ".bench"
     parent.mkdir(parents=True, exist_ok=True)
-    sizes = {L: checkpoint_bytes(L) for L in args.layers}
+    if args.experts == 2:
+        args.skip_diffusers = True  # the diffusers-script method is written for one transformer
+    sizes = {L: checkpoint_bytes(L) * args.experts for L in args.layers}
     pool_bytes = max(n for L in args.layers for _, _, n in synthetic_keys(L)) + (1 << 20)
     copies = 3 if not args.skip_diffusers else 2  # source + ours (kept for the comparison) + cp or diffusers
     need = pool_bytes + (sum(sizes[L] * (copies + 1) for L in sizes) if args.keep else max(sizes.values()) * copies)
@@ -400,7 +405,7 @@ def main() -> None:
     results = {"git_head": git("rev-parse", "--short", "HEAD"),
                "git_dirty": [l.split(maxsplit=1)[1] for l in git("status", "--porcelain").splitlines()],
                "loadavg_start": os.getloadavg()[0],
-               "cache": cache, "repeat": args.repeat, "max_shard_size": args.max_shard_size,
+               "cache": cache, "repeat": args.repeat, "max_shard_size": args.max_shard_size, "experts": args.experts,
                "layout_cache": "timed runs: warm (primed by an untimed --dry-run); ours_first: empty",
                "workdir": str(work), "runs": []}
     try:
@@ -411,11 +416,15 @@ def main() -> None:
         bench = Bench(work, cache)
         for L in args.layers:
             total = sizes[L]
-            shard = int(args.shard_gb * GB) if args.shard_gb else min(10 * GB, math.ceil(total / 2))
+            shard = int(args.shard_gb * GB) if args.shard_gb else min(10 * GB, math.ceil(total / args.experts / 2))
             src = work / f"src-{L}L"
             log(f"\n== {L} layer(s): writing {src} ({human(total)}, shards <= {human(shard)})")
             t = time.perf_counter()
-            info = write_checkpoint(src, L, shard, pool)
+            if args.experts == 2:  # Wan 2.2 A14B: each expert a complete transformer of its own
+                parts = [write_checkpoint(src / e, L, shard, pool) for e in ("high_noise_model", "low_noise_model")]
+                info = {k: sum(p[k] for p in parts) for k in parts[0]}
+            else:
+                info = write_checkpoint(src, L, shard, pool)
             log(f"  wrote {info['files']} shards, {info['tensors']} tensors in {time.perf_counter() - t:.1f} s")
             run = {"layers": L, "source_bytes": total, "source_files": info["files"],
                    "source_tensors": info["tensors"], "cp": [], "ours": []}
