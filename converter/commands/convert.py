@@ -1,4 +1,4 @@
-"""`wan2diffusers convert`: original Wan 2.1 weights -> a Diffusers folder."""
+"""`wan2diffusers convert`: original Wan weights -> a Diffusers folder."""
 
 from __future__ import annotations
 
@@ -44,14 +44,15 @@ from .common import parse_settings, run_reporting
 def convert(src: Path, out: Path, only: str | None, max_shard_size: str, dtype: str, clip_heads: int | None,
             flow_shift: float | None, settings: tuple[str, ...], quantize: str | None, override_config: bool,
             check_finite: bool, overwrite: bool, dry_run: bool, as_json: bool):
-    """Convert the original-layout Wan 2.1 weights in SRC into a Diffusers folder OUT.
+    """Convert the original-layout Wan 2.1 / Wan 2.2 weights in SRC into a Diffusers folder OUT.
 
-    SRC is a Hub repo id (e.g. Wan-AI/Wan2.1-T2V-14B: only the needed files are downloaded),
+    SRC is a Hub repo id (e.g. Wan-AI/Wan2.2-T2V-A14B: only the needed files are downloaded),
     a folder in the original repo layout (config.json with diffusion_pytorch_model.safetensors
-    or its shards and index; Wan2.1_VAE.pth; models_t5_umt5-xxl-enc-bf16.pth;
+    or its shards and index, at the root or in Wan 2.2's high_noise_model/ and low_noise_model/;
+    Wan2.1_VAE.pth or Wan2.2_VAE.pth; models_t5_umt5-xxl-enc-bf16.pth;
     models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth), or one such file. A single
     .safetensors file may carry a `model.diffusion_model.` or `model.` key prefix.
-    Each component goes to OUT/<component>/."""
+    Each component goes to OUT/<component>/ (the second Wan 2.2 expert to OUT/transformer_2/)."""
     def action():
         return api.convert(src, out, dtype=dtype, quantize=quantize, only=only, overwrite=overwrite,
                            max_shard_size=max_shard_size, settings=parse_settings(settings),
