@@ -21,6 +21,7 @@ PathArg = Union[str, "PathLike[str]"]
 Log = Callable[[str], None]
 Dtype = Literal["keep", "fp32", "bf16", "fp16"]
 Weights = Literal["int8", "float8", "int4"]
+Backend = Literal["quanto", "torchao"]
 
 __all__ = ["Report", "ConversionError", "convert", "quantize", "inspect", "verify", "repair", "publish"]
 
@@ -62,7 +63,7 @@ def convert(source: PathArg, output: PathArg, *, dtype: Dtype = "keep", quantize
             settings: Union[Mapping[str, Mapping], Iterable[str], None] = None, override_config: bool = False,
             clip_heads: int | None = None, flow_shift: float | None = None, check_finite: bool = False,
             dry_run: bool = False, log: Log | None = None, warn: Log | None = None,
-            progress: bool = True) -> Report:
+            progress: bool = True, backend: Backend | None = None) -> Report:
     """Convert the original Wan weights at `source` (a repo folder, one file, or a Hub repo id)
     into a Diffusers folder `output` (`wan2diffusers convert`). `settings`: facts the weights
     cannot tell, e.g. {"transformer": {"num_heads": 12}}; a value that contradicts the source's
@@ -75,11 +76,12 @@ def convert(source: PathArg, output: PathArg, *, dtype: Dtype = "keep", quantize
         return Report(run_convert(Path(source), Path(output), _components(only), max_shard_size, dtype,
                                   _settings(settings), clip_heads, flow_shift, overwrite, dry_run,
                                   say=log or silent, warn=warn or silent, progress=progress, quantize=quantize,
-                                  check_finite=check_finite, override_config=override_config))
+                                  check_finite=check_finite, override_config=override_config, backend=backend))
 
 
 def quantize(source: PathArg, output: PathArg, *, weights: Weights, overwrite: bool = False,
-             max_shard_size: str = "5GB", dry_run: bool = False, log: Log | None = None) -> Report:
+             max_shard_size: str = "5GB", dry_run: bool = False, log: Log | None = None,
+             backend: Backend | None = None) -> Report:
     """Quantize the transformer of the converted Diffusers folder `source` (a pipeline folder or a
     transformer folder) into `output` (`wan2diffusers quantize`)."""
     from .actions.quantize import run_quantize
@@ -87,7 +89,7 @@ def quantize(source: PathArg, output: PathArg, *, weights: Weights, overwrite: b
     with os_errors(output, "; nothing was written"):
         check_size(max_shard_size)
         return Report(run_quantize(Path(source), Path(output), weights, max_shard_size, overwrite, dry_run,
-                                   say=log or silent))
+                                   say=log or silent, backend=backend))
 
 
 def inspect(path: PathArg) -> Report:

@@ -86,6 +86,7 @@ def write_component(cp: ComponentPlan, folder: Path, max_shard_size, progress: b
     make = cp.quantized.produce if cp.quantized is not None else produce
     layout = plan_shards({k: pt.nbytes for k, pt in by_key.items()}, cp.weights_name, max_shard_size)
     total = sum(pt.nbytes for pt in by_key.values())
+    metadata = {"format": "pt", **(cp.quantized.file_metadata() if cp.quantized is not None else {})}
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {cp.component}",
               disable=None if progress else True, leave=False) as bar:
         for name, keys in layout.files.items():
@@ -93,7 +94,7 @@ def write_component(cp: ComponentPlan, folder: Path, max_shard_size, progress: b
             # data is written in source order, so the source files are read front to back
             pts = sorted((by_key[k] for k in keys), key=_source_position)
             entries = [(pt.key, pt.dtype, pt.shape, pt.nbytes) for pt in pts]
-            write_safetensors(folder / name, entries, lambda i: make(pts[i]), {"format": "pt"}, bar.update)
+            write_safetensors(folder / name, entries, lambda i: make(pts[i]), metadata, bar.update)
     if layout.index_name:
         (folder / layout.index_name).write_text(json.dumps(layout.index, indent=2, sort_keys=True) + "\n")
     cp.plan.target.save_config(folder)

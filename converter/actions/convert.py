@@ -11,7 +11,7 @@ from .common import human_size, silent
 
 def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, flow_shift, overwrite, dry_run,
                 say=silent, warn=silent, progress: bool = True, quantize=None, check_finite=False,
-                override_config=False) -> dict:
+                override_config=False, backend=None) -> dict:
     """read -> plan (coverage proven) -> [check values] -> [quantize plan] -> pipeline plan -> write."""
     from ..component import describe
     from ..hub import download, looks_like_repo_id
@@ -30,7 +30,7 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, fl
     if quantize:  # the transformer written quantized (converter/quantization)
         from ..quantization.plan import quantize_plans
 
-        quantize_plans(plans, report["components"], quantize, say)
+        quantize_plans(plans, report["components"], quantize, say, backend)
     pipe = pipeline_plan(plans, src, flow_shift, only, report, say)
     if dry_run:
         total = sum(c["bytes"] for c in report["components"])

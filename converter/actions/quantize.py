@@ -8,7 +8,7 @@ from pathlib import Path
 from .common import human_size, silent
 
 
-def run_quantize(src, out, weights, max_shard_size, overwrite, dry_run, say=silent) -> dict:
+def run_quantize(src, out, weights, max_shard_size, overwrite, dry_run, say=silent, backend=None) -> dict:
     """Every quantizable component of SRC (both experts of a Wan 2.2 A14B pipeline) planned,
     proven, quantized; the rest of a pipeline folder hard-linked unchanged."""
     from ..component import require_coverage
@@ -26,7 +26,7 @@ def run_quantize(src, out, weights, max_shard_size, overwrite, dry_run, say=sile
         require_coverage(cp)
         say(f"{cp.folder}: {where.folder} ({cp.plan.target.class_name}, {len(cp.plan.tensors)} tensors, "
             f"{human_size(cp.source.total_bytes)}): keys and shapes match")
-        qp = attach(cp, weights)
+        qp = attach(cp, weights, backend)
         info = qp.describe()
         say(f"  quantized: {info['quantized_modules']} Linear weights to {weights} ({qp.backend.name}); kept float: "
             f"{', '.join(qp.keep_float)} (+ the class's _keep_in_fp32_modules)")

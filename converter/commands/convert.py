@@ -38,12 +38,15 @@ from .common import parse_settings, run_reporting
 @click.option("--check-finite", is_flag=True,
               help="Read every floating source tensor once more and warn, naming the keys, about NaN or Inf "
                    "values (without it, the values are not checked and the report says so).")
+@click.option("--backend", type=click.Choice(["quanto", "torchao"]), default=None,
+              help="Quantization backend (default: mappings/quantization.yaml's, quanto): quanto writes "
+                   "diffusers' QuantoConfig format, torchao its TorchAoConfig format (int8, float8).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, when the new one is complete).")
 @click.option("--dry-run", is_flag=True, help="Read headers, detect, plan and prove coverage; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 def convert(src: Path, out: Path, only: str | None, max_shard_size: str, dtype: str, clip_heads: int | None,
             flow_shift: float | None, settings: tuple[str, ...], quantize: str | None, override_config: bool,
-            check_finite: bool, overwrite: bool, dry_run: bool, as_json: bool):
+            check_finite: bool, backend: str | None, overwrite: bool, dry_run: bool, as_json: bool):
     """Convert the original-layout Wan 2.1 / Wan 2.2 weights in SRC into a Diffusers folder OUT.
 
     SRC is a Hub repo id (e.g. Wan-AI/Wan2.2-T2V-A14B: only the needed files are downloaded),
@@ -58,6 +61,6 @@ def convert(src: Path, out: Path, only: str | None, max_shard_size: str, dtype: 
                            max_shard_size=max_shard_size, settings=parse_settings(settings),
                            override_config=override_config, clip_heads=clip_heads, flow_shift=flow_shift,
                            check_finite=check_finite, dry_run=dry_run, log=None if as_json else click.echo,
-                           warn=lambda line: click.echo(line, err=True), progress=not as_json)
+                           warn=lambda line: click.echo(line, err=True), progress=not as_json, backend=backend)
 
     run_reporting(action, as_json, out, "nothing was written", "; nothing was written")

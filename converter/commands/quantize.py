@@ -19,10 +19,14 @@ WEIGHTS = ("int8", "float8", "int4")  # checked against mappings/quantization.ya
               help="Weight dtype of the quantized Linear layers (optimum-quanto, diffusers' QuantoConfig format).")
 @click.option("--max-shard-size", default="5GB", show_default=True,
               help="Largest output shard (e.g. 5GB, 500MB), as save_pretrained splits.")
+@click.option("--backend", type=click.Choice(["quanto", "torchao"]), default=None,
+              help="Quantization backend (default: mappings/quantization.yaml's, quanto): quanto writes "
+                   "diffusers' QuantoConfig format, torchao its TorchAoConfig format (int8, float8).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, when the new one is complete).")
 @click.option("--dry-run", is_flag=True, help="Read headers, prove the keys and plan the quantized layout; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
-def quantize(src: Path, out: Path, weights: str, max_shard_size: str, overwrite: bool, dry_run: bool, as_json: bool):
+def quantize(src: Path, out: Path, weights: str, max_shard_size: str, backend: str | None, overwrite: bool,
+             dry_run: bool, as_json: bool):
     """Quantize the transformer of the Diffusers folder SRC into OUT, one weight at a time.
 
     SRC is a transformer folder (config.json + diffusion_pytorch_model*.safetensors, e.g. the
@@ -33,6 +37,6 @@ def quantize(src: Path, out: Path, weights: str, max_shard_size: str, overwrite:
     `from_pretrained(OUT)` loads them quantized with no extra argument."""
     def action():
         return api.quantize(src, out, weights=weights, overwrite=overwrite, max_shard_size=max_shard_size,
-                            dry_run=dry_run, log=None if as_json else click.echo)
+                            dry_run=dry_run, log=None if as_json else click.echo, backend=backend)
 
     run_reporting(action, as_json, out, "nothing was written", "; nothing was written")

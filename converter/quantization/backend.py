@@ -5,8 +5,8 @@ which Linear modules the loader will quantize, which entries (name, dtype, shape
 module stores, and what `quantization_config` goes into config.json; the fourth is the values of
 those entries for one weight tensor.  Everything else (reading, planning, sharding, writing,
 verifying) is the backend-free machinery of converter/component.py and converter/quantization/plan.py.
-optimum-quanto is the only backend today (diffusers marks QuantoConfig deprecated); a torchao one
-would implement the same methods and be listed in BACKENDS."""
+Backends: optimum-quanto (quanto.py; diffusers marks QuantoConfig deprecated) and torchao (ao.py).
+A backend whose files carry metadata beyond {"format": "pt"} says so in `file_metadata`."""
 
 from __future__ import annotations
 
@@ -59,7 +59,14 @@ class QuantBackend(ABC):
         quantized the way the loader does it, as key -> (dtype, shape).  The coverage proof."""
 
 
-BACKENDS = {"quanto": f"{__package__}.quanto:QuantoBackend"}
+    def file_metadata(self, weights: str, state_dict_keys: list[str], quantized: dict) -> dict[str, str]:
+        """Metadata each written file carries besides {"format": "pt"} (`quantized`: module ->
+        (in_features, dtype tag) of its float weight). None by default."""
+        return {}
+
+
+BACKENDS = {"quanto": f"{__package__}.quanto:QuantoBackend", "torchao": f"{__package__}.ao:TorchaoBackend"}
+PACKAGES = {"quanto": "optimum-quanto>=0.2.7", "torchao": "torchao>=0.18"}
 
 
 def get_backend(name: str) -> QuantBackend:
@@ -70,4 +77,4 @@ def get_backend(name: str) -> QuantBackend:
         return getattr(importlib.import_module(module), cls)()
     except ImportError as e:
         raise ConversionError(f"quantization backend {name!r} is not installed ({e}); "
-                              f"pip install optimum-quanto>=0.2.7") from None
+                              f"pip install '{PACKAGES[name]}'") from None

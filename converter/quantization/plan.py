@@ -49,7 +49,13 @@ class QuantizedPlan:
     tensors: list[PlannedTensor | QuantizedTensor]  # everything written, in the loader's state-dict order
     config: dict[str, Any]  # quantization_config
     float_bytes: int  # what the float output would take
+    float_keys: list[str] = field(default_factory=list)  # the float model's state-dict keys, in order
+    widths: dict[str, tuple[int, str]] = field(default_factory=dict)  # quantized module -> (in_features, dtype)
     _parts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def file_metadata(self) -> dict[str, str]:
+        """What every written file's metadata holds besides {"format": "pt"} (the backend's)."""
+        return self.backend.file_metadata(self.weights, self.float_keys, self.widths)
 
     @property
     def bytes(self) -> int:
@@ -131,13 +137,15 @@ def float_weight(pt: PlannedTensor):
     return torch.frombuffer(buf, dtype=DTYPES[pt.dtype]).reshape(pt.shape)
 
 
-def plan_quantized(cp, weights: str) -> QuantizedPlan:
-    """`cp`: a ComponentPlan whose coverage is proven (converter.convert)."""
+def plan_quantized(cp, weights: str, backend_name: str | None = None) -> QuantizedPlan:
+    """`cp`: a ComponentPlan whose coverage is proven (converter.convert). `backend_name`: None
+    for the policy's default backend."""
     target = cp.plan.target
-    policy = load_policy()
+    policy = load_policy(backend_name)
     if weights not in policy.weights:
-        raise ConversionError(f"{policy_path()}: offers {', '.join(policy.weights)} weights, not {weights!r}")
-    spec = component_policy(cp.component, target.class_name)
+        raise ConversionError(f"{policy_path()}: the {policy.backend} backend offers {', '.join(policy.weights)} "
+                              f"weights, not {weights!r}")
+    spec = component_policy(cp.component, target.class_name, backend_name)
     backend = get_backend(policy.backend)
     keep_float = list(spec.modules_to_not_convert)
     check_policy_names(backend, target.model, keep_float, target.class_name)
@@ -182,9 +190,10 @@ def plan_quantized(cp, weights: str) -> QuantizedPlan:
         raise ConversionError(f"{cp.source.path}: {cp.component}: the quantized layout does not match what "
                               f"{target.class_name}.from_pretrained expects; nothing was written", problems)
     tensors = [planned[k] for k in expected]
+    widths = {m: (own[m]["weight"].shape[1], own[m]["weight"].dtype) for m in modules}
     return QuantizedPlan(backend, weights, keep_float, modules, tensors,
                          backend.config(weights, keep_float, target.keep_in_fp32),
-                         sum(pt.nbytes for pt in cp.plan.tensors))
+                         sum(pt.nbytes for pt in cp.plan.tensors), list(target.shapes), widths)
 
 
 def check_policy_names(backend: QuantBackend, model: torch.nn.Module, keep_float: list[str], class_name: str) -> None:
@@ -198,24 +207,24 @@ def check_policy_names(backend: QuantBackend, model: torch.nn.Module, keep_float
                               f"(it matches the name of a quantized Linear, not of a parent module)")
 
 
-def attach(cp, weights: str) -> QuantizedPlan:
+def attach(cp, weights: str, backend: str | None = None) -> QuantizedPlan:
     """Plan the quantized variant of `cp` and make write_component write it."""
-    cp.quantized = plan_quantized(cp, weights)
+    cp.quantized = plan_quantized(cp, weights, backend)
     return cp.quantized
 
 
-def quantize_plans(plans: list, infos: list[dict], weights: str, say) -> None:
+def quantize_plans(plans: list, infos: list[dict], weights: str, say, backend: str | None = None) -> None:
     """`convert --quantize`: the quantizable components of `plans` (those the policy names: the
     transformer) planned quantized; their report entries (describe()) updated in place."""
     from ..actions.common import human_size
 
-    policy = load_policy()
+    policy = load_policy(backend)
     chosen = [(cp, info) for cp, info in zip(plans, infos) if cp.component in policy.components]
     if not chosen:
         raise ConversionError(f"--quantize: none of the components to convert ({', '.join(cp.component for cp in plans)}) "
                               f"can be quantized (quantizable: {', '.join(policy.components)})")
     for cp, info in chosen:
-        qp = attach(cp, weights)
+        qp = attach(cp, weights, backend)
         q = qp.describe()
         info.update(bytes=q["bytes"], dtypes=q["dtypes"], quantization=q)
         say(f"{cp.folder}: quantized: {q['quantized_modules']} Linear weights to {weights} ({qp.backend.name}), "

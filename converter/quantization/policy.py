@@ -40,12 +40,32 @@ class ComponentPolicy(_Strict):
         return v
 
 
+class BackendPolicy(_Strict):
+    """The policy of a further backend (mappings/quantization.yaml `backends:`)."""
+
+    description: str
+    weights: list[str] = Field(min_length=1)
+    components: dict[str, ComponentPolicy] = Field(min_length=1)
+
+
 class Policy(_Strict):
     schema_version: int = Field(ge=1, le=1)
     description: str
-    backend: str
+    backend: str  # the default backend, whose policy is this one
     weights: list[str] = Field(min_length=1)
     components: dict[str, ComponentPolicy] = Field(min_length=1)
+    backends: dict[str, BackendPolicy] = {}
+
+    def for_backend(self, name: str | None) -> "Policy":
+        """The policy of backend `name` (None: the default), as a Policy of its own."""
+        if name is None or name == self.backend:
+            return self
+        if name not in self.backends:
+            known = ", ".join([self.backend, *self.backends])
+            raise ConversionError(f"{policy_path()}: no policy for the {name!r} backend (known: {known})")
+        b = self.backends[name]
+        return Policy(schema_version=self.schema_version, description=b.description, backend=name, weights=b.weights,
+                      components=b.components)
 
     @field_validator("backend")
     @classmethod
@@ -54,13 +74,26 @@ class Policy(_Strict):
             raise ValueError(f"unknown backend {v!r} (known: {', '.join(BACKENDS)})")
         return v
 
+    @field_validator("backends")
+    @classmethod
+    def known_backends(cls, v: dict) -> dict:
+        unknown = [k for k in v if k not in BACKENDS]
+        if unknown:
+            raise ValueError(f"unknown backend {unknown[0]!r} (known: {', '.join(BACKENDS)})")
+        return v
+
 
 def policy_path() -> Path:
     return Path(str(tables_root().joinpath(POLICY_FILE)))
 
 
+def load_policy(backend: str | None = None) -> Policy:
+    """The policy of `backend` (None: the default backend)."""
+    return _load_file().for_backend(backend)
+
+
 @lru_cache(maxsize=None)
-def load_policy() -> Policy:
+def _load_file() -> Policy:
     path = policy_path()
     try:
         return parse_policy(path.read_text(encoding="utf-8"), str(path))
@@ -72,16 +105,20 @@ def parse_policy(text: str, where: str) -> Policy:
     policy = parse_yaml(text, where, Policy, "quantization policy")
     from .backend import get_backend
 
-    offered = get_backend(policy.backend).weights
-    unknown = [w for w in policy.weights if w not in offered]
-    if unknown:
-        raise ConversionError(f"{where}: invalid quantization policy at weights: backend {policy.backend} "
-                              f"offers {', '.join(offered)}, not {unknown[0]!r}")
+    for name in [policy.backend, *policy.backends]:
+        sub = policy.for_backend(name) if name == policy.backend else Policy(
+            schema_version=1, description="-", backend=name, weights=policy.backends[name].weights,
+            components=policy.backends[name].components)
+        offered = get_backend(name).weights
+        unknown = [w for w in sub.weights if w not in offered]
+        if unknown:
+            raise ConversionError(f"{where}: invalid quantization policy at weights: backend {name} "
+                                  f"offers {', '.join(offered)}, not {unknown[0]!r}")
     return policy
 
 
-def component_policy(component: str, class_name: str) -> ComponentPolicy:
-    policy = load_policy()
+def component_policy(component: str, class_name: str, backend: str | None = None) -> ComponentPolicy:
+    policy = load_policy(backend)
     spec = policy.components.get(component)
     if spec is None or class_name not in spec.classes:
         raise ConversionError(f"{class_name} ({component}) cannot be quantized: {policy_path()} has no policy "

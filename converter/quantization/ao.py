@@ -1,0 +1,129 @@
+"""The torchao backend, in the format diffusers' `TorchAoConfig` writes with `save_pretrained` and
+reads back with a plain `from_pretrained` (diffusers quantizers/torchao/torchao_quantizer.py).
+
+Which modules: diffusers quantizes the `weight` of every nn.Linear unless a name in
+modules_to_not_convert (extended with the class's _keep_in_fp32_modules) occurs in the parameter's
+name followed by a dot, or is it (`check_if_quantized_param`): a *substring* rule, unlike quanto's
+attribute-name rule, so a parent module (time_embedder) does protect its Linears here.
+
+Values and layout come from torchao's own code: `Int8WeightOnlyConfig` / `Float8WeightOnlyConfig`
+(version 2) make an `Int8Tensor` / `Float8Tensor` with `from_hp(weight, granularity=PerRow())`
+(torchao quantization/quant_api.py), and `flatten_tensor_state_dict`
+(torchao prototype/safetensors/safetensors_support.py) turns `<module>.weight` into
+`<module>._weight_qdata`, `_weight_scale` (and int8's `_weight_zero_point`), with a JSON
+description of each original tensor and `tensor_names` in the file's metadata. PerRow scales are
+computed from one row each, so a weight is quantized a slice of rows at a time with the very same
+values (never a whole float weight in memory)."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import torch
+
+from ..read.safetensors_file import DTYPES, TAGS
+from .backend import Entry, QuantBackend
+
+SLICE_ELEMENTS = 4 * 1024 * 1024  # float values quantized at once
+
+
+def _torchao():
+    import torchao.quantization as q
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+    from torchao.prototype.safetensors.safetensors_utils import TensorSubclassAttributeJSONEncoder
+
+    return q, flatten_tensor_state_dict, TensorSubclassAttributeJSONEncoder
+
+
+def ao_config(weights: str):
+    q, _, _ = _torchao()
+    return {"int8": q.Int8WeightOnlyConfig, "float8": q.Float8WeightOnlyConfig}[weights]()
+
+
+def _quantize_tensor(weights: str, w: torch.Tensor):
+    """What torchao's quantize_ makes of one Linear weight for this config (quant_api.py)."""
+    q, _, _ = _torchao()
+    config = ao_config(weights)
+    if weights == "int8":
+        return q.Int8Tensor.from_hp(w, granularity=config.granularity)
+    return q.Float8Tensor.from_hp(w, float8_dtype=config.weight_dtype, granularity=config.granularity)
+
+
+@lru_cache(maxsize=None)
+def _layout(weights: str, in_features: int, dtype: str) -> tuple[tuple[tuple[str, str, tuple[int, ...]], ...], str]:
+    """(entry name, dtype tag, shape without the row count) of each flattened part, and the JSON
+    description of the tensor, from torchao on a two-row weight of this width and dtype."""
+    _, flatten, encoder = _torchao()
+    t = _quantize_tensor(weights, torch.zeros(2, in_features, dtype=DTYPES[dtype]))
+    data, _ = flatten({"m.weight": t})
+    parts = []
+    for key, v in data.items():
+        assert v.shape[0] == 2, (key, tuple(v.shape))  # PerRow: every part has one row per weight row
+        parts.append((key.removeprefix("m."), TAGS[v.dtype], tuple(v.shape[1:])))
+    return tuple(parts), json.dumps(t, cls=encoder)
+
+
+class TorchaoBackend(QuantBackend):
+    name = "torchao"
+    weights = ("int8", "float8")
+
+    def quantized_modules(self, model, keep_float):
+        skip = list(keep_float) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+        return [name for name, m in model.named_modules()
+                if name and isinstance(m, torch.nn.Linear)
+                and not any(k + "." in f"{name}.weight" or k == f"{name}.weight" for k in skip)]
+
+    def module_entries(self, weights, shape, dtype, bias):
+        parts, _ = _layout(weights, shape[1], dtype)
+        out = [Entry(name, tag, (shape[0], *rest)) for name, tag, rest in parts]
+        return out + ([Entry("bias", dtype, (shape[0],))] if bias else [])
+
+    def quantize(self, weights, weight):
+        _, flatten, _ = _torchao()
+        n, c = weight.shape
+        per = max(1, SLICE_ELEMENTS // max(c, 1))
+        out: dict[str, torch.Tensor] = {}
+        for a in range(0, n, per):
+            b = min(n, a + per)
+            data, _ = flatten({"m.weight": _quantize_tensor(weights, weight[a:b])})
+            for key, v in data.items():
+                name = key.removeprefix("m.")
+                if name not in out:
+                    out[name] = torch.empty((n, *v.shape[1:]), dtype=v.dtype)
+                out[name][a:b] = v
+        return out
+
+    def config(self, weights, keep_float, keep_in_fp32):
+        """What diffusers' TorchAoConfig.to_dict() writes (modules_to_not_convert extended in place
+        with _keep_in_fp32_modules by the quantizer before saving, as for quanto)."""
+        from diffusers import TorchAoConfig
+
+        skip = list(keep_float) + list(keep_in_fp32) if keep_float is not None else None
+        return TorchAoConfig(ao_config(weights), modules_to_not_convert=skip).to_dict()
+
+    def loader_state_dict(self, model, weights, keep_float, keep_in_fp32):
+        quantized = set(self.quantized_modules(model, list(keep_float) + list(keep_in_fp32)))
+        out = {}
+        for key, v in model.state_dict().items():
+            module, _, name = key.rpartition(".")
+            if module in quantized and name == "weight":
+                for e in self.module_entries(weights, tuple(v.shape), TAGS[v.dtype], False):
+                    out[f"{module}.{e.name}"] = (DTYPES[e.dtype], e.shape)
+            else:
+                out[key] = (v.dtype, tuple(v.shape))
+        return out
+
+    def file_metadata(self, weights, state_dict_keys, quantized):
+        """The metadata flatten_tensor_state_dict gives save_file: each original tensor's JSON
+        description and `tensor_names`, the same in every shard (as diffusers writes it).
+        `quantized`: module -> (in_features, dtype tag) of each quantized weight."""
+        meta = {}
+        for key in state_dict_keys:
+            module, _, name = key.rpartition(".")
+            if name == "weight" and module in quantized:
+                meta[key] = _layout(weights, *quantized[module])[1]
+            else:
+                meta[key] = json.dumps({"_type": torch.Tensor.__name__})
+        meta["tensor_names"] = json.dumps(list(state_dict_keys))
+        return meta

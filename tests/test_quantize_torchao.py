@@ -1,0 +1,122 @@
+"""torchao variants (issue 13, first step): `convert --quantize W --backend torchao` and
+`quantize --backend torchao` write, tensor for tensor and metadata entry for metadata entry, what
+diffusers' own `from_pretrained(float, quantization_config=TorchAoConfig(...))` +
+`save_pretrained` writes; a plain `from_pretrained(OUT)` loads it quantized; the error against the
+official outputs is measured (quantized: not exact, and bounded)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FIXTURES, TOL, rel_err, run_cli
+from test_transformer import run_official_call
+
+torchao = pytest.importorskip("torchao")
+WEIGHTS = ("int8", "float8")
+BOUND = {"int8": 0.02, "float8": 0.06}  # the worst measured on the four fixtures, with margin
+VARIANTS = ("t2v", "i2v", "flf2v", "vace")
+
+
+def metadata(path):
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))["__metadata__"]
+
+
+def keep_float() -> list[str]:
+    from wan2diffusers.quantization.policy import load_policy
+
+    return list(load_policy("torchao").components["transformer"].modules_to_not_convert)
+
+
+def diffusers_path(float_folder, weights: str, dest):
+    """diffusers' own TorchAoConfig path on the float folder, saved: the reference."""
+    import diffusers
+    from wan2diffusers.quantization.ao import ao_config
+
+    cls = getattr(diffusers, json.loads((float_folder / "config.json").read_text())["_class_name"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = cls.from_pretrained(str(float_folder), torch_dtype=torch.float32, quantization_config=
+                                    diffusers.TorchAoConfig(ao_config(weights), modules_to_not_convert=keep_float()))
+    model.save_pretrained(str(dest))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def floats(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ao-float")
+    for name in VARIANTS:
+        run_cli("convert", FIXTURES / name, root / name, *(["--clip-heads", 2] if name in ("i2v", "flf2v") else []))
+    return root
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
+@pytest.mark.parametrize("name", VARIANTS)
+def test_torchao_variant_is_what_diffusers_writes(floats, tmp_path, name, weights):
+    import diffusers
+
+    ours = tmp_path / "ours"
+    report = run_cli("convert", FIXTURES / name, ours, "--quantize", weights, "--backend", "torchao", "--json").json()
+    assert report["components"][0]["quantization"]["backend"] == "torchao"
+    folder = ours / "transformer"
+    ref = diffusers_path(floats / name / "transformer", weights, tmp_path / "ref")
+    a, b = (load_file(str(f / "diffusion_pytorch_model.safetensors")) for f in (folder, ref))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert metadata(folder / "diffusion_pytorch_model.safetensors") == \
+        metadata(ref / "diffusion_pytorch_model.safetensors")
+    cfg_ours, cfg_ref = (json.loads((f / "config.json").read_text()) for f in (folder, ref))
+    assert cfg_ours["quantization_config"] == cfg_ref["quantization_config"]
+    assert cfg_ours["quantization_config"]["quant_method"] == "torchao"
+
+    # a plain from_pretrained loads it quantized (no quantization argument)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = diffusers.WanTransformer3DModel if name != "vace" else diffusers.WanVACETransformer3DModel
+        loaded = plain.from_pretrained(str(folder))
+        assert type(loaded.blocks[0].attn1.to_q.weight).__name__ in ("Int8Tensor", "Float8Tensor")
+        model = plain.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
+    out, expected = run_official_call(model, name)
+    err = rel_err(out, expected)
+    print(f"\n{name} torchao {weights}: rel err {err:.3g}")
+    assert TOL < err <= BOUND[weights]
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_quantize_command_with_torchao_writes_the_same_files(floats, tmp_path, weights):
+    run_cli("convert", FIXTURES / "t2v", tmp_path / "c", "--quantize", weights, "--backend", "torchao")
+    run_cli("quantize", floats / "t2v" / "transformer", tmp_path / "q", "--weights", weights, "--backend", "torchao")
+    a = load_file(str(tmp_path / "c" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "q" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_weight_quantized_in_row_slices_equals_torchao_on_the_whole_weight(monkeypatch):
+    """The streamed path (a slice of rows at a time) gives torchao's values for the whole weight."""
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+    from wan2diffusers.quantization import ao
+
+    w = torch.randn(37, 64)
+    monkeypatch.setattr(ao, "SLICE_ELEMENTS", 64 * 5)  # 5 rows per slice: 8 slices, the last short
+    for weights in WEIGHTS:
+        ours = ao.TorchaoBackend().quantize(weights, w)
+        whole, _ = flatten_tensor_state_dict({"m.weight": ao._quantize_tensor(weights, w)})
+        assert {k.removeprefix("m."): v for k, v in whole.items()}.keys() == ours.keys()
+        for k, v in whole.items():
+            assert torch.equal(ours[k.removeprefix("m.")], v), (weights, k)
+
+
+def test_torchao_refuses_int4_and_the_default_backend_stays_quanto(tmp_path):
+    r = run_cli("convert", FIXTURES / "t2v", tmp_path / "o", "--quantize", "int4", "--backend", "torchao", ok=False)
+    assert "torchao backend offers int8, float8" in r.stderr
+    report = run_cli("convert", FIXTURES / "t2v", tmp_path / "d", "--quantize", "int8", "--json").json()
+    assert report["components"][0]["quantization"]["backend"] == "quanto"
