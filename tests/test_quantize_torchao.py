@@ -120,3 +120,34 @@ def test_torchao_refuses_int4_and_the_default_backend_stays_quanto(tmp_path):
     assert "torchao backend offers int8, float8" in r.stderr
     report = run_cli("convert", FIXTURES / "t2v", tmp_path / "d", "--quantize", "int8", "--json").json()
     assert report["components"][0]["quantization"]["backend"] == "quanto"
+
+
+def test_inspect_verify_and_publish_take_a_torchao_variant(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "ao8"
+    run_cli("convert", FIXTURES / "t2v", out, "--quantize", "int8", "--backend", "torchao")
+    report = run_cli("inspect", out, "--json").json()
+    (comp,) = report["components"]
+    assert report["healthy"] and comp["layout_label"] == "Diffusers, quantized with torchao (int8)"
+    verified = run_cli("verify", out, "--source", FIXTURES / "t2v", "--json").json()
+    assert verified["ok"] and verified["components"][0]["compared"] == 69
+    # one stored int8 value changed: verify --source names the weight
+    path = out / "transformer" / "diffusion_pytorch_model.safetensors"
+    from safetensors.torch import save_file
+    tensors = load_file(str(path))
+    tensors["blocks.0.attn1.to_q._weight_qdata"][0, 0] += 1
+    save_file(tensors, str(path), metadata=metadata(path))
+    bad = run_cli("verify", out, "--source", FIXTURES / "t2v", "--json", ok=False).json()
+    assert [d["key"] for d in bad["differences"]] == ["blocks.0.attn1.to_q.weight"]
+    # the card says what the variant is; no torchao/diffusers import noise reaches the user
+    r = subprocess.run([sys.executable, "-m", "wan2diffusers.cli", "publish", str(out), "me/ao8", "--dry-run",
+                        "--no-measure", "--base-model", "Wan-AI/Wan2.1-T2V-1.3B"], capture_output=True, text=True,
+                       env={**__import__("os").environ, "WAN2DIFFUSERS_CACHE": "off"}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    card = (out / "README.md").read_text()
+    assert "quantized to int8 (torchao)" in card and "base_model_relation: quantized" in card
+    noise = subprocess.run([sys.executable, "-m", "wan2diffusers.cli", "inspect", str(out)], capture_output=True,
+                           text=True, env={**__import__("os").environ, "WAN2DIFFUSERS_CACHE": "off"}, timeout=300)
+    assert noise.returncode == 0 and "Failed to load" not in noise.stderr and "_pytree" not in noise.stderr, noise.stderr

@@ -75,8 +75,10 @@ class Diagnosis:
         if u.layout == "diffusers" and self.target is not None and self.target.library == "transformers":
             label = "transformers"
         if u.quanto:
-            q = (u.config or {}).get("quantization_config") or {}
-            label += f", quantized with quanto ({q.get('weights_dtype') or q.get('weights') or 'weights'})"
+            from ..quantization.backend import describe_config
+
+            backend, weights = describe_config((u.config or {}).get("quantization_config")) or ("quanto", "weights")
+            label += f", quantized with {backend} ({weights})"
         if u.weights is not None and u.weights.prefix:
             label += f", single file with key prefix {u.weights.prefix!r}"
         elif u.where == "single file":

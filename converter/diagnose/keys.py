@@ -22,6 +22,9 @@ from ..read.safetensors_file import TensorRef
 QUANTO_WEIGHT = re.compile(r"^(?P<base>.+\.weight)\._(?P<part>data(?:\._data)?|scale|shift)$")
 DATA_PARTS = ("data", "data._data")
 QUANTO_MODULE = re.compile(r"^(?P<module>.+)\.(?P<part>input_scale|output_scale)$")
+# torchao's serialisation (diffusers TorchAoConfig; torchao flatten_tensor_state_dict): `<m>.weight`
+# becomes `<m>._weight_qdata` (+ `_weight_scale`, int8's `_weight_zero_point`)
+TORCHAO_WEIGHT = re.compile(r"^(?P<module>.+)\._weight_(?P<part>qdata|scale|zero_point)$")
 
 
 @dataclass
@@ -57,9 +60,12 @@ def _templates(component: str) -> tuple[list[Template], list[Template]]:
     return src, dst
 
 
-def split_quanto(tensors: dict[str, TensorRef]) -> tuple[dict[str, TensorRef], dict[str, list[str]]]:
-    """Quanto-quantized keys folded onto the key of the unquantized model: `<m>.weight._data`
-    stands for `<m>.weight` (its shape, for int8/float8); returns (keys, base key -> quanto keys)."""
+def split_quantized(tensors: dict[str, TensorRef]) -> tuple[dict[str, TensorRef], dict[str, list[str]]]:
+    """Quantized keys (quanto or torchao) folded onto the key of the unquantized model:
+    `<m>.weight._data` / `<m>._weight_qdata` stands for `<m>.weight` (its shape, for 8-bit types);
+    returns (keys, base key -> the stored keys it stands for)."""
+    if any(TORCHAO_WEIGHT.match(k) for k in tensors):
+        return _split_torchao(tensors)
     weights = {m.group("base") for k in tensors if (m := QUANTO_WEIGHT.match(k)) and m.group("part") in DATA_PARTS}
     if not weights:
         return dict(tensors), {}
@@ -78,6 +84,21 @@ def split_quanto(tensors: dict[str, TensorRef]) -> tuple[dict[str, TensorRef], d
             parts.setdefault(mm.group("module") + ".weight", []).append(key)
         else:
             out[key] = ref
+    return out, parts
+
+
+def _split_torchao(tensors: dict[str, TensorRef]) -> tuple[dict[str, TensorRef], dict[str, list[str]]]:
+    out: dict[str, TensorRef] = {}
+    parts: dict[str, list[str]] = {}
+    for key, ref in tensors.items():
+        m = TORCHAO_WEIGHT.match(key)
+        if m is None:
+            out[key] = ref
+            continue
+        base = m.group("module") + ".weight"
+        parts.setdefault(base, []).append(key)
+        if m.group("part") == "qdata":
+            out[base] = replace(ref, key=base)
     return out, parts
 
 

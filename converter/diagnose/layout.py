@@ -19,7 +19,7 @@ from ..read.safetensors_file import TensorRef, read_header
 from ..read.source import common_prefix, load_json
 from ..write.workfiles import RECORD_NAME
 from ..write.naming import MODEL_INDEX, SHARD, index_name, shard_name
-from .keys import Sides, best_component, classify, split_quanto
+from .keys import Sides, best_component, classify, split_quantized
 
 
 @dataclass
@@ -175,7 +175,7 @@ def single_file_unit(path: Path) -> Unit:
     prefixes = sorted({p for c in table_names() for p in load_table(c).source.strip_prefixes})
     ws.prefix = common_prefix(ws.tensors, prefixes)
     ws.tensors = {k[len(ws.prefix):]: r for k, r in ws.tensors.items()}
-    keys, quanto = split_quanto(ws.tensors)
+    keys, quanto = split_quantized(ws.tensors)
     sides = best_component(keys)
     if sides is None:
         raise ConversionError(f"{path}: not a Wan checkpoint: its keys match no table "
@@ -347,7 +347,7 @@ def folder_units(folder: Path, component: str | None) -> list[Unit]:
         elif component is not None:
             c = component
         else:
-            keys, _ = split_quanto(ws.tensors)
+            keys, _ = split_quantized(ws.tensors)
             sides = best_component(keys)
             c = sides.component if sides else component or "transformer"
         assigned.setdefault(component or c, []).append(ws)
@@ -360,7 +360,7 @@ def folder_units(folder: Path, component: str | None) -> list[Unit]:
         unit.weights = chosen
         unit.leftovers = [p for ws in group if ws is not chosen for p in ws.all_files]
         if chosen is not None:
-            unit.keys, unit.quanto = split_quanto(chosen.tensors)
+            unit.keys, unit.quanto = split_quantized(chosen.tensors)
             unit.sides = classify(c, unit.keys)
         target = unit.table.variants[0].target_class
         library = model_class(target)[0]
@@ -380,7 +380,7 @@ def choose(unit: Unit, group: list[WeightSet]) -> WeightSet | None:
     library = model_class(unit.table.variants[0].target_class)[0]
 
     def score(ws: WeightSet):
-        keys, _ = split_quanto(ws.tensors)
+        keys, _ = split_quantized(ws.tensors)
         sides = classify(unit.component, keys)
         preferred = (ws.kind == "sharded") == (library == "diffusers")
         return (not ws.fatal, sides.layout == "diffusers", ws.kind != "pth file", preferred, len(ws.tensors))

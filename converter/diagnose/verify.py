@@ -146,7 +146,11 @@ def _check_equal(got: torch.Tensor, expected: torch.Tensor) -> str:
 
 def _check_quantized(unit: Unit, key: str, expected: torch.Tensor) -> str:
     """quanto int8: data * scale must be the source within half a quantization step (any int8
-    quantizer passes); float8 and int4: see _check_requantized."""
+    quantizer passes); float8, int4 and torchao: see _check_requantized."""
+    from ..quantization.backend import describe_config
+
+    if (describe_config((unit.config or {}).get("quantization_config")) or ("",))[0] == "torchao":
+        return _check_requantized(unit, key, expected)
     parts = {QUANTO_WEIGHT.match(k).group("part"): k for k in unit.quanto[key] if QUANTO_WEIGHT.match(k)}
     refs = unit.weights.tensors
     if set(parts) != {"data", "scale"} or refs[parts["data"]].dtype != "I8":
@@ -167,12 +171,14 @@ def _check_requantized(unit: Unit, key: str, expected: torch.Tensor) -> str:
     from ..quantization.backend import get_backend
     from ..read.safetensors_file import DTYPES
 
-    weights = ((unit.config or {}).get("quantization_config") or {}).get("weights_dtype")
+    from ..quantization.backend import describe_config
+
+    backend, weights = describe_config((unit.config or {}).get("quantization_config")) or ("quanto", None)
     refs = unit.weights.tensors
-    scale = next((k for k in unit.quanto[key] if k.endswith("._scale")), None)
-    if weights not in ("float8", "int4") or scale is None:
-        return f"cannot check a quanto {weights!r} weight against the source"
-    parts = get_backend("quanto").quantize(weights, expected.to(DTYPES[refs[scale].dtype]))
+    scale = next((k for k in unit.quanto[key] if k.endswith(("._scale", "._weight_scale"))), None)
+    if (backend == "quanto" and weights not in ("float8", "int4")) or scale is None:
+        return f"cannot check a {backend} {weights!r} weight against the source"
+    parts = get_backend(backend).quantize(weights, expected.to(DTYPES[refs[scale].dtype]))
     prefix = key.rsplit(".", 1)[0]
     for part, want in parts.items():
         out_key = f"{prefix}.{part}"

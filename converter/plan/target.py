@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConversionError
+from ..quiet import quiet_imports
 from . import layout_cache
 
 LIBRARIES = ("diffusers", "transformers")
@@ -44,8 +45,9 @@ class TargetModel:
 
 def model_class(class_name: str):
     for lib in LIBRARIES:
-        module = importlib.import_module(lib)
-        cls = getattr(module, class_name, None)
+        with quiet_imports():  # the lazy module imports the class's own modules on first access
+            module = importlib.import_module(lib)
+            cls = getattr(module, class_name, None)
         if cls is not None:
             return lib, cls
     raise ConversionError(f"neither diffusers nor transformers has a class {class_name!r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..quantization.backend import describe_config
 from .folder import ConvertedFolder
 from .measure import TOLERANCE, Measurement
 from .provenance import FROM_HUB_CACHE, FROM_PUBLISH, RECORD_NAME
@@ -145,8 +146,8 @@ def _body(inputs: CardInputs) -> str:
 def _quant_summary(quant: dict[str, dict]) -> str:
     parts = []
     for comp, q in quant.items():
-        dtype = q.get("weights_dtype") or q.get("weights") or "?"
-        parts.append(f"{comp} weights quantized to {dtype} ({q.get('quant_method')})")
+        backend, dtype = describe_config(q) or (q.get("quant_method"), "?")
+        parts.append(f"{comp} weights quantized to {dtype} ({backend})")
     return "; ".join(parts)
 
 
@@ -222,8 +223,10 @@ def _conversion(inputs: CardInputs) -> list[str]:
         for comp, q in quant.items():
             kept = q.get("modules_to_not_convert") or []
             other = {k: v for k, v in q.items()
-                     if k not in ("quant_method", "weights_dtype", "modules_to_not_convert") and v not in (None, [], {})}
-            lines.append(f"- Quantization: {comp}: `{q.get('quant_method')}`, weights `{q.get('weights_dtype')}`"
+                     if k not in ("quant_method", "weights_dtype", "modules_to_not_convert", "quant_type")
+                     and v not in (None, [], {})}
+            weights = (describe_config(q) or (None, q.get("weights_dtype")))[1]
+            lines.append(f"- Quantization: {comp}: `{q.get('quant_method')}`, weights `{weights}`"
                          + (f", kept in float: {', '.join(f'`{m}`' for m in kept)}" if kept else "")
                          + (f", {other}" if other else "") + " (its config.json `quantization_config`).")
     else:

@@ -22,6 +22,7 @@ from functools import lru_cache
 
 import torch
 
+from ..quiet import quiet_imports
 from ..read.safetensors_file import DTYPES, TAGS
 from .backend import Entry, QuantBackend
 
@@ -29,9 +30,10 @@ SLICE_ELEMENTS = 4 * 1024 * 1024  # float values quantized at once
 
 
 def _torchao():
-    import torchao.quantization as q
-    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
-    from torchao.prototype.safetensors.safetensors_utils import TensorSubclassAttributeJSONEncoder
+    with quiet_imports():
+        import torchao.quantization as q
+        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+        from torchao.prototype.safetensors.safetensors_utils import TensorSubclassAttributeJSONEncoder
 
     return q, flatten_tensor_state_dict, TensorSubclassAttributeJSONEncoder
 
@@ -97,7 +99,9 @@ class TorchaoBackend(QuantBackend):
     def config(self, weights, keep_float, keep_in_fp32):
         """What diffusers' TorchAoConfig.to_dict() writes (modules_to_not_convert extended in place
         with _keep_in_fp32_modules by the quantizer before saving, as for quanto)."""
-        from diffusers import TorchAoConfig
+        with quiet_imports():
+            from diffusers import TorchAoConfig
+            from diffusers.quantizers.torchao import torchao_quantizer  # noqa: F401 - imported quietly here
 
         skip = list(keep_float) + list(keep_in_fp32) if keep_float is not None else None
         return TorchAoConfig(ao_config(weights), modules_to_not_convert=skip).to_dict()

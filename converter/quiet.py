@@ -1,0 +1,24 @@
+"""Importing diffusers with torchao installed logs what concerns neither a conversion nor its
+user: torchao's GPU kernels that do not load on a CPU-only machine, torch's notes on enum
+registrations, diffusers' note on legacy torchao tensor classes. Those loggers are held at ERROR
+while the libraries are first imported; a real error still shows."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
+
+
+@contextmanager
+def quiet_imports():
+    loggers = [logging.getLogger(n) for n in NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
