@@ -43,23 +43,23 @@ def test_no_network_is_one_clear_line(tmp_path):
         assert not (tmp_path / "out").exists()
 
 
-def test_a_cached_repo_converts_offline(tmp_path):
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hf" / "hub" / "models--Wan-AI--Wan2.1-T2V-1.3B"
-    make_original_repo(repo / "snapshots" / commit, "t2v")
+def cached_repo(hf_home, repo_id: str, variant: str, commit: str = "0123456789abcdef0123456789abcdef01234567"):
+    """An original repo as the local Hub cache holds it (snapshots/<commit>, refs/main)."""
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    make_original_repo(repo / "snapshots" / commit, variant)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
+
+
+def test_a_cached_repo_converts_offline(tmp_path):
+    cached_repo(tmp_path / "hf", "Wan-AI/Wan2.1-T2V-1.3B", "t2v")
     r = cli(["convert", "Wan-AI/Wan2.1-T2V-1.3B", tmp_path / "out"], tmp_path / "hf")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "model_index.json").exists()
 
 
 def test_a_cached_wan22_a14b_repo_converts_offline_with_both_experts(tmp_path):
-    commit = "89abcdef0123456789abcdef0123456789abcdef"
-    repo = tmp_path / "hf" / "hub" / "models--Wan-AI--Wan2.2-T2V-A14B"
-    make_original_repo(repo / "snapshots" / commit, "t2v_a14b")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    cached_repo(tmp_path / "hf", "Wan-AI/Wan2.2-T2V-A14B", "t2v_a14b")
     r = cli(["convert", "Wan-AI/Wan2.2-T2V-A14B", tmp_path / "out"], tmp_path / "hf")
     assert r.returncode == 0, r.stderr
     index = json.loads((tmp_path / "out" / "model_index.json").read_text())

@@ -56,9 +56,21 @@ def test_a_damaged_entry_is_ignored(tmp_path, monkeypatch):
     entry.write_text(json.dumps(data))
     run_cli("convert", FIXTURES / "t2v", tmp_path / "second")
     assert files(tmp_path / "first") == files(tmp_path / "second")
-    entry.write_text("{not json")
-    run_cli("convert", FIXTURES / "t2v", tmp_path / "third")
-    assert files(tmp_path / "first") == files(tmp_path / "third")
+    # not what the cache writes (issue 9): ignored and rebuilt, never a traceback
+    for i, text in enumerate(["{not json", "[1, 2, 3]", '"text"', "[" * 100_000, "null"]):
+        entry.write_text(text)
+        run_cli("convert", FIXTURES / "t2v", tmp_path / f"again{i}")
+        assert files(tmp_path / "first") == files(tmp_path / f"again{i}")
+        assert json.loads(entry.read_text())["class"] == "WanTransformer3DModel"  # rebuilt
+    # a valid digest over a layout of a foreign shape: not trusted either
+    from wan2diffusers.plan import layout_cache
+
+    data = json.loads(entry.read_text())
+    data["layout"]["shapes"] = {"proj_out.weight": "not a shape"}
+    data["sha256"] = layout_cache._digest(data["layout"])
+    entry.write_text(json.dumps(data))
+    run_cli("convert", FIXTURES / "t2v", tmp_path / "foreign")
+    assert files(tmp_path / "first") == files(tmp_path / "foreign")
 
 
 def test_the_cache_can_be_turned_off(tmp_path, monkeypatch):

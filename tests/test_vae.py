@@ -42,7 +42,12 @@ def test_config_is_derived_from_the_weights(converted):
 
 
 def test_loads_strictly_and_reproduces_the_official_outputs(converted):
-    inputs, expected, _ = fixture_io("vae")
+    assert_official_vae_outputs(converted, "vae")
+
+
+def assert_official_vae_outputs(converted, name: str) -> None:
+    """The converted VAE loads strictly and encodes/decodes the fixture's inputs as the official code."""
+    inputs, expected, _ = fixture_io(name)
     vae, loading = AutoencoderKLWan.from_pretrained(converted, torch_dtype=torch.float32, output_loading_info=True)
     assert not any(loading[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), loading
     vae.eval()

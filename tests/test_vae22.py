@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 import torch
-from diffusers import AutoencoderKLWan
 
-from conftest import FIXTURES, TOL, fixture_io, rel_err, run_cli
+from conftest import FIXTURES, fixture_io, run_cli
+from test_vae import assert_official_vae_outputs
 
 VAE22 = FIXTURES / "vae22" / "Wan2.2_VAE.pth"
 
@@ -35,15 +35,7 @@ def test_config_is_the_official_2_2_config(converted):
 
 
 def test_loads_strictly_and_reproduces_the_official_outputs(converted):
-    inputs, expected, _ = fixture_io("vae22")
-    vae, loading = AutoencoderKLWan.from_pretrained(converted, torch_dtype=torch.float32, output_loading_info=True)
-    assert not any(loading[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), loading
-    vae.eval()
-    with torch.no_grad():
-        mu = vae.encode(inputs["sample"]).latent_dist.mean
-        decoded = vae.decode(inputs["latents"]).sample
-    assert rel_err(mu, expected["mu"]) <= TOL
-    assert rel_err(decoded, expected["decode_sample"]) <= TOL
+    assert_official_vae_outputs(converted, "vae22")
 
 
 @pytest.mark.parametrize("fixture,name,variant", [("vae22", "Wan2.2_VAE.pth", "wan2.1"),

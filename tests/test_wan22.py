@@ -11,23 +11,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FIXTURES, TOL, fixture_io, rel_err, run_cli
+from conftest import FIXTURES, TOL, rel_err, run_cli
 from repos import make_original_repo
 from test_pipeline import load_pipeline
-from test_transformer import load_converted
+from test_transformer import load_converted, run_official_call
 
 EXPERTS = ("high_noise_model", "low_noise_model")
 
 
 def expert_output(folder, fixture: str):
     """The converted expert on the official inputs of `fixture` (e.g. t2v_a14b/high_noise_model)."""
-    inputs, expected, _ = fixture_io(fixture)
-    model = load_converted(folder)
-    kwargs = {"hidden_states": inputs["hidden_states"], "timestep": inputs["timestep"],
-              "encoder_hidden_states": inputs["encoder_hidden_states"]}
-    with torch.no_grad():
-        out = model(**kwargs, return_dict=False)[0]
-    return out, expected["sample"]
+    return run_official_call(load_converted(folder), fixture)
 
 
 @pytest.fixture(scope="module")
