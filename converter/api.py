@@ -20,7 +20,7 @@ from .errors import ConversionError
 PathArg = Union[str, "PathLike[str]"]
 Log = Callable[[str], None]
 Dtype = Literal["keep", "fp32", "bf16", "fp16"]
-Weights = Literal["int8", "float8", "int4"]
+Weights = str  # int8, float8, int4 (quanto/torchao); Q8_0 ... F32 with to="gguf"
 Backend = Literal["quanto", "torchao"]
 
 __all__ = ["Report", "ConversionError", "convert", "quantize", "inspect", "verify", "repair", "publish"]
@@ -63,7 +63,7 @@ def convert(source: PathArg, output: PathArg, *, dtype: Dtype = "keep", quantize
             settings: Union[Mapping[str, Mapping], Iterable[str], None] = None, override_config: bool = False,
             clip_heads: int | None = None, flow_shift: float | None = None, check_finite: bool = False,
             dry_run: bool = False, log: Log | None = None, warn: Log | None = None,
-            progress: bool = True, backend: Backend | None = None) -> Report:
+            progress: bool = True, backend: Backend | None = None, to: Literal["diffusers", "gguf"] = "diffusers") -> Report:
     """Convert the original Wan weights at `source` (a repo folder, one file, or a Hub repo id)
     into a Diffusers folder `output` (`wan2diffusers convert`). `settings`: facts the weights
     cannot tell, e.g. {"transformer": {"num_heads": 12}}; a value that contradicts the source's
@@ -76,7 +76,8 @@ def convert(source: PathArg, output: PathArg, *, dtype: Dtype = "keep", quantize
         return Report(run_convert(Path(source), Path(output), _components(only), max_shard_size, dtype,
                                   _settings(settings), clip_heads, flow_shift, overwrite, dry_run,
                                   say=log or silent, warn=warn or silent, progress=progress, quantize=quantize,
-                                  check_finite=check_finite, override_config=override_config, backend=backend))
+                                  check_finite=check_finite, override_config=override_config, backend=backend,
+                                  to=to))
 
 
 def quantize(source: PathArg, output: PathArg, *, weights: Weights, overwrite: bool = False,

@@ -11,8 +11,12 @@ from .common import human_size, silent
 
 def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, flow_shift, overwrite, dry_run,
                 say=silent, warn=silent, progress: bool = True, quantize=None, check_finite=False,
-                override_config=False, backend=None) -> dict:
+                override_config=False, backend=None, to="diffusers") -> dict:
     """read -> plan (coverage proven) -> [check values] -> [quantize plan] -> pipeline plan -> write."""
+    if to == "gguf":  # one file, the transformer in its original key names
+        from .to_gguf import run_gguf
+
+        return run_gguf(src, out, quantize, overwrite, dry_run, overrides, say, progress)
     from ..component import describe
     from ..hub import download, looks_like_repo_id
     from ..write.atomic import check_output

@@ -28,10 +28,15 @@ from .common import parse_settings, run_reporting
 @click.option("--set", "settings", multiple=True, metavar="COMPONENT.FACT=VALUE",
               help="Give a fact the weights cannot tell, e.g. transformer.num_heads=12 for a single "
                    "file of an unknown size (value parsed as YAML). Repeatable.")
-@click.option("--quantize", type=click.Choice(["int8", "float8", "int4"]), default=None,
-              help="Write the transformer quantized (optimum-quanto, diffusers' QuantoConfig format: "
-                   "from_pretrained loads it with no extra argument); the other components stay float. "
-                   "Which modules stay float: mappings/quantization.yaml.")
+@click.option("--to", "to", type=click.Choice(["diffusers", "gguf"]), default="diffusers", show_default=True,
+              help="Output layout: a Diffusers folder, or (gguf) the transformer as one .gguf file in its "
+                   "original key names, for ComfyUI-GGUF and diffusers' GGUF loader (needs --quantize TYPE).")
+@click.option("--quantize", type=click.Choice(["int8", "float8", "int4", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0",
+                                               "BF16", "F16", "F32"]), default=None,
+              help="Write the transformer quantized: int8, float8, int4 in a Diffusers folder (see --backend; "
+                   "from_pretrained loads it with no extra argument; the other components stay float; which "
+                   "modules stay float: mappings/quantization.yaml); with --to gguf, a GGUF type "
+                   "(Q8_0 ... F32; mappings/gguf.yaml).")
 @click.option("--override-config", is_flag=True,
               help="Let --set values replace what the source's config.json says (otherwise a contradiction "
                    "is refused).")
@@ -46,7 +51,7 @@ from .common import parse_settings, run_reporting
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 def convert(src: Path, out: Path, only: str | None, max_shard_size: str, dtype: str, clip_heads: int | None,
             flow_shift: float | None, settings: tuple[str, ...], quantize: str | None, override_config: bool,
-            check_finite: bool, backend: str | None, overwrite: bool, dry_run: bool, as_json: bool):
+            check_finite: bool, backend: str | None, to: str, overwrite: bool, dry_run: bool, as_json: bool):
     """Convert the original-layout Wan 2.1 / Wan 2.2 weights in SRC into a Diffusers folder OUT.
 
     SRC is a Hub repo id (e.g. Wan-AI/Wan2.2-T2V-A14B: only the needed files are downloaded),
@@ -61,6 +66,6 @@ def convert(src: Path, out: Path, only: str | None, max_shard_size: str, dtype: 
                            max_shard_size=max_shard_size, settings=parse_settings(settings),
                            override_config=override_config, clip_heads=clip_heads, flow_shift=flow_shift,
                            check_finite=check_finite, dry_run=dry_run, log=None if as_json else click.echo,
-                           warn=lambda line: click.echo(line, err=True), progress=not as_json, backend=backend)
+                           warn=lambda line: click.echo(line, err=True), progress=not as_json, backend=backend, to=to)
 
     run_reporting(action, as_json, out, "nothing was written", "; nothing was written")

@@ -1,0 +1,125 @@
+"""A transformer as one GGUF file (`convert SRC OUT.gguf --to gguf --quantize TYPE`): the source's
+own (original Wan) key names and shapes, each tensor's type chosen by mappings/gguf.yaml, values
+from the `gguf` package's own `gguf.quants.quantize`. The header (every tensor's name, shape and
+type) is written from the plan before any data; then the tensors are read, quantized and appended
+one at a time, into a hidden file renamed to OUT when complete."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from .errors import ConversionError
+from .mapping.tables import parse_yaml, tables_root
+
+
+class GGUFPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_version: int
+    description: str
+    architecture: str
+    types: list[str]
+    f32_max_params: int
+    keep_f32: list[str]
+    keep_unquantized: list[str]
+
+
+@lru_cache(maxsize=None)
+def load_gguf_policy() -> GGUFPolicy:
+    path = tables_root().joinpath("gguf.yaml")
+    return parse_yaml(path.read_text(encoding="utf-8"), str(path), GGUFPolicy, "GGUF policy")
+
+
+@dataclass
+class GGUFTensor:
+    key: str
+    shape: tuple[int, ...]
+    qtype: str  # a gguf.GGMLQuantizationType name
+    source: object  # the TensorRef to read
+    nbytes: int
+
+
+def tensor_type(key: str, shape: tuple[int, ...], source_dtype: str, target: str) -> str:
+    """The GGUF type of one tensor for a file of type `target` (mappings/gguf.yaml)."""
+    import gguf
+
+    p = load_gguf_policy()
+    n = math.prod(shape)
+    if len(shape) == 1 or n <= p.f32_max_params or any(s in key for s in p.keep_f32) or len(shape) > 4:
+        return "F32"
+    if target in ("F32", "F16", "BF16"):
+        return target
+    plain = "BF16" if source_dtype == "BF16" else "F16"  # what ComfyUI-GGUF's convert.py keeps them in
+    if len(shape) != 2 or any(s in key for s in p.keep_unquantized):
+        return plain
+    block, _ = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[target]]
+    return target if shape[-1] % block == 0 else "F16"
+
+
+def plan_gguf(cp, target: str) -> list[GGUFTensor]:
+    import gguf
+
+    p = load_gguf_policy()
+    if target not in p.types:
+        raise ConversionError(f"--quantize {target}: a GGUF file takes {', '.join(p.types)}")
+    out = []
+    for key, ref in cp.source.tensors.items():
+        shape = tuple(ref.shape)
+        q = tensor_type(key, shape, ref.dtype, target)
+        qt = gguf.GGMLQuantizationType[q]
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qt) if q not in ("F32", "F16") else shape
+        item = {"F32": 4, "F16": 2}.get(q, 1)
+        out.append(GGUFTensor(key, shape, q, ref, math.prod(byte_shape) * item))
+    return out
+
+
+def quantized_values(t: GGUFTensor):
+    """The tensor's bytes as gguf.quants.quantize makes them from its float32 values."""
+    import gguf
+    import numpy as np
+
+    from .read.safetensors_file import read_tensor
+
+    data = read_tensor(t.source).float().numpy().astype(np.float32, copy=False)
+    return gguf.quants.quantize(data, gguf.GGMLQuantizationType[t.qtype])
+
+
+def write_gguf(tensors: list[GGUFTensor], out: Path, target: str, progress: bool = True) -> None:
+    import gguf
+    import numpy as np
+    from tqdm import tqdm
+
+    from .write.workfiles import PARTIAL
+
+    p = load_gguf_policy()
+    tmp = out.with_name(f".{out.name}.{PARTIAL}-{os.getpid()}")
+    writer = gguf.GGUFWriter(path=None, arch=p.architecture)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    file_type = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16"}.get(target, f"MOSTLY_{target}")
+    writer.add_file_type(gguf.LlamaFileType[file_type])
+    for t in tensors:  # the header, from the plan alone
+        writer.add_tensor_info(t.key, t.shape, np.dtype(np.float32), t.nbytes, gguf.GGMLQuantizationType[t.qtype])
+    try:
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc="writing gguf",
+                  disable=None if progress else True, leave=False) as bar:
+            for t in tensors:  # then the data, one tensor at a time
+                data = quantized_values(t)
+                if data.nbytes != t.nbytes:
+                    raise ConversionError(f"{t.key}: planned {t.nbytes} bytes as {t.qtype}, quantized {data.nbytes}")
+                writer.write_tensor_data(data)
+                bar.update(t.nbytes)
+                del data
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise

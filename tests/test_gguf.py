@@ -1,0 +1,80 @@
+"""GGUF output (issue 13, first step): `convert SRC OUT.gguf --to gguf --quantize TYPE` writes the
+transformer in its original key names, every tensor byte-identical to the `gguf` package's own
+`gguf.quants.quantize` of the same float tensor in the type mappings/gguf.yaml gives it; diffusers'
+GGUF loader (`from_single_file` + `GGUFQuantizationConfig`) loads it on CPU and reproduces the
+official outputs within a measured error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FIXTURES, TOL, rel_err, run_cli
+from test_transformer import run_official_call
+
+gguf = pytest.importorskip("gguf")
+# measured on the t2v fixture (float32 CPU), with margin; F32 is the float model itself
+BOUND = {"F32": TOL, "F16": 5e-3, "BF16": 2e-2, "Q8_0": 1e-2, "Q5_1": 5e-2, "Q4_0": 0.2}
+
+
+def source_tensors(name: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted((FIXTURES / name).glob("diffusion_pytorch_model*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.mark.parametrize("name,qtype", [("t2v", "Q8_0"), ("t2v", "Q4_0"), ("t2v", "Q5_1"), ("t2v", "BF16"),
+                                        ("t2v", "F16"), ("t2v", "F32"), ("i2v", "Q8_0"), ("flf2v", "Q8_0"),
+                                        ("vace", "Q8_0")])
+def test_every_tensor_is_what_gguf_quants_makes_of_the_source(tmp_path, name, qtype):
+    out = tmp_path / f"{name}-{qtype}.gguf"
+    report = run_cli("convert", FIXTURES / name, out, "--to", "gguf", "--quantize", qtype, "--json").json()
+    src = source_tensors(name)
+    reader = gguf.GGUFReader(str(out))
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "wan"
+    tensors = {t.name: t for t in reader.tensors}
+    assert set(tensors) == set(src) and report["tensors"] == len(src)  # the original key names, all of them
+    for key, value in src.items():
+        t = tensors[key]
+        kind = t.tensor_type.name
+        assert tuple(int(d) for d in reversed(t.shape.tolist())) == tuple(value.shape), key
+        want = gguf.quants.quantize(value.float().numpy(), t.tensor_type)
+        assert bytes(t.data.tobytes()) == bytes(want.tobytes()), (key, kind)
+        # the type the policy gives it (ComfyUI-GGUF's rules for Wan)
+        if value.ndim == 1 or ".modulation" in key or key == "head.modulation" or value.ndim > 4:
+            assert kind == "F32", (key, kind)
+        elif qtype in ("F32", "F16", "BF16"):
+            assert kind == qtype, (key, kind)
+        elif key.startswith(("patch_embedding.", "text_embedding.", "time_projection.", "time_embedding.",
+                             "img_emb.", "head.")):
+            assert kind in ("F16", "F32"), (key, kind)
+        elif value.ndim == 2 and value.numel() > 1024:
+            assert kind == qtype, (key, kind)
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q5_1", "Q4_0"])
+def test_diffusers_gguf_loader_reproduces_the_official_output(tmp_path, qtype):
+    import diffusers
+
+    run_cli("convert", FIXTURES / "t2v", tmp_path / "float")  # the Diffusers config the loader is given
+    out = tmp_path / "t2v.gguf"
+    run_cli("convert", FIXTURES / "t2v", out, "--to", "gguf", "--quantize", qtype)
+    model = diffusers.WanTransformer3DModel.from_single_file(
+        str(out), quantization_config=diffusers.GGUFQuantizationConfig(compute_dtype=torch.float32),
+        config=str(tmp_path / "float" / "transformer"), torch_dtype=torch.float32).eval()
+    got, expected = run_official_call(model, "t2v")
+    err = rel_err(got, expected)
+    print(f"\nt2v gguf {qtype}: rel err {err:.3g}")
+    assert err <= BOUND[qtype]
+
+
+def test_gguf_refusals(tmp_path):
+    r = run_cli("convert", FIXTURES / "t2v", tmp_path / "x.safetensors", "--to", "gguf", "--quantize", "Q8_0", ok=False)
+    assert ".gguf" in r.stderr
+    r = run_cli("convert", FIXTURES / "t2v", tmp_path / "x.gguf", "--to", "gguf", ok=False)
+    assert "--quantize TYPE" in r.stderr
+    r = run_cli("convert", FIXTURES / "t2v", tmp_path / "x.gguf", "--to", "gguf", "--quantize", "int8", ok=False)
+    assert "a GGUF file takes" in r.stderr
+    assert not list(tmp_path.iterdir())
