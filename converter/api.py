@@ -99,6 +99,10 @@ def inspect(path: PathArg) -> Report:
     from .diagnose.report import inspect_path
 
     with os_errors(path):
+        if Path(path).suffix == ".gguf":
+            from .gguf_out import inspect_gguf
+
+            return Report(inspect_gguf(Path(path)))
         return Report({"ok": True, **inspect_path(Path(path))[2]})
 
 

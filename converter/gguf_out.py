@@ -123,3 +123,44 @@ def write_gguf(tensors: list[GGUFTensor], out: Path, target: str, progress: bool
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
+
+
+def inspect_gguf(path: Path) -> dict:
+    """What `inspect` says of a GGUF file, from its header: architecture, the transformer variant
+    and size the Wan tables detect from its key names and shapes, tensor types and sizes."""
+    import gguf
+
+    from .mapping.tables import load_table
+    from .read.files import require_file
+    from .read.safetensors_file import TensorRef
+
+    require_file(path, "GGUF file")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt file
+        raise ConversionError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})".splitlines()[0]) from None
+    field = reader.fields.get("general.architecture")
+    arch = bytes(field.parts[-1]).decode("utf-8", "replace") if field is not None else None
+    refs, types, total = {}, {}, 0
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        refs[t.name] = TensorRef(Path(path), t.name, "F32", shape, 0, 0)
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        total += int(t.n_bytes)
+    report = {"ok": True, "path": str(path), "kind": "gguf file", "architecture": arch, "tensors": len(refs),
+              "types": dict(sorted(types.items())), "bytes": total, "components": [], "notes": [],
+              "leftovers": [], "healthy": True}
+    table = load_table("transformer")  # the variant and size from the keys and shapes, as convert detects them
+    absent = [k for k in table.source.required_keys if k not in refs]
+    if absent:
+        report.update(variant=None, size=None, healthy=False)
+        report["notes"].append(f"not a Wan transformer in the original key names (no {absent[0]})")
+    else:
+        variant = next(v.name for v in table.variants if all(k in refs for k in v.when_present))
+        dim = refs["patch_embedding.weight"].shape[0]
+        size = next((z.name for z in table.sizes if z.dim == dim), f"custom (dim {dim})")
+        report.update(variant=variant, size=size)
+    if arch != load_gguf_policy().architecture:
+        report["notes"].append(f"general.architecture is {arch!r}; ComfyUI-GGUF reads Wan files as "
+                               f"{load_gguf_policy().architecture!r}")
+    return report

@@ -78,3 +78,17 @@ def test_gguf_refusals(tmp_path):
     r = run_cli("convert", FIXTURES / "t2v", tmp_path / "x.gguf", "--to", "gguf", "--quantize", "int8", ok=False)
     assert "a GGUF file takes" in r.stderr
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["t2v", "i2v", "vace"])
+def test_inspect_recognises_a_gguf_file(tmp_path, name):
+    out = tmp_path / f"{name}.gguf"
+    made = run_cli("convert", FIXTURES / name, out, "--to", "gguf", "--quantize", "Q8_0", "--json").json()
+    report = run_cli("inspect", out, "--json").json()
+    assert report["kind"] == "gguf file" and report["architecture"] == "wan" and report["healthy"]
+    assert report["variant"] == name and report["types"] == made["types"] and report["tensors"] == made["tensors"]
+    assert report["bytes"] == made["bytes"]
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"\x00" * 3000)
+    r = run_cli("inspect", bad, ok=False)
+    assert r.stderr.startswith(f"error: {bad}: not a readable GGUF file")

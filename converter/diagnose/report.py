@@ -81,6 +81,17 @@ def as_dict(found: Found, diags: list[Diagnosis]) -> dict:
 
 def render(report: dict) -> list[str]:
     lines = [f"{report['path']}: {report['kind']}"]
+    if report["kind"] == "gguf file":
+        lines.append(f"  architecture: {report['architecture']}")
+        if report.get("variant"):
+            lines.append(f"  variant:  {report['variant']}{', size ' + report['size'] if report.get('size') else ''}"
+                         " (original Wan key names)")
+        lines.append(f"  tensors:  {report['tensors']} ({human_size(report['bytes'])}; "
+                     + ", ".join(f"{k} x{n}" for k, n in report["types"].items()) + ")")
+        for note in report["notes"]:
+            lines.append(f"note: {note}")
+        lines.append("healthy: a GGUF transformer" if report["healthy"] else "problems found (see notes)")
+        return lines
     for c in report["components"]:
         lines.append(f"{c['component']}: {c['layout_label']}" + (f" ({c['where']}: {c['path']})" if c["where"] != "single file" else ""))
         if c["variant"]:
