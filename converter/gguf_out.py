@@ -78,15 +78,54 @@ def plan_gguf(cp, target: str) -> list[GGUFTensor]:
     return out
 
 
+SLICE_ELEMENTS = 16 * 1024 * 1024  # float values quantized at once (64 MB in float32)
+
+
 def quantized_values(t: GGUFTensor):
-    """The tensor's bytes as gguf.quants.quantize makes them from its float32 values."""
+    """The tensor's bytes as gguf.quants.quantize makes them from its float32 values, a slice of
+    rows at a time (every GGUF type quantizes blocks along a row, so slices give the same bytes)."""
     import gguf
     import numpy as np
 
-    from .read.safetensors_file import read_tensor
+    from .read.safetensors_file import LazyRows, read_tensor
 
-    data = read_tensor(t.source).float().numpy().astype(np.float32, copy=False)
-    return gguf.quants.quantize(data, gguf.GGMLQuantizationType[t.qtype])
+    qt = gguf.GGMLQuantizationType[t.qtype]
+    ref = t.source
+    if len(t.shape) != 2 or ref.stride is not None:
+        yield gguf.quants.quantize(read_tensor(ref).float().numpy().astype(np.float32, copy=False), qt)
+        return
+    import torch
+
+    rows = LazyRows(ref, t.shape, torch.float32)
+    per = max(1, SLICE_ELEMENTS // max(t.shape[1], 1))
+    for a in range(0, t.shape[0], per):
+        yield gguf.quants.quantize(rows[a:a + per].numpy(), qt)
+
+
+def append_tensor(writer, t: GGUFTensor, bar) -> None:
+    """GGUFWriter.write_tensor_data for a tensor that arrives in slices: the tensor info it pops,
+    the alignment padding before and after, the slices' bytes in between (gguf-py gguf_writer.py)."""
+    fout = writer.fout[0]
+    name = next(iter(writer.tensors[0]))
+    info = writer.tensors[0].pop(name)
+    if name != t.key or info.nbytes != t.nbytes:
+        raise ConversionError(f"{t.key}: the GGUF header planned {name} with {info.nbytes} bytes")
+    writer.write_padding(fout, fout.tell())
+    done = 0
+    for part in quantized_values(t):
+        part.tofile(fout)
+        done += part.nbytes
+        bar.update(part.nbytes)
+    if done != t.nbytes:
+        raise ConversionError(f"{t.key}: planned {t.nbytes} bytes as {t.qtype}, quantized {done}")
+    writer.write_padding(fout, t.nbytes)
+    writer.state = gguf_state().WEIGHTS  # as write_tensor_data leaves it
+
+
+def gguf_state():
+    from gguf.gguf_writer import WriterState
+
+    return WriterState
 
 
 def write_gguf(tensors: list[GGUFTensor], out: Path, target: str, progress: bool = True) -> None:
@@ -110,13 +149,8 @@ def write_gguf(tensors: list[GGUFTensor], out: Path, target: str, progress: bool
         writer.write_ti_data_to_file()
         with tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc="writing gguf",
                   disable=None if progress else True, leave=False) as bar:
-            for t in tensors:  # then the data, one tensor at a time
-                data = quantized_values(t)
-                if data.nbytes != t.nbytes:
-                    raise ConversionError(f"{t.key}: planned {t.nbytes} bytes as {t.qtype}, quantized {data.nbytes}")
-                writer.write_tensor_data(data)
-                bar.update(t.nbytes)
-                del data
+            for t in tensors:  # then the data, one tensor (a slice of rows) at a time
+                append_tensor(writer, t, bar)
         writer.close()
         os.replace(tmp, out)
     except BaseException:

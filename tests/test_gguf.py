@@ -92,3 +92,13 @@ def test_inspect_recognises_a_gguf_file(tmp_path, name):
     bad.write_bytes(b"\x00" * 3000)
     r = run_cli("inspect", bad, ok=False)
     assert r.stderr.startswith(f"error: {bad}: not a readable GGUF file")
+
+
+def test_slices_of_rows_give_the_bytes_of_the_whole_tensor(tmp_path, monkeypatch):
+    """Streamed: 2-D weights are quantized a slice of rows at a time; the file is the same."""
+    from wan2diffusers import gguf_out
+
+    run_cli("convert", FIXTURES / "t2v", tmp_path / "whole.gguf", "--to", "gguf", "--quantize", "Q4_1")
+    monkeypatch.setattr(gguf_out, "SLICE_ELEMENTS", 3 * 128)  # 3 rows of 128 values per slice
+    run_cli("convert", FIXTURES / "t2v", tmp_path / "sliced.gguf", "--to", "gguf", "--quantize", "Q4_1")
+    assert (tmp_path / "whole.gguf").read_bytes() == (tmp_path / "sliced.gguf").read_bytes()
