@@ -115,6 +115,10 @@ def verify(path: PathArg, source: PathArg | None = None, *, progress: bool = Tru
     if source is not None and not Path(source).exists():
         raise ConversionError(f"{source}: no such file or folder (--source)")
     with os_errors(path):
+        if Path(path).suffix == ".gguf":
+            from .gguf_out import verify_gguf
+
+            return Report(verify_gguf(Path(path), Path(source) if source is not None else None, progress))
         return Report(verify_path(Path(path), Path(source) if source is not None else None, progress=progress))
 
 

@@ -198,3 +198,52 @@ def inspect_gguf(path: Path) -> dict:
         report["notes"].append(f"general.architecture is {arch!r}; ComfyUI-GGUF reads Wan files as "
                                f"{load_gguf_policy().architecture!r}")
     return report
+
+
+def verify_gguf(path: Path, source: Path | None, progress: bool = True) -> dict:
+    """A GGUF file checked: readable, a Wan transformer in the original key names; with `source`
+    (the original checkpoint), every tensor the source's tensor quantized again, in the file's own
+    type for it, byte for byte, and every source tensor present with its shape."""
+    import gguf
+    import numpy as np
+    from tqdm import tqdm
+
+    from .diagnose.verify import sha256
+    from .discover import discover
+
+    report = inspect_gguf(path)
+    diffs = [{"key": None, "problem": n} for n in report["notes"]] if not report["healthy"] else []
+    compared = 0
+    if source is not None:
+        from .actions.convert import plan_components
+
+        found = discover(Path(source), ["transformer"])
+        if len(found) != 1:
+            raise ConversionError(f"{source}: --source holds {len(found)} transformers; give the expert folder")
+        (cp,) = plan_components(Path(source), ["transformer"], "keep", {}, None, False, lambda *a, **k: None)
+        reader = gguf.GGUFReader(str(path))
+        stored = {t.name: t for t in reader.tensors}
+        for key in sorted(set(cp.source.tensors) - set(stored)):
+            diffs.append({"key": key, "problem": "in the source; the GGUF file lacks it"})
+        for key in sorted(set(stored) - set(cp.source.tensors)):
+            diffs.append({"key": key, "problem": "in the GGUF file; the source does not have it"})
+        todo = [k for k in stored if k in cp.source.tensors]
+        with tqdm(total=len(todo), desc="comparing gguf", disable=None if progress else True, leave=False) as bar:
+            for key in todo:
+                t, ref = stored[key], cp.source.tensors[key]
+                shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+                if shape != tuple(ref.shape):
+                    diffs.append({"key": key, "problem": f"shape {list(shape)}, the source has {list(ref.shape)}"})
+                else:
+                    want = GGUFTensor(key, shape, t.tensor_type.name, ref, int(t.n_bytes))
+                    got = np.asarray(t.data).tobytes()
+                    if got != b"".join(part.tobytes() for part in quantized_values(want)):
+                        diffs.append({"key": key, "problem": f"not the source quantized to {t.tensor_type.name}"})
+                compared += 1
+                bar.update(1)
+    comp = {"component": "transformer", "path": str(path), "layout": f"GGUF ({report['architecture']})",
+            "class": "gguf.quants", "tensors": report["tensors"], "compared": compared,
+            "differences": [d for d in diffs]}
+    return {"ok": not diffs, "path": str(path), "kind": "gguf file", "source": str(source) if source else None,
+            "components": [comp], "differences": [{**d, "component": "transformer"} for d in diffs],
+            "files": [{"file": Path(path).name, "bytes": Path(path).stat().st_size, "sha256": sha256(Path(path))}]}

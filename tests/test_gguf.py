@@ -102,3 +102,21 @@ def test_slices_of_rows_give_the_bytes_of_the_whole_tensor(tmp_path, monkeypatch
     monkeypatch.setattr(gguf_out, "SLICE_ELEMENTS", 3 * 128)  # 3 rows of 128 values per slice
     run_cli("convert", FIXTURES / "t2v", tmp_path / "sliced.gguf", "--to", "gguf", "--quantize", "Q4_1")
     assert (tmp_path / "whole.gguf").read_bytes() == (tmp_path / "sliced.gguf").read_bytes()
+
+
+def test_verify_checks_every_tensor_against_the_source_quantized_again(tmp_path):
+    from gguf import GGUFReader
+
+    out = tmp_path / "t2v.gguf"
+    run_cli("convert", FIXTURES / "t2v", out, "--to", "gguf", "--quantize", "Q8_0")
+    ok = run_cli("verify", out, "--source", FIXTURES / "t2v", "--json").json()
+    assert ok["ok"] and ok["components"][0]["compared"] == 69
+    # one byte of one quantized weight changed: named
+    t = next(t for t in GGUFReader(str(out)).tensors if t.name == "blocks.1.ffn.2.weight")
+    data = bytearray(out.read_bytes())
+    data[int(t.data_offset) + 5] ^= 0xFF
+    out.write_bytes(bytes(data))
+    bad = run_cli("verify", out, "--source", FIXTURES / "t2v", "--json", ok=False).json()
+    assert [d["key"] for d in bad["differences"]] == ["blocks.1.ffn.2.weight"]
+    other = run_cli("verify", out, "--source", FIXTURES / "i2v", "--json", ok=False).json()
+    assert not other["ok"] and any("lacks it" in d["problem"] for d in other["differences"])
