@@ -209,7 +209,6 @@ def verify_gguf(path: Path, source: Path | None, progress: bool = True) -> dict:
     from tqdm import tqdm
 
     from .diagnose.verify import sha256
-    from .discover import discover
 
     report = inspect_gguf(path)
     diffs = [{"key": None, "problem": n} for n in report["notes"]] if not report["healthy"] else []
@@ -217,10 +216,10 @@ def verify_gguf(path: Path, source: Path | None, progress: bool = True) -> dict:
     if source is not None:
         from .actions.convert import plan_components
 
-        found = discover(Path(source), ["transformer"])
-        if len(found) != 1:
-            raise ConversionError(f"{source}: --source holds {len(found)} transformers; give the expert folder")
-        (cp,) = plan_components(Path(source), ["transformer"], "keep", {}, None, False, lambda *a, **k: None)
+        plans = plan_components(Path(source), ["transformer"], "keep", {}, None, False, lambda *a, **k: None)
+        if len(plans) != 1:
+            raise ConversionError(f"{source}: --source holds {len(plans)} transformers; give the expert folder")
+        (cp,) = plans
         reader = gguf.GGUFReader(str(path))
         stored = {t.name: t for t in reader.tensors}
         for key in sorted(set(cp.source.tensors) - set(stored)):
@@ -243,7 +242,7 @@ def verify_gguf(path: Path, source: Path | None, progress: bool = True) -> dict:
                 bar.update(1)
     comp = {"component": "transformer", "path": str(path), "layout": f"GGUF ({report['architecture']})",
             "class": "gguf.quants", "tensors": report["tensors"], "compared": compared,
-            "differences": [d for d in diffs]}
+            "differences": list(diffs)}
     return {"ok": not diffs, "path": str(path), "kind": "gguf file", "source": str(source) if source else None,
             "components": [comp], "differences": [{**d, "component": "transformer"} for d in diffs],
             "files": [{"file": Path(path).name, "bytes": Path(path).stat().st_size, "sha256": sha256(Path(path))}]}

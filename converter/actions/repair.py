@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import ConversionError
 from ..write.naming import MODEL_INDEX
+from ..write.workfiles import backup_dir, backup_stamp, work_folders_near
 from .common import silent
 
 
@@ -70,11 +71,8 @@ class Backups:
 
     def __init__(self, path: Path, option: str | None):
         from ..diagnose.layout import model_root
-        from ..write.workfiles import backup_stamp
 
-        self.path = path
         self.model = model_root(path)
-        self.option = option
         self.root: Path | None = None  # made on first use
         stamp = backup_stamp()
         if option == "none":
@@ -98,8 +96,6 @@ class Backups:
             return Path()
 
     def folder(self) -> Path:
-        from ..write.workfiles import backup_dir
-
         if self.root is None:
             if self.base.is_dir() and not any(self.base.iterdir()):
                 self.root = self.base  # the empty folder the user named
@@ -123,13 +119,10 @@ def set_aside_stale_work(path: Path, backups: Backups) -> list[str]:
     """Work folders an interrupted repair (or conversion) left beside PATH or inside the model
     folder: they may hold the folder's previous files, so they go into the backup, never deleted;
     with --backup none they are named and left."""
-    from ..write.workfiles import work_folders
-
-    model = backups.model
-    stale = [w for w in work_folders(path.parent, path.name) + work_folders(model.parent, model.name)
-             + work_folders(model) + (work_folders(path) if path.is_dir() else []) if not w.running]
     notes = []
-    for w in dict.fromkeys(stale):
+    for w in work_folders_near(path, backups.model):
+        if w.running:
+            continue
         if backups.base is None:
             notes.append(f"left {w.describe}; --backup none: check and delete it by hand")
             continue

@@ -13,7 +13,6 @@ from .common import human_size, silent
 
 def run_gguf(src: Path, out: Path, qtype: str | None, overwrite: bool, dry_run: bool, overrides: dict,
              say=silent, progress: bool = True) -> dict:
-    from ..component import require_coverage
     from ..gguf_out import plan_gguf, write_gguf
     from ..write.atomic import check_output
     from .convert import plan_components
@@ -31,8 +30,7 @@ def run_gguf(src: Path, out: Path, qtype: str | None, overwrite: bool, dry_run: 
     if len(plans) != 1:
         raise ConversionError(f"{src}: holds {len(plans)} transformers (Wan 2.2 A14B experts): convert each expert "
                               f"folder to its own .gguf ({', '.join(str(cp.source.path) for cp in plans)})")
-    (cp,) = plans
-    require_coverage(cp)  # the source is a complete, known transformer (its keys are written as they are)
+    (cp,) = plans  # its coverage is proven: a complete, known transformer (its keys are written as they are)
     tensors = plan_gguf(cp, qtype)
     types = dict(Counter(t.qtype for t in tensors))
     total = sum(t.nbytes for t in tensors)

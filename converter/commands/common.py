@@ -7,7 +7,6 @@ import sys
 
 import click
 
-from ..actions.common import human_size, parse_settings  # noqa: F401 - the commands import them from here
 from ..errors import ConversionError
 
 MAX_DETAILS = 25

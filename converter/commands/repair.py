@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from .. import api
-from .common import parse_settings, run_reporting
+from ..actions.common import parse_settings
+from .common import run_reporting
 
 
 @click.command()

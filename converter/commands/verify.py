@@ -10,7 +10,8 @@ from pathlib import Path
 import click
 
 from ..errors import ConversionError
-from .common import MAX_DETAILS, fail, human_size
+from ..actions.common import human_size
+from .common import MAX_DETAILS, fail
 
 
 @click.command()

@@ -19,6 +19,7 @@ from ..mapping.schema import Fixed, Nested
 from ..plan.detect import Detection, detect
 from ..plan.plan import Plan, active_rules, build_plan
 from ..plan.target import TargetModel, build_target, model_class
+from ..quantization.formats import describe_config
 from ..read.source import SourceCheckpoint
 from .keys import original_view
 from .layout import Unit
@@ -75,8 +76,6 @@ class Diagnosis:
         if u.layout == "diffusers" and self.target is not None and self.target.library == "transformers":
             label = "transformers"
         if u.quanto:
-            from ..quantization.backend import describe_config
-
             backend, weights = describe_config((u.config or {}).get("quantization_config")) or ("quanto", "weights")
             label += f", quantized with {backend} ({weights})"
         if u.weights is not None and u.weights.prefix:

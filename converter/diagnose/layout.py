@@ -16,7 +16,8 @@ from ..plan.target import model_class
 from ..read.files import what_is
 from ..read.pth_file import read_pth_index
 from ..read.safetensors_file import TensorRef, read_header
-from ..read.source import common_prefix, load_json
+from ..read.files import load_json
+from ..read.source import common_prefix
 from ..write.workfiles import RECORD_NAME
 from ..write.naming import MODEL_INDEX, SHARD, index_name, shard_name
 from .keys import Sides, best_component, classify, split_quantized

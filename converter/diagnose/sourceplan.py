@@ -14,12 +14,15 @@ from ..plan.plan import DTYPE_CHOICES, FLOAT_TAGS
 from .examine import given_overrides
 
 
-def source_path(src: Path, component: str) -> Path:
+def source_path(src: Path, component: str, instance: str | None = None) -> Path:
+    """Where the source keeps `instance` (transformer_2: a Wan 2.2 A14B repo's low-noise expert)
+    when it has it, else `component`."""
     found = discover(Path(src))
-    if component not in found:
+    name = instance if instance in found else component
+    if name not in found:
         have = ", ".join(found) or "nothing"
         raise ConversionError(f"{src}: --source holds no {component} weights (it holds {have})")
-    return found[component]
+    return found[name]
 
 
 def dtype_choice(tags: list[str]) -> str:
@@ -36,8 +39,7 @@ def plan_from_source(component: str, src: Path, out_config: dict | None, dtype: 
     """Plan the source as convert would. Facts the source cannot tell (e.g. a CLIP head count)
     come from the output's config.json, as `--set` would give them. `instance`: which of the
     source's instances (transformer_2: the low-noise expert of a Wan 2.2 A14B repo)."""
-    found = discover(Path(src))
-    path = source_path(src, instance if instance in found else component)
+    path = source_path(src, component, instance)
     try:
         cp = plan_component(component, path, dtype)
     except ConversionError:

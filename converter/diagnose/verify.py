@@ -16,7 +16,8 @@ from ..mapping import transforms
 from ..read.safetensors_file import read_tensor
 from .examine import Diagnosis, diagnose
 from .keys import QUANTO_WEIGHT
-from ..write.workfiles import is_backup, leftovers_of
+from ..quantization.formats import describe_config
+from ..write.workfiles import excluded, leftovers_of
 from .layout import Unit, find, model_root
 from .sourceplan import plan_from_source
 
@@ -58,7 +59,7 @@ def verify_path(out: Path, source: Path | None = None, progress: bool = True) ->
     for item in leftovers_of(out, model_root(out)):
         differences.append({"component": "folder", "key": None, "problem": item})
     files = [p for p in sorted(out.rglob("*") if out.is_dir() else [out]) if p.is_file()
-             and not (out.is_dir() and any(x.startswith(".") or is_backup(x) for x in p.relative_to(out).parts))]
+             and not (out.is_dir() and any(excluded(x) for x in p.relative_to(out).parts))]
     hashes = []
     with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="sha256",
               disable=None if progress else True, leave=False) as bar:
@@ -147,8 +148,6 @@ def _check_equal(got: torch.Tensor, expected: torch.Tensor) -> str:
 def _check_quantized(unit: Unit, key: str, expected: torch.Tensor) -> str:
     """quanto int8: data * scale must be the source within half a quantization step (any int8
     quantizer passes); float8, int4 and torchao: see _check_requantized."""
-    from ..quantization.backend import describe_config
-
     if (describe_config((unit.config or {}).get("quantization_config")) or ("",))[0] == "torchao":
         return _check_requantized(unit, key, expected)
     parts = {QUANTO_WEIGHT.match(k).group("part"): k for k in unit.quanto[key] if QUANTO_WEIGHT.match(k)}
@@ -170,8 +169,6 @@ def _check_requantized(unit: Unit, key: str, expected: torch.Tensor) -> str:
     what diffusers' QuantoConfig path writes) must give the very same stored tensors."""
     from ..quantization.backend import get_backend
     from ..read.safetensors_file import DTYPES
-
-    from ..quantization.backend import describe_config
 
     backend, weights = describe_config((unit.config or {}).get("quantization_config")) or ("quanto", None)
     refs = unit.weights.tensors

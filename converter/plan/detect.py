@@ -182,9 +182,9 @@ def _evaluate(name: str, f: Fact, table: Table, src: SourceCheckpoint, variant: 
         value //= d
     if f.check is not None and f.check in cfg:
         check_value(f, cfg[f.check], f"{src.path / 'config.json'}: {f.check}")
-    if f.check is not None and f.check in cfg and cfg[f.check] != value:
-        raise ConversionError(
-            f"{src.path / 'config.json'}: {f.check}={cfg[f.check]!r} contradicts the weights ({value!r})")
+        if cfg[f.check] != value:
+            raise ConversionError(
+                f"{src.path / 'config.json'}: {f.check}={cfg[f.check]!r} contradicts the weights ({value!r})")
     return value
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..quantization.backend import describe_config
+from ..quantization.formats import describe_config
 from .folder import ConvertedFolder
 from .measure import TOLERANCE, Measurement
 from .provenance import FROM_HUB_CACHE, FROM_PUBLISH, RECORD_NAME

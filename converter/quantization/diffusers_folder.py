@@ -18,7 +18,8 @@ from ..mapping.tables import load_table, table_names
 from ..plan.detect import Detection
 from ..plan.plan import FLOAT_TAGS, Plan, PlannedTensor
 from ..plan.target import build_target
-from ..read.source import load_json, open_safetensors_source
+from ..read.files import load_json
+from ..read.source import open_safetensors_source
 from ..write.naming import MODEL_INDEX as PIPELINE_INDEX
 from .policy import load_policy
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import ConversionError
 from ..write.naming import index_name
-from .files import load_json, what_is  # noqa: F401 - load_json is imported from here too
+from .files import load_json, what_is
 from .safetensors_file import SafetensorsHeader, TensorRef, read_header
 
 

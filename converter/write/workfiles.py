@@ -84,16 +84,19 @@ def is_backup(part: str) -> bool:
     return BACKUP_MARK in part
 
 
+def excluded(part: str) -> bool:
+    """A path part that is never part of the model: hidden (work folders, caches) or a backup."""
+    return part.startswith(".") or is_backup(part)
+
+
 def not_model_files(root: Path) -> list[str]:
     """Paths under `root` (relative, posix) that are not part of the model: hidden entries, work
     folders, backups, the record, files of other kinds. Folders are named once, not file by file."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         rel_dir = Path(dirpath).relative_to(root)
-        for d in sorted(dirnames):
-            if d.startswith(".") or is_backup(d):
-                out.append((rel_dir / d).as_posix() + "/")
-        dirnames[:] = sorted(d for d in dirnames if not (d.startswith(".") or is_backup(d)))
+        out += [(rel_dir / d).as_posix() + "/" for d in sorted(dirnames) if excluded(d)]
+        dirnames[:] = sorted(d for d in dirnames if not excluded(d))
         for f in sorted(filenames):
             rel = (rel_dir / f).as_posix()
             if not belongs(rel) and rel != RECORD_NAME:  # the record is never uploaded, by design: not news
@@ -103,8 +106,7 @@ def not_model_files(root: Path) -> list[str]:
 
 def belongs(rel: str) -> bool:
     """Whether a file at `rel` (relative to the model folder, posix) is part of the model."""
-    parts = rel.split("/")
-    if any(p.startswith(".") or is_backup(p) for p in parts):
+    if any(excluded(p) for p in rel.split("/")):
         return False
     if rel == RECORD_NAME:
         return False
@@ -118,7 +120,7 @@ def model_files(root: Path) -> list[tuple[str, Path]]:
     real_root = root.resolve()
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not (d.startswith(".") or is_backup(d)))
+        dirnames[:] = sorted(d for d in dirnames if not excluded(d))
         for d in dirnames:
             _inside(Path(dirpath) / d, real_root, root)
         for f in sorted(filenames):
@@ -140,17 +142,23 @@ def _inside(p: Path, real_root: Path, root: Path) -> None:
                                   f"file that is not in the folder (copy it in, or remove the link)")
 
 
-def leftovers_of(path: Path, model: Path) -> list[str]:
-    """What `inspect` and `verify` report as a problem: work folders of earlier runs beside PATH or
-    its model folder, or inside the model folder, and backups inside it (publish leaves them out,
-    but they are not part of the model and may be large)."""
+def work_folders_near(path: Path, model: Path) -> list[WorkFolder]:
+    """The work folders that concern PATH: beside it or its model folder (made for them), and
+    inside the model folder or PATH (made for their components)."""
     path, model = Path(path), Path(model)
     found = work_folders(path.parent, path.name) + work_folders(model.parent, model.name)
-    if model.is_dir():
-        found += work_folders(model)
-        if path != model and path.is_dir():
-            found += work_folders(path)
-    out = [w.describe for w in dict.fromkeys(found)]
+    for folder in dict.fromkeys((model, path)):
+        if folder.is_dir():
+            found += work_folders(folder)
+    return list(dict.fromkeys(found))
+
+
+def leftovers_of(path: Path, model: Path) -> list[str]:
+    """What `inspect` and `verify` report as a problem: work folders of earlier runs near PATH
+    (work_folders_near), and backups inside the model folder or PATH (publish leaves them out,
+    but they are not part of the model and may be large)."""
+    path, model = Path(path), Path(model)
+    out = [w.describe for w in work_folders_near(path, model)]
     for folder in dict.fromkeys(p for p in (model, path) if p.is_dir()):
         for p in sorted(folder.iterdir()):
             if is_backup(p.name):
