@@ -136,6 +136,7 @@ def write_gguf(tensors: list[GGUFTensor], out: Path, target: str, progress: bool
     from .write.workfiles import PARTIAL
 
     p = load_gguf_policy()
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{PARTIAL}-{os.getpid()}")
     writer = gguf.GGUFWriter(path=None, arch=p.architecture)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

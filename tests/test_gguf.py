@@ -120,3 +120,17 @@ def test_verify_checks_every_tensor_against_the_source_quantized_again(tmp_path)
     assert [d["key"] for d in bad["differences"]] == ["blocks.1.ffn.2.weight"]
     other = run_cli("verify", out, "--source", FIXTURES / "i2v", "--json", ok=False).json()
     assert not other["ok"] and any("lacks it" in d["problem"] for d in other["differences"])
+
+
+def test_overwrite_replaces_an_existing_gguf_file_and_a_folder_is_refused(tmp_path):
+    out = tmp_path / "deep" / "t2v.gguf"  # a parent that does not exist yet is made
+    run_cli("convert", FIXTURES / "t2v", out, "--to", "gguf", "--quantize", "F16")
+    first = out.read_bytes()
+    r = run_cli("convert", FIXTURES / "t2v", out, "--to", "gguf", "--quantize", "Q8_0", ok=False)
+    assert "already exists" in r.stderr and out.read_bytes() == first
+    run_cli("convert", FIXTURES / "t2v", out, "--to", "gguf", "--quantize", "Q8_0", "--overwrite")
+    assert out.read_bytes() != first and gguf.GGUFReader(str(out)).tensors
+    folder = tmp_path / "folder.gguf"
+    folder.mkdir()
+    r = run_cli("convert", FIXTURES / "t2v", folder, "--to", "gguf", "--quantize", "Q8_0", "--overwrite", ok=False)
+    assert "exists and is not a file" in r.stderr and folder.is_dir()

@@ -22,9 +22,7 @@ def run_gguf(src: Path, out: Path, qtype: str | None, overwrite: bool, dry_run: 
         raise ConversionError(f"{out}: --to gguf writes one file: give OUT a .gguf name")
     if qtype is None:
         raise ConversionError("--to gguf needs --quantize TYPE (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, BF16, F16, F32)")
-    check_output(src, out, overwrite or dry_run)
-    if out.exists() and not out.is_file():
-        raise ConversionError(f"{out}: exists and is not a file")
+    check_output(src, out, overwrite or dry_run, kind="file")
     started = time.perf_counter()
     plans = plan_components(src, ["transformer"], "keep", overrides, None, False, say)
     if len(plans) != 1:

@@ -36,16 +36,17 @@ def clean_stale(out: Path, say=None) -> list[str]:
     return notes
 
 
-def check_destination(out: Path, overwrite: bool) -> None:
+def check_destination(out: Path, overwrite: bool, kind: str = "folder") -> None:
+    """`kind`: what OUT is written as, "folder" or "file"; an existing OUT must be one to be replaced."""
     if out.exists() and not overwrite:
         raise ConversionError(f"{out}: already exists (pass --overwrite to replace it)")
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"{out}: exists and is not a folder")
+    if out.exists() and not (out.is_dir() if kind == "folder" else out.is_file()):
+        raise ConversionError(f"{out}: exists and is not a {kind}")
 
 
-def check_output(src: Path, out: Path, overwrite: bool) -> None:
-    """OUT must be a new (or, with --overwrite, replaceable) folder that neither holds nor lies
-    inside the source: replacing it would delete the source, or part of it."""
+def check_output(src: Path, out: Path, overwrite: bool, kind: str = "folder") -> None:
+    """OUT must be a new (or, with --overwrite, replaceable) folder or file that neither holds nor
+    lies inside the source: replacing it would delete the source, or part of it."""
     text = str(out).strip()
     if text in ("", ".", "..") or Path(text).resolve() == Path.cwd().resolve():
         raise ConversionError(f"OUT {str(out)!r}: give a new folder for the output, not the current one")
@@ -55,7 +56,7 @@ def check_output(src: Path, out: Path, overwrite: bool) -> None:
             raise ConversionError(f"{out}: would replace the source {src} (it holds it); choose another OUT")
         if s in o.parents:
             raise ConversionError(f"{out}: lies inside the source {src}; choose an OUT outside it")
-    check_destination(Path(out), overwrite)
+    check_destination(Path(out), overwrite, kind)
 
 
 @contextmanager
