@@ -190,7 +190,8 @@ def test_a_folder_quantize_made_is_carded_with_the_float_record(t2v, tmp_path):
             out / RECORD, "--dry-run", "--no-measure")
     card = ModelCard.load(q8 / "README.md")
     assert card.data.base_model_relation == "quantized" and card.data.pipeline_tag == "text-to-video"
-    assert "- Quantization: transformer: `quanto`, weights `int8`, kept in float: " in card.text
+    assert "- Quantization: transformer: `torchao`, weights `int8`, kept in float: " in card.text
+    assert "`pip install 'torchao>=0.18'`" in card.text
     assert "The conversion record is that of the folder this one was made from (`out`)" in card.text
     with safe_open(str(q8 / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         n, dtypes = len(f.keys()), sorted({f.get_slice(k).get_dtype() for k in f.keys()})

@@ -34,7 +34,7 @@ def _quiet():
 
 
 def policy_names() -> list[str]:
-    return list(load_policy().components["transformer"].modules_to_not_convert)
+    return list(load_policy("quanto").components["transformer"].modules_to_not_convert)
 
 
 def tensors(folder) -> dict[str, torch.Tensor]:
@@ -93,7 +93,7 @@ def test_convert_quantize_is_diffusers_format_and_values(float_dir, tmp_path, na
 
     float_folder = float_dir(name)
     out = tmp_path / "q"
-    report = run_cli("convert", FIXTURES / name, out, "--quantize", weights, "--json").json()
+    report = run_cli("convert", FIXTURES / name, out, "--quantize", weights, "--backend", "quanto", "--json").json()
     folder = out / "transformer"
     q = report["components"][0]["quantization"]
     assert q["weights"] == weights and q["backend"] == "quanto"
@@ -135,7 +135,7 @@ def test_convert_quantize_is_diffusers_format_and_values(float_dir, tmp_path, na
 
     # `quantize` on the float Diffusers folder writes the very same files
     again = tmp_path / "again"
-    run_cli("quantize", float_folder, again, "--weights", weights)
+    run_cli("quantize", float_folder, again, "--weights", weights, "--backend", "quanto")
     # beside the weights: the float folder's conversion record, carried over (publish reads it)
     record = json.loads((again / "wan2diffusers.json").read_text())
     assert record["derived_from"]["weights"] == weights
@@ -151,7 +151,7 @@ def test_bf16_variant_equals_diffusers_path_in_bf16(tmp_path):
     from diffusers import QuantoConfig
 
     run_cli("convert", FIXTURES / "t2v", tmp_path / "float", "--dtype", "bf16")
-    run_cli("convert", FIXTURES / "t2v", tmp_path / "q", "--dtype", "bf16", "--quantize", "int8")
+    run_cli("convert", FIXTURES / "t2v", tmp_path / "q", "--dtype", "bf16", "--quantize", "int8", "--backend", "quanto")
     config = QuantoConfig(weights_dtype="int8", modules_to_not_convert=policy_names())
     diffusers.WanTransformer3DModel.from_pretrained(
         str(tmp_path / "float" / "transformer"), torch_dtype=torch.bfloat16,
@@ -173,7 +173,7 @@ def test_sliced_quantization_equals_whole_weight_quantization(float_dir, tmp_pat
     monkeypatch.setattr(quanto, "SLICE_ELEMENTS", 300)
     for weights in ("int4", "int8"):
         out = tmp_path / weights
-        run_cli("quantize", float_folder, out, "--weights", weights)
+        run_cli("quantize", float_folder, out, "--weights", weights, "--backend", "quanto")
         theirs = tmp_path / f"diffusers-{weights}"
         diffusers_path(float_folder, weights, policy_names()).save_pretrained(str(theirs))
         ours_t, theirs_t = tensors(out), tensors(theirs)
@@ -285,15 +285,17 @@ def test_dry_run_plans_the_quantized_size_and_writes_nothing(t2v_float, tmp_path
 
 def test_the_shipped_policy_is_valid_and_bad_policies_are_refused():
     policy = load_policy()
-    assert policy.backend == "quanto" and policy.weights == WEIGHTS
+    assert policy.backend == "torchao" and policy.weights == ["int8", "float8"]
+    assert load_policy("quanto").weights == WEIGHTS
     good = policy_path().read_text()
     for bad, words in [
         (good.replace("- proj_out", "- condition_embedder.proj_out"), "attribute name"),
         (good.replace("- proj_out", "- linear_1"), "listed twice"),
-        (good.replace("backend: quanto", "backend: bitsandbytes"), "unknown backend"),
+        (good.replace("backend: torchao", "backend: bitsandbytes"), "unknown backend"),
+        (good.replace("  quanto:", "  bnb:"), "unknown backend"),
         (good.replace("weights: [int8, float8, int4]", "weights: [int8, nf4]"), "nf4"),
         (good.replace("schema_version: 1", "schema_version: 2"), "schema_version"),
-        ("schema_version: 1\nbackend: quanto\n", "description"),
+        ("schema_version: 1\nbackend: torchao\n", "description"),
     ]:
         with pytest.raises(ConversionError) as e:
             parse_policy(bad, "quantization.yaml")

@@ -115,11 +115,22 @@ def test_a_weight_quantized_in_row_slices_equals_torchao_on_the_whole_weight(mon
             assert torch.equal(ours[k.removeprefix("m.")], v), (weights, k)
 
 
-def test_torchao_refuses_int4_and_the_default_backend_stays_quanto(tmp_path):
+def test_the_default_backend_is_torchao_and_int4_goes_to_quanto(tmp_path):
+    """torchao is the default (diffusers deprecates QuantoConfig); int4, which torchao does not
+    offer on CPU, is written by quanto, and the report says so."""
     r = run_cli("convert", FIXTURES / "t2v", tmp_path / "o", "--quantize", "int4", "--backend", "torchao", ok=False)
-    assert "torchao backend offers int8, float8" in r.stderr
-    report = run_cli("convert", FIXTURES / "t2v", tmp_path / "d", "--quantize", "int8", "--json").json()
-    assert report["components"][0]["quantization"]["backend"] == "quanto"
+    assert "torchao backend offers int8, float8" in r.stderr and not (tmp_path / "o").exists()
+    for weights, backend in [("int8", "torchao"), ("float8", "torchao"), ("int4", "quanto")]:
+        out = tmp_path / weights
+        report = run_cli("convert", FIXTURES / "t2v", out, "--quantize", weights, "--json").json()
+        assert report["components"][0]["quantization"]["backend"] == backend
+        qconfig = json.loads((out / "transformer" / "config.json").read_text())["quantization_config"]
+        assert qconfig["quant_method"] == backend, qconfig
+    # the default's files are exactly what --backend torchao writes
+    run_cli("convert", FIXTURES / "t2v", tmp_path / "explicit", "--quantize", "int8", "--backend", "torchao")
+    for p in (tmp_path / "int8" / "transformer").iterdir():
+        if p.name != "wan2diffusers.json":
+            assert (tmp_path / "explicit" / "transformer" / p.name).read_bytes() == p.read_bytes(), p.name
 
 
 def test_inspect_verify_and_publish_take_a_torchao_variant(tmp_path):

@@ -11,6 +11,13 @@ from ..errors import ConversionError
 
 MAX_DETAILS = 25
 
+# --backend of convert and quantize
+backend_option = click.option(
+    "--backend", type=click.Choice(["torchao", "quanto"]), default=None,
+    help="Quantization backend (default: torchao for int8/float8, quanto for int4; "
+         "mappings/quantization.yaml): torchao writes diffusers' TorchAoConfig format, quanto its "
+         "(deprecated) QuantoConfig format.")
+
 
 def fail(e: ConversionError, as_json: bool) -> None:
     if as_json:

@@ -8,7 +8,7 @@ import click
 
 from .. import api
 from ..actions.common import parse_settings
-from .common import run_reporting
+from .common import backend_option, run_reporting
 
 
 @click.command()
@@ -44,9 +44,7 @@ from .common import run_reporting
 @click.option("--check-finite", is_flag=True,
               help="Read every floating source tensor once more and warn, naming the keys, about NaN or Inf "
                    "values (without it, the values are not checked and the report says so).")
-@click.option("--backend", type=click.Choice(["quanto", "torchao"]), default=None,
-              help="Quantization backend (default: mappings/quantization.yaml's, quanto): quanto writes "
-                   "diffusers' QuantoConfig format, torchao its TorchAoConfig format (int8, float8).")
+@backend_option
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, when the new one is complete).")
 @click.option("--dry-run", is_flag=True, help="Read headers, detect, plan and prove coverage; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")

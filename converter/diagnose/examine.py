@@ -30,7 +30,6 @@ RESTORE = "restore-from-source"
 REBUILD_INDEX = "rebuild-index"
 COMPLETE_CONFIG = "complete-config"
 REMOVE_LEFTOVERS = "remove-leftovers"
-QUANT_SHAPES = ("I8", "F8_E4M3", "F8_E5M2")  # quanto _data with the weight's own shape (int4 is packed)
 
 
 @dataclass
@@ -75,8 +74,8 @@ class Diagnosis:
                  "unknown": "unknown"}[u.layout]
         if u.layout == "diffusers" and self.target is not None and self.target.library == "transformers":
             label = "transformers"
-        if u.quanto:
-            backend, weights = describe_config((u.config or {}).get("quantization_config")) or ("quanto", "weights")
+        if u.quantized:
+            backend, weights = describe_config((u.config or {}).get("quantization_config")) or (u.key_format.backend if u.key_format else "?", "weights")
             label += f", quantized with {backend} ({weights})"
         if u.weights is not None and u.weights.prefix:
             label += f", single file with key prefix {u.weights.prefix!r}"
@@ -145,14 +144,18 @@ def loaded_class(cfg: dict) -> str | None:
     return cfg.get("_class_name") or (cfg.get("architectures") or [None])[0]
 
 
-def compare(keys: dict, target: TargetModel, quanto: dict) -> tuple[list, list, list]:
+def compare(unit: Unit, target: TargetModel) -> tuple[list, list, list]:
+    """(missing, unexpected, mismatched (key, shape here, shape expected)) of `unit`'s keys against
+    `target`; a quantized weight stored in another shape (quanto int4) is not compared by shape."""
+    keys = unit.keys
+    unshaped = unit.key_format.unshaped(unit.quantized) if unit.key_format else set()
     have = {k: r for k, r in keys.items() if k not in target.tied}  # a stored tied copy loads fine
     missing = [k for k in target.shapes if k not in have]
     unexpected = sorted(k for k in have if k not in target.shapes)
     mismatched = []
     for k, shape in target.shapes.items():
         ref = have.get(k)
-        if ref is None or (k in quanto and ref.dtype not in QUANT_SHAPES):
+        if ref is None or k in unshaped:
             continue
         if tuple(ref.shape) != tuple(shape):
             mismatched.append((k, list(ref.shape), list(shape)))
@@ -192,7 +195,7 @@ def settle_config(d: Diagnosis) -> None:
                 t = build_target(det.target_class, trial)
             except ConversionError:
                 continue
-            _, unexpected, mismatched = compare(unit.keys, t, unit.quanto)
+            _, unexpected, mismatched = compare(unit, t)
             if not unexpected and not mismatched:
                 merged = trial
     target = build_target(det.target_class, merged)
@@ -249,7 +252,7 @@ def _diagnose_mixed(d: Diagnosis) -> None:
     if unit.config_kind in ("diffusers", "transformers"):
         try:
             d.target = build_target(name, init_config(name, cfg))
-            d.missing, d.unexpected, d.mismatched = compare(unit.keys, d.target, unit.quanto)
+            d.missing, d.unexpected, d.mismatched = compare(unit, d.target)
         except ConversionError as e:
             d.notes.append(f"config.json: {e}")
     orig = sorted(unit.sides.original)
@@ -274,7 +277,7 @@ def _diagnose_original(d: Diagnosis) -> None:
                                   f"with --set {unit.component}.FACT=VALUE", None, sorted(unit.sides.original)))
         return
     d.target = d.derived_target
-    d.missing, d.unexpected, d.mismatched = compare(unit.keys, d.derived_target, {})
+    d.missing, d.unexpected, d.mismatched = compare(unit, d.derived_target)
     in_place = unit.where == "component folder" and unit.layout == "original"
     fix = ("convert it in place (the original files go into the backup)" if in_place else
            f"wan2diffusers convert {unit.path} OUT")
@@ -311,7 +314,7 @@ def _diagnose_diffusers(d: Diagnosis) -> None:
         if problem:
             problem += f"; it cannot be derived from the weights ({e})"
         elif d.target is not None:
-            _, unexpected, mismatched = compare(unit.keys, d.target, unit.quanto)
+            _, unexpected, mismatched = compare(unit, d.target)
             if unexpected or mismatched:
                 absent = [k for k in inspect.signature(type(d.target.model).__init__).parameters
                           if k not in cfg and k not in ("self", "config")] if d.target.library == "diffusers" else []
@@ -323,7 +326,7 @@ def _diagnose_diffusers(d: Diagnosis) -> None:
                "put the values the weights cannot tell (e.g. the head count) in config.json, then run repair")
         d.findings.append(Finding("config", problem, fix, COMPLETE_CONFIG if d.derived_target else None))
     if d.target is not None:
-        d.missing, d.unexpected, d.mismatched = compare(unit.keys, d.target, unit.quanto)
+        d.missing, d.unexpected, d.mismatched = compare(unit, d.target)
     if d.derived_target is not None and cfg is not None and not problem:
         d.config_missing = [k for k in d.derived_config if k not in cfg]
         d.config_wrong = {k: (cfg[k], v) for k, v in d.derived_config.items() if k in cfg and not _same(cfg[k], v)}
@@ -346,7 +349,7 @@ def _diagnose_diffusers(d: Diagnosis) -> None:
     ref = d.derived_target or d.target
     if ref is None or (d.derived_target is None and problem):
         return  # the keys cannot be judged before config.json is right
-    missing, unexpected, mismatched = compare(unit.keys, ref, unit.quanto)
+    missing, unexpected, mismatched = compare(unit, ref)
     if missing:
         origin = {k: expected_source(unit, d.detection, k) if d.detection else None for k in missing}
         msg = (f"{len(missing)} key(s) {ref.class_name} needs are missing: {', '.join(missing[:5])}"

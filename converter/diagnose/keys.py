@@ -1,11 +1,9 @@
-"""Which side of a table a key belongs to (original Wan, Diffusers, or both), quanto's extra keys,
-and the table run backwards: Diffusers keys -> the original keys and shapes they came from, so
+"""Which side of a table a key belongs to (original Wan, Diffusers, or both), and the table run backwards: Diffusers keys -> the original keys and shapes they came from, so
 the `facts:` machinery can derive a config from Diffusers weights.  Key names come from the
 tables; nothing here names a key."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
@@ -14,18 +12,6 @@ from ..mapping.rules import Template, template_for
 from ..mapping.schema import Rule, Table
 from ..mapping.tables import load_table, table_names
 from ..read.safetensors_file import TensorRef
-
-# optimum-quanto's serialisation of a quantized module (diffusers/transformers QuantoConfig):
-# `<m>.weight` becomes `<m>.weight._data` (+ `._scale`, `._shift` for int4) and the module gains
-# `<m>.input_scale` / `<m>.output_scale`. These are the library's own names, not Wan key names.
-# int4 packs its data: `<m>.weight._data._data`
-QUANTO_WEIGHT = re.compile(r"^(?P<base>.+\.weight)\._(?P<part>data(?:\._data)?|scale|shift)$")
-DATA_PARTS = ("data", "data._data")
-QUANTO_MODULE = re.compile(r"^(?P<module>.+)\.(?P<part>input_scale|output_scale)$")
-# torchao's serialisation (diffusers TorchAoConfig; torchao flatten_tensor_state_dict): `<m>.weight`
-# becomes `<m>._weight_qdata` (+ `_weight_scale`, int8's `_weight_zero_point`)
-TORCHAO_WEIGHT = re.compile(r"^(?P<module>.+)\._weight_(?P<part>qdata|scale|zero_point)$")
-
 
 @dataclass
 class Sides:
@@ -58,48 +44,6 @@ def _templates(component: str) -> tuple[list[Template], list[Template]]:
     src = [template_for(table, t) for r in table.rules for t in r.sources]
     dst = [template_for(table, t) for r in table.rules for t in r.targets]
     return src, dst
-
-
-def split_quantized(tensors: dict[str, TensorRef]) -> tuple[dict[str, TensorRef], dict[str, list[str]]]:
-    """Quantized keys (quanto or torchao) folded onto the key of the unquantized model:
-    `<m>.weight._data` / `<m>._weight_qdata` stands for `<m>.weight` (its shape, for 8-bit types);
-    returns (keys, base key -> the stored keys it stands for)."""
-    if any(TORCHAO_WEIGHT.match(k) for k in tensors):
-        return _split_torchao(tensors)
-    weights = {m.group("base") for k in tensors if (m := QUANTO_WEIGHT.match(k)) and m.group("part") in DATA_PARTS}
-    if not weights:
-        return dict(tensors), {}
-    modules = {w.rsplit(".", 1)[0] for w in weights}
-    out: dict[str, TensorRef] = {}
-    parts: dict[str, list[str]] = {}
-    for key, ref in tensors.items():
-        m, mm = QUANTO_WEIGHT.match(key), QUANTO_MODULE.match(key)
-        if m and m.group("base") in weights:
-            parts.setdefault(m.group("base"), []).append(key)
-            if m.group("part") == "data":
-                out[m.group("base")] = replace(ref, key=m.group("base"))
-            elif m.group("part") == "data._data":  # two 4-bit values a byte: rows j and j + half
-                out[m.group("base")] = replace(ref, key=m.group("base"), shape=(2 * ref.shape[0], *ref.shape[1:]))
-        elif mm and mm.group("module") in modules:
-            parts.setdefault(mm.group("module") + ".weight", []).append(key)
-        else:
-            out[key] = ref
-    return out, parts
-
-
-def _split_torchao(tensors: dict[str, TensorRef]) -> tuple[dict[str, TensorRef], dict[str, list[str]]]:
-    out: dict[str, TensorRef] = {}
-    parts: dict[str, list[str]] = {}
-    for key, ref in tensors.items():
-        m = TORCHAO_WEIGHT.match(key)
-        if m is None:
-            out[key] = ref
-            continue
-        base = m.group("module") + ".weight"
-        parts.setdefault(base, []).append(key)
-        if m.group("part") == "qdata":
-            out[base] = replace(ref, key=base)
-    return out, parts
 
 
 def classify(component: str, keys) -> Sides:

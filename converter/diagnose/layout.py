@@ -20,7 +20,8 @@ from ..read.files import load_json
 from ..read.source import common_prefix
 from ..write.workfiles import RECORD_NAME
 from ..write.naming import MODEL_INDEX, SHARD, index_name, shard_name
-from .keys import Sides, best_component, classify, split_quantized
+from ..quantization.keyformats import KeyFormat, fold_quantized
+from .keys import Sides, best_component, classify
 
 
 @dataclass
@@ -58,9 +59,10 @@ class Unit:
     config_kind: str = "absent"  # "diffusers", "transformers", "original", "unknown", "unreadable", "absent"
     config_error: str = ""
     sides: Sides | None = None
-    quanto: dict[str, list[str]] = field(default_factory=dict)  # base key -> quanto keys
+    quantized: dict[str, list[str]] = field(default_factory=dict)  # base key -> its stored quantized keys
+    key_format: KeyFormat | None = None  # the backend's key format of `quantized`
     instance: str = ""  # the pipeline folder it sits in (transformer_2), when not the component's own name
-    keys: dict[str, TensorRef] = field(default_factory=dict)  # quanto folded onto base keys
+    keys: dict[str, TensorRef] = field(default_factory=dict)  # quantized keys folded onto base keys
     loads: str = ""  # which weight files from_pretrained would pick
 
     @property
@@ -176,12 +178,12 @@ def single_file_unit(path: Path) -> Unit:
     prefixes = sorted({p for c in table_names() for p in load_table(c).source.strip_prefixes})
     ws.prefix = common_prefix(ws.tensors, prefixes)
     ws.tensors = {k[len(ws.prefix):]: r for k, r in ws.tensors.items()}
-    keys, quanto = split_quantized(ws.tensors)
+    keys, quantized, fmt = fold_quantized(ws.tensors)
     sides = best_component(keys)
     if sides is None:
         raise ConversionError(f"{path}: not a Wan checkpoint: its keys match no table "
                               f"(e.g. {', '.join(sorted(ws.tensors)[:3]) or 'no tensors'})")
-    return Unit(sides.component, path, "single file", ws, [ws], sides=sides, quanto=quanto, keys=keys,
+    return Unit(sides.component, path, "single file", ws, [ws], sides=sides, quantized=quantized, key_format=fmt, keys=keys,
                 loads=path.name)
 
 
@@ -348,7 +350,7 @@ def folder_units(folder: Path, component: str | None) -> list[Unit]:
         elif component is not None:
             c = component
         else:
-            keys, _ = split_quantized(ws.tensors)
+            keys, _, _ = fold_quantized(ws.tensors)
             sides = best_component(keys)
             c = sides.component if sides else component or "transformer"
         assigned.setdefault(component or c, []).append(ws)
@@ -361,7 +363,7 @@ def folder_units(folder: Path, component: str | None) -> list[Unit]:
         unit.weights = chosen
         unit.leftovers = [p for ws in group if ws is not chosen for p in ws.all_files]
         if chosen is not None:
-            unit.keys, unit.quanto = split_quantized(chosen.tensors)
+            unit.keys, unit.quantized, unit.key_format = fold_quantized(chosen.tensors)
             unit.sides = classify(c, unit.keys)
         target = unit.table.variants[0].target_class
         library = model_class(target)[0]
@@ -381,7 +383,7 @@ def choose(unit: Unit, group: list[WeightSet]) -> WeightSet | None:
     library = model_class(unit.table.variants[0].target_class)[0]
 
     def score(ws: WeightSet):
-        keys, _ = split_quantized(ws.tensors)
+        keys, _, _ = fold_quantized(ws.tensors)
         sides = classify(unit.component, keys)
         preferred = (ws.kind == "sharded") == (library == "diffusers")
         return (not ws.fatal, sides.layout == "diffusers", ws.kind != "pth file", preferred, len(ws.tensors))

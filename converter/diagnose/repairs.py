@@ -257,7 +257,7 @@ def _restore_plan(d: Diagnosis, source: Path) -> dict:
         out[key] = pt
     for key, ref in unit.keys.items():  # the source must be the checkpoint the folder came from
         pt = planned.get(key)
-        if key in unit.quanto:
+        if key in unit.quantized:
             continue
         if pt is None or tuple(pt.shape) != tuple(ref.shape):
             raise ConversionError(f"{source}: does not match {unit.path}: {key} "

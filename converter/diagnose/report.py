@@ -31,7 +31,7 @@ def component_dict(d: Diagnosis) -> dict:
         "where": u.where,
         "layout": u.layout,
         "layout_label": d.layout_label,
-        "quantized": bool(u.quanto),
+        "quantized": bool(u.quantized),
         "prefix": ws.prefix if ws else "",
         "variant": det.variant if det else d.variant,
         "size": det.size if det else None,

@@ -15,7 +15,6 @@ from ..errors import ConversionError
 from ..mapping import transforms
 from ..read.safetensors_file import read_tensor
 from .examine import Diagnosis, diagnose
-from .keys import QUANTO_WEIGHT
 from ..quantization.formats import describe_config
 from ..write.workfiles import excluded, leftovers_of
 from .layout import Unit, find, model_root
@@ -114,7 +113,7 @@ def compare_with_source(unit: Unit, d: Diagnosis, source: Path, progress: bool) 
               disable=None if progress else True, leave=False) as bar:
         for pt in todo:
             expected = transforms.apply(pt.rule, [read_tensor(r) for r in pt.sources])[pt.part]
-            if pt.key in unit.quanto:
+            if pt.key in unit.quantized:
                 problem = _check_quantized(unit, pt.key, expected)
             else:
                 problem = _check_equal(read_tensor(tensors[pt.key]), expected)
@@ -148,13 +147,12 @@ def _check_equal(got: torch.Tensor, expected: torch.Tensor) -> str:
 def _check_quantized(unit: Unit, key: str, expected: torch.Tensor) -> str:
     """quanto int8: data * scale must be the source within half a quantization step (any int8
     quantizer passes); float8, int4 and torchao: see _check_requantized."""
-    if (describe_config((unit.config or {}).get("quantization_config")) or ("",))[0] == "torchao":
-        return _check_requantized(unit, key, expected)
-    parts = {QUANTO_WEIGHT.match(k).group("part"): k for k in unit.quanto[key] if QUANTO_WEIGHT.match(k)}
+    fmt = unit.key_format
+    roles = fmt.by_role(unit.quantized[key]) if fmt is not None else {}
     refs = unit.weights.tensors
-    if set(parts) != {"data", "scale"} or refs[parts["data"]].dtype != "I8":
+    if fmt is None or fmt.backend != "quanto" or set(roles) != {"data", "scale"} or refs[roles["data"]].dtype != "I8":
         return _check_requantized(unit, key, expected)
-    data, scale = read_tensor(refs[parts["data"]]).float(), read_tensor(refs[parts["scale"]]).float()
+    data, scale = read_tensor(refs[roles["data"]]).float(), read_tensor(refs[roles["scale"]]).float()
     if tuple(data.shape) != tuple(expected.shape):
         return f"shape {list(data.shape)}, the source gives {list(expected.shape)}"
     err = (data * scale - expected.float()).abs()
@@ -165,14 +163,16 @@ def _check_quantized(unit: Unit, key: str, expected: torch.Tensor) -> str:
 
 
 def _check_requantized(unit: Unit, key: str, expected: torch.Tensor) -> str:
-    """float8, int4: the source weight quantized again by the quanto backend (per tensor, exactly
-    what diffusers' QuantoConfig path writes) must give the very same stored tensors."""
+    """The source weight quantized again by the backend that wrote the folder (exactly what
+    diffusers' path writes; quanto float8/int4, torchao int8/float8) must give the very same
+    stored tensors."""
     from ..quantization.backend import get_backend
     from ..read.safetensors_file import DTYPES
 
-    backend, weights = describe_config((unit.config or {}).get("quantization_config")) or ("quanto", None)
+    backend, weights = describe_config((unit.config or {}).get("quantization_config")) or ("?", None)
     refs = unit.weights.tensors
-    scale = next((k for k in unit.quanto[key] if k.endswith(("._scale", "._weight_scale"))), None)
+    fmt = unit.key_format
+    scale = (fmt.by_role(unit.quantized[key]) if fmt is not None and fmt.backend == backend else {}).get("scale")
     if (backend == "quanto" and weights not in ("float8", "int4")) or scale is None:
         return f"cannot check a {backend} {weights!r} weight against the source"
     parts = get_backend(backend).quantize(weights, expected.to(DTYPES[refs[scale].dtype]))

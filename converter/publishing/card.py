@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..quantization.formats import describe_config
+from ..quantization.formats import PACKAGES, describe_config
 from .folder import ConvertedFolder
 from .measure import TOLERANCE, Measurement
 from .provenance import FROM_HUB_CACHE, FROM_PUBLISH, RECORD_NAME
@@ -118,8 +118,8 @@ def _body(inputs: CardInputs) -> str:
     lines += ["```", ""]
     if quant:
         methods = sorted({str(q.get("quant_method")) for q in quant.values()})
-        lines += [f"Loading needs the quantization backend ({', '.join(methods)}; e.g. `pip install optimum-quanto` "
-                  "for quanto).", ""]
+        installs = " ".join(f"'{PACKAGES.get(m, m)}'" for m in methods)
+        lines += [f"Loading needs the quantization backend ({', '.join(methods)}): `pip install {installs}`.", ""]
 
     lines += ["## How it was converted", ""]
     lines += _conversion(inputs)

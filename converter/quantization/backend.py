@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import ConversionError
+from .formats import PACKAGES
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,6 @@ class QuantBackend(ABC):
 
 
 BACKENDS = {"quanto": f"{__package__}.quanto:QuantoBackend", "torchao": f"{__package__}.ao:TorchaoBackend"}
-PACKAGES = {"quanto": "optimum-quanto>=0.2.7", "torchao": "torchao>=0.18"}
 
 
 def get_backend(name: str) -> QuantBackend:

@@ -3,6 +3,7 @@ backend wrote it and to which weight type (inspect, verify and the model card as
 
 from __future__ import annotations
 
+PACKAGES = {"quanto": "optimum-quanto>=0.2.7", "torchao": "torchao>=0.18"}  # what loading each needs
 TORCHAO_TYPES = {"Int8WeightOnlyConfig": "int8", "Float8WeightOnlyConfig": "float8"}
 
 

@@ -20,7 +20,7 @@ from ..plan.plan import FLOAT_TAGS, PlannedTensor
 from ..plan.target import build_target
 from ..read.safetensors_file import DTYPES, TAGS, LazyRows, TensorRef, read_tensor
 from .backend import QuantBackend, get_backend
-from .policy import component_policy, load_policy, policy_path
+from .policy import choose_backend, component_policy, load_policy, policy_path
 
 FLOAT_DTYPES = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
 
@@ -141,6 +141,7 @@ def plan_quantized(cp, weights: str, backend_name: str | None = None) -> Quantiz
     """`cp`: a ComponentPlan whose coverage is proven (converter.convert). `backend_name`: None
     for the policy's default backend."""
     target = cp.plan.target
+    backend_name = choose_backend(weights, backend_name)
     policy = load_policy(backend_name)
     if weights not in policy.weights:
         raise ConversionError(f"{policy_path()}: the {policy.backend} backend offers {', '.join(policy.weights)} "
@@ -218,6 +219,7 @@ def quantize_plans(plans: list, infos: list[dict], weights: str, say, backend: s
     transformer) planned quantized; their report entries (describe()) updated in place."""
     from ..actions.common import human_size
 
+    backend = choose_backend(weights, backend)
     policy = load_policy(backend)
     chosen = [(cp, info) for cp, info in zip(plans, infos) if cp.component in policy.components]
     if not chosen:

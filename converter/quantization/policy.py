@@ -83,6 +83,18 @@ class Policy(_Strict):
         return v
 
 
+def choose_backend(weights: str, name: str | None) -> str:
+    """The backend that writes `weights`: `name` when given; else the default backend when it
+    offers them, else the first further backend that does (int4 -> quanto). A backend that does not
+    offer them is left to plan_quantized, which says what it offers."""
+    if name is not None:
+        return name
+    policy = _load_file()
+    if weights in policy.weights:
+        return policy.backend
+    return next((b for b, spec in policy.backends.items() if weights in spec.weights), policy.backend)
+
+
 def policy_path() -> Path:
     return Path(str(tables_root().joinpath(POLICY_FILE)))
 
