@@ -99,10 +99,12 @@ def inspect(path: PathArg) -> Report:
     from .diagnose.report import inspect_path
 
     with os_errors(path):
-        if Path(path).suffix == ".gguf":
-            from .gguf_out import inspect_gguf
+        from .gguf_out import gguf_folder, inspect_gguf, inspect_gguf_folder
 
+        if Path(path).suffix == ".gguf":
             return Report(inspect_gguf(Path(path)))
+        if files := gguf_folder(Path(path)):
+            return Report(inspect_gguf_folder(Path(path), files))
         return Report({"ok": True, **inspect_path(Path(path))[2]})
 
 
@@ -115,10 +117,13 @@ def verify(path: PathArg, source: PathArg | None = None, *, progress: bool = Tru
     if source is not None and not Path(source).exists():
         raise ConversionError(f"{source}: no such file or folder (--source)")
     with os_errors(path):
-        if Path(path).suffix == ".gguf":
-            from .gguf_out import verify_gguf
+        from .gguf_out import gguf_folder, verify_gguf, verify_gguf_folder
 
-            return Report(verify_gguf(Path(path), Path(source) if source is not None else None, progress))
+        src = Path(source) if source is not None else None
+        if Path(path).suffix == ".gguf":
+            return Report(verify_gguf(Path(path), src, progress))
+        if files := gguf_folder(Path(path)):
+            return Report(verify_gguf_folder(Path(path), files, src, progress))
         return Report(verify_path(Path(path), Path(source) if source is not None else None, progress=progress))
 
 

@@ -247,3 +247,43 @@ def verify_gguf(path: Path, source: Path | None, progress: bool = True) -> dict:
     return {"ok": not diffs, "path": str(path), "kind": "gguf file", "source": str(source) if source else None,
             "components": [comp], "differences": [{**d, "component": "transformer"} for d in diffs],
             "files": [{"file": Path(path).name, "bytes": Path(path).stat().st_size, "sha256": sha256(Path(path))}]}
+
+
+def gguf_folder(path: Path) -> list[Path]:
+    """The .gguf files of a folder `convert --to gguf` wrote for a two-expert source (one per
+    expert), or [] when `path` is not such a folder (it holds other model files, or no .gguf)."""
+    from .write.workfiles import RECORD_NAME, excluded
+
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    entries = [p for p in path.iterdir() if not excluded(p.name) and p.name != RECORD_NAME]
+    return sorted(entries) if entries and all(p.suffix == ".gguf" and p.is_file() for p in entries) else []
+
+
+def inspect_gguf_folder(path: Path, files: list[Path]) -> dict:
+    reports = [inspect_gguf(f) for f in files]
+    return {"ok": True, "path": str(path), "kind": "folder of gguf files", "files": reports, "tensors":
+            sum(r["tensors"] for r in reports), "bytes": sum(r["bytes"] for r in reports), "components": [],
+            "notes": [], "leftovers": [], "healthy": all(r["healthy"] for r in reports)}
+
+
+def verify_gguf_folder(path: Path, files: list[Path], source: Path | None, progress: bool = True) -> dict:
+    """Each file verified; with `source`, against the expert folder of its name (SRC/high_noise_model
+    for high_noise_model.gguf), or SRC itself when the folder holds one file."""
+    out = {"ok": True, "path": str(path), "kind": "folder of gguf files", "source": str(source) if source else None,
+           "components": [], "differences": [], "files": []}
+    for f in files:
+        src = None
+        if source is not None:
+            src = Path(source) / f.stem if (Path(source) / f.stem).is_dir() else Path(source)
+            if src == Path(source) and len(files) > 1:
+                raise ConversionError(f"{source}: has no folder {f.stem}/ for {f.name} (--source: the original "
+                                      f"repo folder with one folder per expert)")
+        r = verify_gguf(f, src, progress)
+        for c in r["components"]:
+            out["components"].append({**c, "component": f.name})
+        out["differences"] += [{**d, "component": f.name} for d in r["differences"]]
+        out["files"] += r["files"]
+        out["ok"] = out["ok"] and r["ok"]
+    return out

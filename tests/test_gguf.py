@@ -134,3 +134,43 @@ def test_overwrite_replaces_an_existing_gguf_file_and_a_folder_is_refused(tmp_pa
     folder.mkdir()
     r = run_cli("convert", FIXTURES / "t2v", folder, "--to", "gguf", "--quantize", "Q8_0", "--overwrite", ok=False)
     assert "exists and is not a file" in r.stderr and folder.is_dir()
+
+
+def test_a_two_expert_repo_becomes_one_gguf_per_expert(tmp_path):
+    """Wan 2.2 A14B: OUT is a folder with high_noise_model.gguf and low_noise_model.gguf, each the
+    file its expert folder alone gives; each loads in diffusers' GGUF loader and reproduces its
+    expert's official output."""
+    import diffusers
+    from repos import make_original_repo
+
+    src = make_original_repo(tmp_path / "src", "t2v_a14b", with_tokenizer=False)
+    r = run_cli("convert", src, tmp_path / "x.gguf", "--to", "gguf", "--quantize", "Q8_0", ok=False)
+    assert "give OUT a folder name" in r.stderr and not (tmp_path / "x.gguf").exists()
+    out = tmp_path / "a14b-Q8_0"
+    report = run_cli("convert", src, out, "--to", "gguf", "--quantize", "Q8_0", "--json").json()
+    assert [f["file"] for f in report["files"]] == ["high_noise_model.gguf", "low_noise_model.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == ["high_noise_model.gguf", "low_noise_model.gguf"]
+    run_cli("convert", src, tmp_path / "float", "--only", "transformer")
+    for expert, instance in (("high_noise_model", "transformer"), ("low_noise_model", "transformer_2")):
+        alone = tmp_path / f"{expert}.gguf"
+        run_cli("convert", src / expert, alone, "--to", "gguf", "--quantize", "Q8_0")
+        assert (out / f"{expert}.gguf").read_bytes() == alone.read_bytes(), expert
+        model = diffusers.WanTransformer3DModel.from_single_file(
+            str(out / f"{expert}.gguf"), quantization_config=diffusers.GGUFQuantizationConfig(compute_dtype=torch.float32),
+            config=str(tmp_path / "float" / instance), torch_dtype=torch.float32).eval()
+        got, expected = run_official_call(model, f"t2v_a14b/{expert}")
+        err = rel_err(got, expected)
+        print(f"\nt2v_a14b {expert} gguf Q8_0: rel err {err:.3g}")
+        assert err <= BOUND["Q8_0"]
+    # --overwrite replaces the folder; inspect and verify take it, each file against its expert
+    run_cli("convert", src, out, "--to", "gguf", "--quantize", "Q8_0", "--overwrite")
+    seen = run_cli("inspect", out, "--json").json()
+    assert seen["kind"] == "folder of gguf files" and seen["healthy"] and len(seen["files"]) == 2
+    verified = run_cli("verify", out, "--source", src, "--json").json()
+    assert verified["ok"] and [c["compared"] for c in verified["components"]] == [69, 69]
+    (out / "high_noise_model.gguf").rename(out / "tmp.gguf")  # the experts swapped: caught
+    (out / "low_noise_model.gguf").rename(out / "high_noise_model.gguf")
+    (out / "tmp.gguf").rename(out / "low_noise_model.gguf")
+    swapped = run_cli("verify", out, "--source", src, "--json", ok=False).json()
+    assert not swapped["ok"] and {d["component"] for d in swapped["differences"]} == \
+        {"high_noise_model.gguf", "low_noise_model.gguf"}

@@ -1,5 +1,6 @@
 """`convert SRC OUT.gguf --to gguf --quantize TYPE`: the transformer of SRC as one GGUF file in its
-original key names (converter/gguf_out.py), checked, written atomically."""
+original key names (converter/gguf_out.py), checked, written atomically; a two-expert source (Wan
+2.2 A14B) as a folder of one GGUF file per expert."""
 
 from __future__ import annotations
 
@@ -13,35 +14,61 @@ from .common import human_size, silent
 
 def run_gguf(src: Path, out: Path, qtype: str | None, overwrite: bool, dry_run: bool, overrides: dict,
              say=silent, progress: bool = True) -> dict:
+    """One transformer: OUT is a .gguf file.  Two (Wan 2.2 A14B): OUT is a folder that gets one
+    .gguf per expert, named after the expert's folder in the original repo (high_noise_model.gguf,
+    low_noise_model.gguf), written into a work folder and renamed to OUT when both are complete."""
     from ..gguf_out import plan_gguf, write_gguf
-    from ..write.atomic import check_output
+    from ..write.atomic import atomic_output_dir, check_output, clean_stale
     from .convert import plan_components
 
     src, out = Path(src), Path(out)
-    if out.suffix != ".gguf":
-        raise ConversionError(f"{out}: --to gguf writes one file: give OUT a .gguf name")
     if qtype is None:
         raise ConversionError("--to gguf needs --quantize TYPE (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, BF16, F16, F32)")
-    check_output(src, out, overwrite or dry_run, kind="file")
     started = time.perf_counter()
     plans = plan_components(src, ["transformer"], "keep", overrides, None, False, say)
-    if len(plans) != 1:
-        raise ConversionError(f"{src}: holds {len(plans)} transformers (Wan 2.2 A14B experts): convert each expert "
-                              f"folder to its own .gguf ({', '.join(str(cp.source.path) for cp in plans)})")
-    (cp,) = plans  # its coverage is proven: a complete, known transformer (its keys are written as they are)
-    tensors = plan_gguf(cp, qtype)
-    types = dict(Counter(t.qtype for t in tensors))
-    total = sum(t.nbytes for t in tensors)
-    say(f"gguf: {len(tensors)} tensors in the original key names, {human_size(total)}: "
-        + ", ".join(f"{k} x{v}" for k, v in sorted(types.items())))
-    report = {"ok": True, "dry_run": dry_run, "to": "gguf", "source": str(src), "variant": cp.plan.detection.variant,
-              "type": qtype, "tensors": len(tensors), "types": types, "bytes": total}
+    one = len(plans) == 1
+    if one and out.suffix != ".gguf":
+        raise ConversionError(f"{out}: --to gguf writes one file for this transformer: give OUT a .gguf name")
+    if not one and out.suffix == ".gguf":
+        raise ConversionError(f"{out}: {src} holds {len(plans)} transformers (Wan 2.2 A14B experts): give OUT a "
+                              f"folder name; it gets one .gguf per expert")
+    check_output(src, out, overwrite or dry_run, kind="file" if one else "folder")
+    files = []  # (name of the .gguf, its component plan, its tensors); coverage of each is proven
+    for cp in plans:
+        name = out.name if one else f"{expert_name(cp)}.gguf"
+        tensors = plan_gguf(cp, qtype)
+        types = dict(Counter(t.qtype for t in tensors))
+        say(f"{name}: {len(tensors)} tensors in the original key names, {human_size(sum(t.nbytes for t in tensors))}: "
+            + ", ".join(f"{k} x{v}" for k, v in sorted(types.items())))
+        files.append((name, cp, tensors, types))
+    if len({name for name, *_ in files}) != len(files):
+        raise ConversionError(f"{src}: its experts' folder names do not tell the files apart")
+    entries = [{"file": name, "instance": cp.folder, "source": str(cp.source.path), "variant": cp.plan.detection.variant,
+                "tensors": len(tensors), "types": types, "bytes": sum(t.nbytes for t in tensors)}
+               for name, cp, tensors, types in files]
+    report = {"ok": True, "dry_run": dry_run, "to": "gguf", "source": str(src), "variant": entries[0]["variant"],
+              "type": qtype, "tensors": sum(e["tensors"] for e in entries), "bytes": sum(e["bytes"] for e in entries),
+              "types": dict(sum((Counter(e["types"]) for e in entries), Counter())), "files": entries}
     if dry_run:
         say(f"dry run: would write {out}; nothing written")
         return report
-    write_gguf(tensors, out, qtype, progress)
+    if one:
+        write_gguf(files[0][2], out, qtype, progress)
+    else:
+        clean_stale(out, say)
+        with atomic_output_dir(out, overwrite) as work:
+            for name, _, tensors, _ in files:
+                write_gguf(tensors, work / name, qtype, progress)
     report["output"] = str(out.resolve())
     report["seconds"] = round(time.perf_counter() - started, 3)
-    say(f"wrote {out} ({human_size(out.stat().st_size)}) in {report['seconds']:.1f} s")
+    size = out.stat().st_size if one else sum((out / e["file"]).stat().st_size for e in entries)
+    say(f"wrote {out} ({human_size(size)}{'' if one else ', ' + ', '.join(e['file'] for e in entries)}) "
+        f"in {report['seconds']:.1f} s")
     say(f"result: {out.resolve()}")
     return report
+
+
+def expert_name(cp) -> str:
+    """The expert's folder name in the original repo (high_noise_model), else its Diffusers instance."""
+    path = Path(cp.source.path)
+    return path.name if path.is_dir() else cp.folder

@@ -81,6 +81,11 @@ def as_dict(found: Found, diags: list[Diagnosis]) -> dict:
 
 def render(report: dict) -> list[str]:
     lines = [f"{report['path']}: {report['kind']}"]
+    if report["kind"] == "folder of gguf files":
+        for r in report["files"]:
+            lines += ["  " + line for line in render(r)]
+        lines.append("healthy: one GGUF transformer per file" if report["healthy"] else "problems found (see notes)")
+        return lines
     if report["kind"] == "gguf file":
         lines.append(f"  architecture: {report['architecture']}")
         if report.get("variant"):

@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""How close to disk speed each write path is: wall time of `wan2diffusers convert` against `cp -r`
+of the same files, in one run (a benchmark, not a test).
+
+The issue-13 benchmark: a synthetic ORIGINAL-layout Wan 2.1 T2V-14B checkpoint with the real
+shapes and --layers blocks (default 4: 6.1 GB float32; written by scripts/bench_convert.py's
+generator), the source in the page cache (read once before every run), each run timed from start
+to the end of a `sync` after it (what it wrote is on disk), the runs alternating with `cp -r` round
+by round, --repeat rounds (default 3), medians reported.  Paths (default all five):
+
+    copy    convert (dtype keep: a byte copy with the keys renamed)
+    bf16    convert --dtype bf16
+    int8    convert --quantize int8   (the default backend, torchao)
+    quanto8 convert --quantize int8 --backend quanto
+    Q8_0    convert --to gguf --quantize Q8_0
+
+For each: median wall (s), median of the matching cp runs, the ratio, peak RSS (/usr/bin/time -v,
+mapped pages count), and user+sys CPU seconds.  Targets (issue 13): bf16 <= 1.2x cp, int8 <= 1.5x,
+Q8_0 <= 2.5x.  Every output is removed (and synced) before the next run.  The layout of the
+transformer class is cached before the first timed run (a repeat conversion of a family, as
+scripts/bench_convert.py documents).
+
+Usage (repository root):
+    .venv/bin/python scripts/bench_speed.py [--layers 4] [--repeat 3] [--paths copy bf16 int8 Q8_0]
+        [--workdir DIR] [--keep] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_convert import (CLI, FIXTURE, TIME, checkpoint_bytes, human, log, make_pool,  # noqa: E402
+                           parse_time_v, write_checkpoint)
+
+PATHS = {
+    "copy": [],
+    "bf16": ["--dtype", "bf16"],
+    "int8": ["--quantize", "int8"],
+    "quanto8": ["--quantize", "int8", "--backend", "quanto"],
+    "Q8_0": ["--to", "gguf", "--quantize", "Q8_0"],
+}
+TARGETS = {"bf16": 1.2, "int8": 1.5, "Q8_0": 2.5}
+
+
+def read_through(folder: Path) -> None:
+    """The source into the page cache."""
+    for f in sorted(folder.iterdir()):
+        with open(f, "rb", buffering=0) as fh:
+            while fh.read(64 << 20):
+                pass
+
+
+def timed(argv: list[str], logs: Path, label: str) -> dict:
+    subprocess.run(["sync"], check=True)
+    tfile, ofile = logs / f"{label}.time", logs / f"{label}.log"
+    t0 = time.perf_counter()
+    with open(ofile, "wb") as out:
+        rc = subprocess.run([TIME, "-v", "-o", str(tfile), *argv], stdout=out, stderr=subprocess.STDOUT).returncode
+    subprocess.run(["sync"], check=True)
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        raise SystemExit(f"{label} failed (exit {rc}); log {ofile}:\n{ofile.read_text(errors='replace')[-3000:]}")
+    r = parse_time_v(tfile.read_text())
+    return {"wall_s": round(wall, 2), "rss_mib": round(r["rss_kib"] / 1024), "cpu_s": round(r["user_s"] + r["sys_s"], 1)}
+
+
+def remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p)
+    elif p.exists():
+        p.unlink()
+    subprocess.run(["sync"], check=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    need = checkpoint_bytes(args.layers)
+    work = Path(tempfile.mkdtemp(prefix="bench-speed-", dir=args.workdir))
+    logs = work / "logs"
+    logs.mkdir()
+    free = shutil.disk_usage(work).free
+    log(f"source {human(need)}; needs about {human(2.2 * need)} free under {work} ({human(free)} free)")
+    if free < 2.2 * need:
+        raise SystemExit("not enough free disk")
+    try:
+        src = work / "src"
+        pool = work / "pool.bin"
+        make_pool(pool, 1 << 30)
+        made = write_checkpoint(src, args.layers, 5 * 10**9, pool)
+        pool.unlink()
+        log(f"wrote {made['files']} shards, {made['tensors']} tensors, {human(made['bytes'])}")
+        # the transformer class's layout cached (a repeat conversion of the family)
+        subprocess.run([str(CLI), "convert", str(src), str(work / "dry"), "--only", "transformer", "--dry-run"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        runs: dict[str, list[dict]] = {p: [] for p in args.paths}
+        cps: dict[str, list[dict]] = {p: [] for p in args.paths}
+        for rnd in range(1, args.repeat + 1):
+            for path in args.paths:
+                out = work / ("out.gguf" if path == "Q8_0" else "out")
+                for kind in ("cp", path):  # alternating: cp, then the path, every round
+                    read_through(src)
+                    if kind == "cp":
+                        r = timed(["cp", "-r", str(src), str(work / "copy")], logs, f"{rnd}-{path}-cp")
+                        remove(work / "copy")
+                        cps[path].append(r)
+                    else:
+                        r = timed([str(CLI), "convert", str(src), str(out), "--only", "transformer", *PATHS[path]],
+                                  logs, f"{rnd}-{path}")
+                        remove(out)
+                        runs[path].append(r)
+                    log(f"  round {rnd} {kind:8s} wall {r['wall_s']:6.2f} s  RSS {r['rss_mib']:5d} MiB  "
+                        f"cpu {r['cpu_s']:6.1f} s")
+        rows = []
+        for path in args.paths:
+            ours = statistics.median(r["wall_s"] for r in runs[path])
+            cp = statistics.median(r["wall_s"] for r in cps[path])
+            rows.append({"path": path, "args": " ".join(PATHS[path]) or "(dtype keep)", "wall_s": ours, "cp_s": cp,
+                         "ratio": round(ours / cp, 2), "target": TARGETS.get(path),
+                         "rss_mib": max(r["rss_mib"] for r in runs[path]),
+                         "cpu_s": statistics.median(r["cpu_s"] for r in runs[path]),
+                         "runs": [r["wall_s"] for r in runs[path]], "cp_runs": [r["wall_s"] for r in cps[path]]})
+        result = {"layers": args.layers, "source_bytes": made["bytes"], "repeat": args.repeat, "cpus": os.cpu_count(),
+                  "rows": rows}
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(f"\nsynthetic T2V-14B, {args.layers} layers, {human(made['bytes'])} float32, source in page cache, "
+                  f"timed to a final sync, alternating with cp -r, median of {args.repeat}, {os.cpu_count()} CPUs")
+            print(f"{'path':8s} {'ours s':>8s} {'cp s':>7s} {'ratio':>6s} {'target':>7s} {'peak RSS':>9s} {'cpu s':>7s}")
+            for r in rows:
+                t = f"<= {r['target']}" if r["target"] else ""
+                print(f"{r['path']:8s} {r['wall_s']:8.2f} {r['cp_s']:7.2f} {r['ratio']:5.2f}x {t:>7s} "
+                      f"{r['rss_mib']:6d} MiB {r['cpu_s']:7.1f}")
+    finally:
+        if args.keep:
+            log(f"kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
