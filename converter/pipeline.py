@@ -39,6 +39,7 @@ class PipelineSpec(_Strict):
     config: dict[str, Any] = {}  # the pipeline's own config (model_index.json): boundary_ratio, ...
     vae: str | None = None  # the VAE variant the pipeline needs, when not any
     components: list[str]
+    original_config: dict[str, Any] = {}  # --to original: fields of each transformer's config.json
 
     def fits(self, variant: str, instances: list[str], facts: dict) -> bool:
         w = self.when

@@ -73,8 +73,7 @@ def original_view(table: Table, tensors: dict[str, TensorRef], layouts: dict | N
     """Run the table backwards over Diffusers keys: original key -> a TensorRef carrying the
     original shape (through each op's inverse).  Only shapes are meaningful (nothing is read).
     Keys whose original name needs nested indices are left out unless `layouts` (from the
-    facts, rules.resolve_layouts) is given; a reshape's original shape is not recoverable, so
-    its key keeps the Diffusers shape (no fact reads one)."""
+    facts, rules.resolve_layouts) is given."""
     groups: dict[tuple, dict[int, TensorRef]] = {}
     for key, ref in tensors.items():
         for i, rule in enumerate(table.rules):
@@ -92,11 +91,7 @@ def original_view(table: Table, tensors: dict[str, TensorRef], layouts: dict | N
         refs = [parts[s] for s in range(len(rule.targets))]
         try:
             names = [template_for(table, t, layouts).fill(dict(bindings)) for t in rule.sources]
-            if rule.op == "reshape":
-                shapes = [refs[0].shape]
-            else:
-                inv = transforms.inverse(rule, [()] * len(rule.sources))
-                shapes = transforms.output_shapes(inv, [r.shape for r in refs])
+            shapes = transforms.output_shapes(transforms.inverse(rule), [r.shape for r in refs])
         except (KeyError, ValueError):
             continue
         for name, shape in zip(names, shapes):

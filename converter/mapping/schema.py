@@ -30,6 +30,7 @@ class Variant(Strict):
     name: str
     when_present: list[str] = []
     target_class: str
+    file_name: str | None = None  # .pth components: this variant's file in the original repos (--to original)
 
 
 class Size(Strict):
@@ -115,6 +116,7 @@ class Rule(Strict):
     dim: int | None = None  # chunk, concat, squeeze, unsqueeze
     dims: tuple[int, int] | None = None  # transpose
     shape: list[int] | None = None  # reshape (-1 allowed once)
+    undo_shape: list[int] | None = None  # reshape: the source's shape (-1 allowed once), for running backwards
     reason: str | None = None  # drop
     variant: list[str] | None = None  # active only for these detected variants
 
@@ -123,7 +125,7 @@ class Rule(Strict):
         sources = [self.from_] if isinstance(self.from_, str) else self.from_
         targets = [] if self.to is None else [self.to] if isinstance(self.to, str) else self.to
         need = {
-            "rename": (1, 1, ()), "transpose": (1, 1, ("dims",)), "reshape": (1, 1, ("shape",)),
+            "rename": (1, 1, ()), "transpose": (1, 1, ("dims",)), "reshape": (1, 1, ("shape", "undo_shape")),
             "squeeze": (1, 1, ("dim",)), "unsqueeze": (1, 1, ("dim",)),
             "chunk": (1, None, ("dim",)), "concat": (None, 1, ("dim",)), "drop": (1, 0, ("reason",)),
         }[self.op]
@@ -182,5 +184,9 @@ class Table(Strict):
     sizes: list[Size] = []
     facts: dict[str, Fact] = {}
     config: dict[str, Union[str, ConfigEntry, list[ConfigEntry]]] = {}
+    # the original config.json (`convert --to original`), field by field in this order, from facts
+    # or constants; a constant the weights cannot tell is taken from the conversion record when it
+    # kept the source's config.json
+    original_config: dict[str, Union[str, ConfigEntry, list[ConfigEntry]]] = {}
     rules: list[Rule] = Field(min_length=1)
     placeholders: dict[str, Union[Literal["index"], list[str], Nested, Fixed]] = {}

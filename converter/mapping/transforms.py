@@ -84,8 +84,9 @@ def apply(rule: Rule, tensors: list) -> list:
     raise AssertionError(op)
 
 
-def inverse(rule: Rule, source_shapes: list[tuple[int, ...]]) -> Rule:
-    """The rule that undoes `rule` (source and target swapped).  `drop` has no inverse."""
+def inverse(rule: Rule) -> Rule:
+    """The rule that undoes `rule` (source and target swapped).  `drop` has no inverse; a reshape's
+    inverse takes the original shape the table gives (`undo_shape`)."""
     op = rule.op
     if op == "drop":
         raise ValueError(f"a drop rule ({rule.sources[0]}: {rule.reason}) cannot be inverted")
@@ -93,7 +94,9 @@ def inverse(rule: Rule, source_shapes: list[tuple[int, ...]]) -> Rule:
            "reshape": "reshape", "squeeze": "unsqueeze", "unsqueeze": "squeeze"}[op]
     args = {k: v for k, v in (("dim", rule.dim), ("dims", rule.dims)) if v is not None}
     if op == "reshape":
-        args["shape"] = list(source_shapes[0])
+        if rule.undo_shape is None:
+            raise ValueError(f"a reshape rule ({rule.sources[0]}) without undo_shape cannot be inverted")
+        args["shape"], args["undo_shape"] = list(rule.undo_shape), list(rule.shape)
     to = rule.sources if len(rule.sources) > 1 else rule.sources[0]
     frm = rule.targets if len(rule.targets) > 1 else rule.targets[0]
     return Rule.model_validate({"from": frm, "to": to, "op": inv, **args})

@@ -51,6 +51,32 @@ class Dropped:
     reason: str
 
 
+@dataclass(frozen=True)
+class Direction:
+    """Which way a table runs. forward: original -> Diffusers (a rule's `from` keys are read, its
+    `to` keys written, through its op); backward: Diffusers -> original (`to` read, `from` written,
+    through the op's inverse).  The class built on the meta device (the target) is always the
+    Diffusers side: forward, the keys written are proven against it; backward, the keys read."""
+
+    name: str
+
+    @property
+    def forward(self) -> bool:
+        return self.name == "forward"
+
+    def inputs(self, rule: Rule) -> list[str]:
+        return rule.sources if self.forward else rule.targets
+
+    def outputs(self, rule: Rule) -> list[str]:
+        return rule.targets if self.forward else rule.sources
+
+    def op(self, rule: Rule) -> Rule:
+        return rule if self.forward else transforms.inverse(rule)
+
+
+FORWARD, BACKWARD = Direction("forward"), Direction("backward")
+
+
 @dataclass
 class Plan:
     detection: Detection
@@ -58,6 +84,8 @@ class Plan:
     tensors: list[PlannedTensor]  # in target state-dict order
     dropped: list[Dropped]
     problems: list[str] = field(default_factory=list)  # coverage failures; empty = proven
+    direction: Direction = FORWARD
+    lost: list[Dropped] = field(default_factory=list)  # backward: original keys the way in dropped (patterns)
 
     @property
     def ok(self) -> bool:
@@ -76,17 +104,23 @@ def active_rules(table: Table, variant: str) -> list[tuple[int, Rule]]:
 
 
 def build_plan(table: Table, src: SourceCheckpoint, det: Detection, target: TargetModel,
-               dtype: str = "keep") -> Plan:
+               dtype: str = "keep", direction: Direction = FORWARD) -> Plan:
+    """The plan of one component in `direction`; `target` is the Diffusers class (meta)."""
     rules = active_rules(table, det.variant)
     problems: list[str] = []
     lay = resolve_layouts(table, det.facts)  # nested placeholders: flat index <-> (stage, block)
-    # 1. every source key is matched by exactly one active rule
-    instances: dict[tuple, dict[int, str]] = {}  # (rule index, bindings) -> {source slot: key}
+    dropped: list[Dropped] = []
+    # 1. every source key is matched by exactly one active rule (backward: a stored tied copy of
+    # another Diffusers key is no source of its own)
+    instances: dict[tuple, dict[int, str]] = {}  # (rule index, bindings) -> {input slot: key}
     unknown = []
     for key in src.tensors:
+        if not direction.forward and key in target.tied:
+            dropped.append(Dropped(key, f"a tied copy of {target.tied[key]}"))
+            continue
         hits = []
         for i, rule in rules:
-            for slot, text in enumerate(rule.sources):
+            for slot, text in enumerate(direction.inputs(rule)):
                 b = template_for(table, text, lay).match(key)
                 if b is not None:
                     hits.append((i, slot, b))
@@ -102,57 +136,75 @@ def build_plan(table: Table, src: SourceCheckpoint, det: Detection, target: Targ
         problems.append(f"{_where(src, key)}: no rule knows {key}")
 
     produced: dict[str, PlannedTensor] = {}
-    dropped: list[Dropped] = []
+    made_from: dict[str, list[str]] = {}  # input key -> the keys made from it
     for (i, bindings), slots in instances.items():
         rule = table.rules[i]
+        inputs, outputs = direction.inputs(rule), direction.outputs(rule)
         b = dict(bindings)
-        if len(slots) != len(rule.sources):
-            gone = [template_for(table, t, lay).fill(b) for s, t in enumerate(rule.sources) if s not in slots]
+        if len(slots) != len(inputs):
+            gone = [template_for(table, t, lay).fill(b) for s, t in enumerate(inputs) if s not in slots]
             problems.append(f"{src.path}: missing key {gone[0]} (needed with {slots[min(slots)]})")
             continue
-        refs = [src.tensors[slots[s]] for s in range(len(rule.sources))]
-        if rule.op == "drop":
+        refs = [src.tensors[slots[s]] for s in range(len(inputs))]
+        if rule.op == "drop":  # forward only: a drop rule has no Diffusers side to match backwards
             dropped.extend(Dropped(r.key, rule.reason) for r in refs)
             continue
+        op = direction.op(rule)
         try:
-            shapes = transforms.output_shapes(rule, [r.shape for r in refs])
+            shapes = transforms.output_shapes(op, [r.shape for r in refs])
         except transforms.ShapeError as e:
             problems.append(f"{_where(src, slots[0])}: {slots[0]} has the wrong shape: {e}")
             continue
-        for part, (text, shape) in enumerate(zip(rule.targets, shapes)):
+        for part, (text, shape) in enumerate(zip(outputs, shapes)):
             out_key = template_for(table, text, lay).fill(b)
             if out_key in produced:
                 problems.append(f"{out_key} would be produced twice (from {slots[0]} and {produced[out_key].sources[0].key})")
                 continue
-            produced[out_key] = PlannedTensor(out_key, shape, "", refs, rule, part)
+            produced[out_key] = PlannedTensor(out_key, shape, "", refs, op, part)
+            for r in refs:
+                made_from.setdefault(r.key, []).append(out_key)
 
-    # 2. every target key is produced exactly once with the right shape
-    for key, pt in produced.items():
+    # 2. the Diffusers side is exactly the class's keys with its shapes: forward the keys written,
+    # backward the keys read
+    if direction.forward:
+        side = {k: (pt.shape, pt.sources[0].key) for k, pt in produced.items()}
+    else:
+        side = {k: (r.shape, k) for k, r in src.tensors.items() if k not in target.tied and k not in unknown}
+    for key, (shape, origin) in side.items():
         if key not in target.shapes:
-            problems.append(f"{_where(src, pt.sources[0].key)}: {pt.sources[0].key} maps to {key}, "
-                            f"which {target.class_name} ({det.variant}) does not have")
-        elif tuple(target.shapes[key]) != tuple(pt.shape):
-            problems.append(f"{_where(src, pt.sources[0].key)}: {pt.sources[0].key} has the wrong shape: "
-                            f"{list(pt.sources[0].shape)}, {target.class_name} needs {list(target.shapes[key])}")
+            problems.append(f"{_where(src, origin)}: {origin} maps to {key}, which {target.class_name} "
+                            f"({det.variant}) does not have" if direction.forward else
+                            f"{_where(src, origin)}: {key}: {target.class_name} ({det.variant}) has no such key")
+        elif tuple(target.shapes[key]) != tuple(shape):
+            shown = src.tensors[origin].shape
+            problems.append(f"{_where(src, origin)}: {origin} has the wrong shape: "
+                            f"{list(shown)}, {target.class_name} needs {list(target.shapes[key])}")
     for key in target.shapes:
-        if key not in produced:
-            problems.append(f"{src.path}: missing key {_expected_source(table, rules, key, lay)} (for {key})")
+        if key not in side:
+            problems.append(f"{src.path}: missing key {_expected_source(table, rules, key, lay)} (for {key})"
+                            if direction.forward else f"{src.path}: missing key {key} ({target.class_name} has it)")
 
     out_tag = DTYPE_CHOICES[dtype]
+    if direction.forward:
+        order = [produced[k] for k in target.shapes if k in produced]
+    else:  # the original keys in the order of the Diffusers keys they come from
+        seen: dict[str, PlannedTensor] = {}
+        for key in target.shapes:
+            for out_key in made_from.get(key, []):
+                seen.setdefault(out_key, produced[out_key])
+        order = list(seen.values())
     ordered = []
-    for key in target.shapes:
-        pt = produced.get(key)
-        if pt is None:
-            continue
+    for pt in order:
         src_tag = pt.sources[0].dtype
-        if out_tag and src_tag in FLOAT_TAGS and not _keep_fp32(key, target.keep_in_fp32, out_tag):
+        if out_tag and src_tag in FLOAT_TAGS and not (direction.forward and _keep_fp32(pt.key, target.keep_in_fp32, out_tag)):
             pt.dtype = out_tag
         elif out_tag and src_tag in FLOAT_TAGS:
             pt.dtype = "F32"
         else:
             pt.dtype = src_tag
         ordered.append(pt)
-    return Plan(det, target, ordered, dropped, problems)
+    lost = [] if direction.forward else [Dropped(" + ".join(r.sources), r.reason) for _, r in rules if r.op == "drop"]
+    return Plan(det, target, ordered, dropped, problems, direction, lost)
 
 
 def _keep_fp32(key: str, modules: list[str], out_tag: str) -> bool:

@@ -124,6 +124,7 @@ def build_record(src: Path, hub_repo: str | None, dtype: str, plans, report: dic
             "source_tensors": info["source_tensors"], "target_tensors": info["target_tensors"],
             "converted": info["converted"], "dropped": info["dropped"], "coverage": info["coverage"],
             "dtypes": info["dtypes"], "bytes": info["bytes"],
+            "original_config": cp.source.original_config,  # what --to original writes back
         })
     pipe = report.get("pipeline")
     return {

@@ -1,0 +1,235 @@
+"""`convert SRC OUT --to original`: Diffusers components back in the layout of the original Wan-AI
+repos, through the same tables and planner run backwards (converter/plan/plan.py BACKWARD).
+
+read (the Diffusers folders' headers) -> derive each component's facts from its keys and config.json
+-> plan backwards (every Diffusers key of the class read exactly once, every original key made
+exactly once) -> write into a work folder (transformer: safetensors sharded with an index and the
+original config.json; VAE, umT5: a `.pth` as torch.save writes it, streamed; the tokenizer as
+google/umt5-xxl/) -> read the written headers back against the plan -> rename to OUT."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConversionError
+from .common import human_size, silent
+
+
+@dataclass
+class Reversed:
+    """One component planned backwards, and where its original files go."""
+
+    instance: str  # its Diffusers folder: transformer, transformer_2, vae, text_encoder
+    cp: object  # a ComponentPlan whose plan runs BACKWARD
+    dest: str  # its folder in OUT ("" for the repo's root, high_noise_model for an expert)
+    file_name: str  # diffusion_pytorch_model.safetensors, Wan2.1_VAE.pth, ...
+    config: dict | None = None  # the original config.json, for a transformer
+    config_from: dict = field(default_factory=dict)  # field -> where its value came from (not the weights)
+
+    @property
+    def is_pth(self) -> bool:
+        return self.file_name.endswith(".pth")
+
+
+def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent) -> tuple[list[Reversed], list[str]]:
+    """Every Diffusers component of SRC planned backwards, its coverage proven; and notes on what
+    cannot be written (the CLIP image encoder's dropped text tower)."""
+    from ..component import ComponentPlan, require_coverage
+    from ..diagnose.examine import derive, diagnose
+    from ..diagnose.layout import find
+    from ..plan.plan import BACKWARD, build_plan
+    from ..read.source import SourceCheckpoint
+
+    found = find(src)
+    units = [u for u in found.units if only is None or u.component in only]
+    if not units:
+        raise ConversionError(f"{src}: none of the components asked for ({', '.join(only or [])}) is here")
+    notes, out = [], []
+    for unit in units:
+        name = unit.instance or unit.component
+        if unit.component == "image_encoder":
+            notes.append(f"{name}: not written: the original CLIP file also holds the XLM-RoBERTa text tower and "
+                         f"log_scale, which the Diffusers image encoder does not have")
+            continue
+        if unit.layout != "diffusers":
+            raise ConversionError(f"{unit.path}: {name} is in the {unit.layout} layout, not Diffusers: nothing to "
+                                  f"convert back")
+        if unit.quantized:
+            raise ConversionError(f"{unit.path}: {name} is quantized: its float weights cannot be recovered exactly; "
+                                  f"convert back the float folder it was made from")
+        d = diagnose(unit)
+        if d.target is None or d.missing or d.unexpected or d.mismatched or d.config_wrong:
+            problem = next((f.message for f in d.findings), "its config.json does not describe its weights")
+            raise ConversionError(f"{unit.path}: {name} is not a complete Diffusers {unit.component}: {problem} "
+                                  f"(wan2diffusers inspect {unit.path})")
+        det = derive(unit)
+        weights = SourceCheckpoint(unit.path, "diffusers", unit.weights.files, dict(unit.weights.tensors), None)
+        plan = build_plan(unit.table, weights, det, d.target, dtype, BACKWARD)
+        cp = ComponentPlan(unit.component, weights, plan, "", name)
+        require_coverage(cp)
+        say(f"{name}: {len(weights.tensors)} Diffusers tensors ({det.variant}{', ' + det.size if det.size else ''}) "
+            f"-> {len(plan.tensors)} original tensors; coverage proven")
+        out.append(Reversed(name, cp, "", ""))
+    _place(out, src, say)
+    return out, notes
+
+
+def _place(parts: list[Reversed], src: Path, say) -> None:
+    """Each component's folder and file in the original repo layout; each transformer's config.json."""
+    from ..mapping.tables import load_table
+    from ..pipeline import choose_pipeline, load_pipeline_table
+    from ..publishing.provenance import read_record
+
+    transformers = [r for r in parts if r.cp.component == "transformer"]
+    instances = sorted(r.instance for r in transformers)
+    layout = next((lay for lay in load_pipeline_table().transformer_layouts
+                   if sorted(lay.instances) == instances), None)
+    record = None
+    try:
+        record = read_record(src) if Path(src).is_dir() else None
+    except ConversionError:
+        pass
+    kept = {c.get("component"): c.get("original_config") for c in (record or {}).get("components", [])}
+    pipe = None
+    if transformers:
+        det = transformers[0].cp.plan.detection
+        try:
+            pipe = choose_pipeline(det.variant, instances, det.facts)
+        except ConversionError:
+            pipe = None
+    for r in parts:
+        table = load_table(r.cp.component)
+        det = r.cp.plan.detection
+        if r.cp.component == "transformer":
+            folder = layout.instances[r.instance] if layout is not None else "."
+            r.dest = "" if folder == "." else folder
+            r.file_name = table.source.weights_name
+            r.config, r.config_from = original_config(table, det, pipe.original_config if pipe else {},
+                                                      kept.get(r.instance))
+        else:
+            variant = next(v for v in table.variants if v.name == det.variant)
+            r.file_name = variant.file_name or table.source.file_names[0]
+
+
+def original_config(table, det, pipeline_fields: dict, kept: dict | None) -> tuple[dict, dict]:
+    """The original config.json from the table's `original_config` (facts or constants); a constant
+    replaced by the pipeline row's value, then by the source's own config.json when the conversion
+    record kept it.  Returns (config, field -> where a value not from the weights came from)."""
+    from ..mapping.schema import config_entry
+
+    cfg, origin = {}, {}
+    for name, entry in table.original_config.items():
+        e = config_entry(entry, det.variant)
+        if e is None:
+            continue
+        if e.fact is not None:
+            cfg[name] = det.facts[e.fact]
+            continue
+        if isinstance(kept, dict) and name in kept:
+            cfg[name], origin[name] = kept[name], "the conversion record (the source's config.json)"
+        elif name in pipeline_fields:
+            cfg[name], origin[name] = pipeline_fields[name], "mappings/pipeline.yaml"
+        else:
+            cfg[name], origin[name] = e.const, f"mappings/{table.component}.yaml (default)"
+    return cfg, origin
+
+
+def run_to_original(src: Path, out: Path, only, dtype: str, max_shard_size, overwrite: bool, dry_run: bool,
+                    say=silent, progress: bool = True) -> dict:
+    from ..write.atomic import atomic_output_dir, check_output, clean_stale
+
+    src, out = Path(src), Path(out)
+    check_output(src, out, overwrite or dry_run)
+    started = time.perf_counter()
+    parts, notes = plan_reversed(src, only, dtype, say)
+    tokenizer = _tokenizer(src, parts)
+    report = {"ok": True, "dry_run": dry_run, "to": "original", "source": str(src), "components": [
+        {"instance": r.instance, "component": r.cp.component, "variant": r.cp.plan.detection.variant,
+         "file": "/".join(x for x in (r.dest, r.file_name) if x), "tensors": len(r.cp.plan.tensors),
+         "bytes": sum(pt.nbytes for pt in r.cp.plan.tensors), "dropped": [d.key for d in r.cp.plan.dropped],
+         "config": r.config, "config_from": r.config_from} for r in parts],
+        "tokenizer": tokenizer[1] if tokenizer else None, "notes": notes}
+    for r in parts:
+        for name, where in r.config_from.items():
+            say(f"  note: {r.instance} config.json {name}={r.config[name]!r} from {where}")
+    for note in notes:
+        say(f"note: {note}")
+    if dry_run:
+        say(f"dry run: would write {out} ({human_size(sum(c['bytes'] for c in report['components']))}); nothing written")
+        return report
+    clean_stale(out, say)
+    with atomic_output_dir(out, overwrite) as work:
+        for r in parts:
+            write_original(r, work / r.dest if r.dest else work, max_shard_size, progress)
+        if tokenizer:
+            shutil.copytree(tokenizer[0], work / tokenizer[1])
+    report["output"] = str(out.resolve())
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    say(f"done in {report['seconds']:.1f} s")
+    say(f"result: {out.resolve()}")
+    return report
+
+
+def _tokenizer(src: Path, parts: list[Reversed]):
+    """(the Diffusers tokenizer folder, where the original repos keep it) when the text encoder is
+    converted back and SRC has one."""
+    from ..pipeline import load_pipeline_table
+
+    folder = Path(src) / "tokenizer"
+    if not any(r.cp.component == "text_encoder" for r in parts) or not folder.is_dir():
+        return None
+    return folder, load_pipeline_table().tokenizer.source_folder
+
+
+def write_original(r: Reversed, folder: Path, max_shard_size, progress: bool = True) -> None:
+    from tqdm import tqdm
+
+    from ..component import _source_position, produce
+    from ..read.pth_file import read_pth_index
+    from ..read.safetensors_file import read_header
+    from ..write.naming import plan_shards
+    from ..write.pth_writer import write_pth
+    from ..write.safetensors_writer import write_safetensors
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pts = r.cp.plan.tensors
+    want = {pt.key: (pt.dtype, tuple(pt.shape)) for pt in pts}
+    seen = {}
+    with tqdm(total=sum(pt.nbytes for pt in pts), unit="B", unit_scale=True, desc=f"writing {r.instance}",
+              disable=None if progress else True, leave=False) as bar:
+        if r.is_pth:
+            write_pth(folder / r.file_name, [(pt.key, pt.dtype, tuple(pt.shape), pt.nbytes) for pt in pts],
+                      lambda i: byte_chunks(produce(pts[i])), bar.update)
+            seen = {k: (ref.dtype, tuple(ref.shape)) for k, ref in read_pth_index(folder / r.file_name).items()}
+        else:
+            by_key = {pt.key: pt for pt in pts}
+            layout = plan_shards({k: pt.nbytes for k, pt in by_key.items()}, r.file_name, max_shard_size)
+            for name, keys in layout.files.items():
+                chosen = sorted((by_key[k] for k in keys), key=_source_position)
+                write_safetensors(folder / name, [(pt.key, pt.dtype, pt.shape, pt.nbytes) for pt in chosen],
+                                  lambda i: produce(chosen[i]), {"format": "pt"}, bar.update)
+                seen.update({k: (ref.dtype, tuple(ref.shape)) for k, ref in read_header(folder / name).tensors.items()})
+            if layout.index_name:
+                (folder / layout.index_name).write_text(json.dumps(layout.index, indent=2, sort_keys=True) + "\n")
+    if r.config is not None:
+        (folder / "config.json").write_text(json.dumps(r.config, indent=2) + "\n")
+    if seen != want:
+        diff = sorted(set(seen.items()) ^ set(want.items()))[:5]
+        raise ConversionError(f"{folder}: written headers differ from the plan: {diff}")
+
+
+def byte_chunks(item):
+    """What produce() gives (a TensorRef to copy, an iterator of byte chunks, a tensor) as byte chunks."""
+    import torch
+
+    from ..read.safetensors_file import TensorRef, iter_chunks
+
+    if isinstance(item, TensorRef):
+        return (part.view(torch.uint8).numpy().data for part in iter_chunks(item))
+    if hasattr(item, "contiguous"):
+        return [item.contiguous().reshape(-1).view(torch.uint8).numpy().data]
+    return item

@@ -1,0 +1,114 @@
+"""Write a `.pth` file as `torch.save(state_dict)` writes it (zip format), one tensor at a time:
+the pickle (`data.pkl`) describes every tensor from its planned dtype and shape alone, then each
+tensor's bytes are streamed into their own uncompressed zip member.  Nothing holds the model.
+
+The layout is torch's own (torch/serialization.py `_save`, caffe2/serialize/inline_container.cc):
+members `<archive>/data.pkl`, `.format_version`, `.storage_alignment`, `<archive>/byteorder`, `<archive>/data/<n>` (one storage per tensor,
+numbered in pickling order), `<archive>/version`, `<archive>/.data/serialization_id`; every data
+member starts at a multiple of 64 bytes (torch pads the local header's extra field, id "FB"), so
+`torch.load(..., mmap=True)` maps it in place.  The pickle is protocol 2, each tensor reduced to
+`torch._utils._rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict())` with the storage
+as the persistent id `("storage", torch.<Type>Storage, "<n>", "cpu", numel)`; tests compare it byte
+for byte with torch.save's."""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import struct
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Iterable
+
+ALIGNMENT = 64
+STORAGE_TYPES = {"F32": "FloatStorage", "F64": "DoubleStorage", "F16": "HalfStorage", "BF16": "BFloat16Storage",
+                 "I64": "LongStorage", "I32": "IntStorage", "I16": "ShortStorage", "I8": "CharStorage",
+                 "U8": "ByteStorage", "BOOL": "BoolStorage"}
+
+
+class _Storage:
+    def __init__(self, n: int, tag: str, numel: int):
+        self.n, self.tag, self.numel = n, tag, numel
+
+
+class _Tensor:
+    def __init__(self, storage: _Storage, shape: tuple[int, ...]):
+        self.storage, self.shape = storage, tuple(shape)
+
+
+def _stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out, acc = [], 1
+    for d in reversed(shape):
+        out.append(acc)
+        acc *= d
+    return tuple(reversed(out))
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _Storage):
+            import torch
+
+            return ("storage", getattr(torch, STORAGE_TYPES[obj.tag]), str(obj.n), "cpu", obj.numel)
+        return None
+
+    def reducer_override(self, obj):
+        if isinstance(obj, _Tensor):
+            import torch._utils
+
+            return (torch._utils._rebuild_tensor_v2,
+                    (obj.storage, 0, obj.shape, _stride(obj.shape), False, OrderedDict()))
+        return NotImplemented
+
+
+def pickle_bytes(entries: list[tuple[str, str, tuple[int, ...]]]) -> bytes:
+    """data.pkl for a state dict of (key, dtype tag, shape), storages numbered in order."""
+    import io
+
+    sd = {}
+    for n, (key, tag, shape) in enumerate(entries):
+        sd[key] = _Tensor(_Storage(n, tag, math.prod(shape)), shape)
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(sd)
+    return buf.getvalue()
+
+
+def _aligned_info(zf: zipfile.ZipFile, name: str, size: int) -> zipfile.ZipInfo:
+    """A stored member whose data will start at a multiple of ALIGNMENT (torch's "FB" padding)."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    info.file_size = size
+    start = zf.fp.tell() + 30 + len(name.encode("utf-8")) + 20  # local header + name + zip64 extra
+    pad = (-(start + 4)) % ALIGNMENT
+    info.extra = b"FB" + struct.pack("<H", pad) + b"Z" * pad
+    return info
+
+
+def write_pth(path: Path, entries: list[tuple[str, str, tuple[int, ...], int]],
+              produce: Callable[[int], Iterable], on_bytes: Callable[[int], None] = lambda n: None) -> None:
+    """`entries`: (key, dtype tag, shape, nbytes) in state-dict order; `produce(i)` gives entry i's
+    bytes as an iterator of byte chunks (or one bytes-like object)."""
+    archive = Path(path).stem
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        def member(name: str, data: bytes) -> None:
+            with zf.open(_aligned_info(zf, f"{archive}/{name}", len(data)), "w", force_zip64=True) as f:
+                f.write(data)
+
+        member("data.pkl", pickle_bytes([(k, t, s) for k, t, s, _ in entries]))
+        member(".format_version", b"1")
+        member(".storage_alignment", str(ALIGNMENT).encode())
+        member("byteorder", b"little")
+        for n, (key, _, _, nbytes) in enumerate(entries):
+            with zf.open(_aligned_info(zf, f"{archive}/data/{n}", nbytes), "w", force_zip64=True) as f:
+                written = 0
+                item = produce(n)
+                for chunk in ([item] if isinstance(item, (bytes, bytearray, memoryview)) else item):
+                    f.write(chunk)
+                    written += len(memoryview(chunk).cast("B"))
+                if written != nbytes:
+                    raise AssertionError(f"{key}: planned {nbytes} bytes, produced {written}")
+            on_bytes(nbytes)
+        member("version", b"3\n")
+        member(".data/serialization_id", "".join(str(b % 10) for b in os.urandom(40)).encode())
