@@ -63,7 +63,7 @@ def convert(source: PathArg, output: PathArg, *, dtype: Dtype = "keep", quantize
             settings: Union[Mapping[str, Mapping], Iterable[str], None] = None, override_config: bool = False,
             clip_heads: int | None = None, flow_shift: float | None = None, check_finite: bool = False,
             dry_run: bool = False, log: Log | None = None, warn: Log | None = None,
-            progress: bool = True, backend: Backend | None = None, to: Literal["diffusers", "gguf", "original"] = "diffusers") -> Report:
+            progress: bool = True, backend: Backend | None = None, to: Literal["diffusers", "gguf", "original", "comfyui"] = "diffusers") -> Report:
     """Convert the original Wan weights at `source` (a repo folder, one file, or a Hub repo id)
     into a Diffusers folder `output` (`wan2diffusers convert`). `settings`: facts the weights
     cannot tell, e.g. {"transformer": {"num_heads": 12}}; a value that contradicts the source's

@@ -17,12 +17,12 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, fl
         from .to_gguf import run_gguf
 
         return run_gguf(src, out, quantize, overwrite, dry_run, overrides, say, progress)
-    if to == "original":  # the tables run backwards: Diffusers -> the original Wan layout
+    if to in ("original", "comfyui"):  # the tables run backwards: Diffusers -> the original Wan keys
         from .to_original import run_to_original
 
         if quantize:
-            raise ConversionError("--to original writes the float weights: --quantize does not apply")
-        return run_to_original(src, out, only, dtype, max_shard_size, overwrite, dry_run, say, progress)
+            raise ConversionError(f"--to {to} writes the float weights: --quantize does not apply")
+        return run_to_original(src, out, only, dtype, max_shard_size, overwrite, dry_run, say, progress, to)
     from ..component import describe
     from ..hub import download, looks_like_repo_id
     from ..write.atomic import check_output

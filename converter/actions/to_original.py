@@ -1,11 +1,13 @@
-"""`convert SRC OUT --to original`: Diffusers components back in the layout of the original Wan-AI
-repos, through the same tables and planner run backwards (converter/plan/plan.py BACKWARD).
+"""`convert SRC OUT --to original|comfyui`: Diffusers components back in the layout of the original
+Wan-AI repos, or as ComfyUI's single files, through the same tables and planner run backwards
+(converter/plan/plan.py BACKWARD; SAME for the ComfyUI files that keep the transformers keys).
 
 read (the Diffusers folders' headers) -> derive each component's facts from its keys and config.json
 -> plan backwards (every Diffusers key of the class read exactly once, every original key made
 exactly once) -> write into a work folder (transformer: safetensors sharded with an index and the
 original config.json; VAE, umT5: a `.pth` as torch.save writes it, streamed; the tokenizer as
-google/umt5-xxl/) -> read the written headers back against the plan -> rename to OUT."""
+google/umt5-xxl/; ComfyUI: one .safetensors per component in its models/ folder, mappings/comfyui.yaml)
+-> read the written headers back against the plan -> rename to OUT."""
 
 from __future__ import annotations
 
@@ -35,13 +37,16 @@ class Reversed:
         return self.file_name.endswith(".pth")
 
 
-def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent) -> tuple[list[Reversed], list[str]]:
-    """Every Diffusers component of SRC planned backwards, its coverage proven; and notes on what
-    cannot be written (the CLIP image encoder's dropped text tower)."""
+def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
+                  to: str = "original") -> tuple[list[Reversed], list[str]]:
+    """Every Diffusers component of SRC planned backwards (`to` original) or into ComfyUI's keys,
+    its coverage proven; and notes on what cannot be written (the CLIP image encoder's dropped text
+    tower, for the original layout)."""
+    from ..comfyui import load_comfy_layout
     from ..component import ComponentPlan, require_coverage
     from ..diagnose.examine import derive, diagnose
     from ..diagnose.layout import find
-    from ..plan.plan import BACKWARD, build_plan
+    from ..plan.plan import BACKWARD, SAME, build_plan
     from ..read.source import SourceCheckpoint
 
     found = find(src)
@@ -51,7 +56,7 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent) -> 
     notes, out = [], []
     for unit in units:
         name = unit.instance or unit.component
-        if unit.component == "image_encoder":
+        if unit.component == "image_encoder" and to == "original":
             notes.append(f"{name}: not written: the original CLIP file also holds the XLM-RoBERTa text tower and "
                          f"log_scale, which the Diffusers image encoder does not have")
             continue
@@ -68,14 +73,44 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent) -> 
                                   f"(wan2diffusers inspect {unit.path})")
         det = derive(unit)
         weights = SourceCheckpoint(unit.path, "diffusers", unit.weights.files, dict(unit.weights.tensors), None)
-        plan = build_plan(unit.table, weights, det, d.target, dtype, BACKWARD)
+        direction = BACKWARD
+        if to == "comfyui":
+            spec = load_comfy_layout().components.get(unit.component)
+            if spec is None:
+                raise ConversionError(f"{unit.path}: mappings/comfyui.yaml has no ComfyUI file for {unit.component}")
+            direction = BACKWARD if spec.keys == "original" else SAME
+        plan = build_plan(unit.table, weights, det, d.target, dtype, direction)
         cp = ComponentPlan(unit.component, weights, plan, "", name)
         require_coverage(cp)
         say(f"{name}: {len(weights.tensors)} Diffusers tensors ({det.variant}{', ' + det.size if det.size else ''}) "
-            f"-> {len(plan.tensors)} original tensors; coverage proven")
+            f"-> {len(plan.tensors)} {'original' if direction is BACKWARD else 'Diffusers'}-named tensors; "
+            f"coverage proven")
         out.append(Reversed(name, cp, "", ""))
-    _place(out, src, say)
+    if to == "comfyui":
+        _place_comfy(out, src)
+    else:
+        _place(out, src, say)
     return out, notes
+
+
+def _place_comfy(parts: list[Reversed], src: Path) -> None:
+    """Each component's ComfyUI file: models/ folder and name from mappings/comfyui.yaml."""
+    from ..comfyui import DTYPE_NAMES, load_comfy_layout
+    from ..pipeline import load_pipeline_table
+
+    layout = load_comfy_layout()
+    instances = sorted(r.instance for r in parts if r.cp.component == "transformer")
+    experts = next((lay.instances for lay in load_pipeline_table().transformer_layouts
+                    if sorted(lay.instances) == instances and len(instances) > 1), {})
+    for r in parts:
+        spec = layout.components[r.cp.component]
+        dtypes = sorted({pt.dtype for pt in r.cp.plan.tensors if pt.dtype in DTYPE_NAMES})
+        name = Path(src).resolve().name
+        if r.instance in experts:
+            name += "_" + spec.experts.get(experts[r.instance], experts[r.instance])
+        r.dest = spec.folder
+        r.file_name = spec.file.format(name=name, variant=r.cp.plan.detection.variant,
+                                       dtype="_".join(DTYPE_NAMES[d] for d in dtypes) or "mixed")
 
 
 def _place(parts: list[Reversed], src: Path, say) -> None:
@@ -139,15 +174,18 @@ def original_config(table, det, pipeline_fields: dict, kept: dict | None) -> tup
 
 
 def run_to_original(src: Path, out: Path, only, dtype: str, max_shard_size, overwrite: bool, dry_run: bool,
-                    say=silent, progress: bool = True) -> dict:
+                    say=silent, progress: bool = True, to: str = "original") -> dict:
+    """`to`: original (the Wan-AI repo layout) or comfyui (one file per component, unsharded)."""
     from ..write.atomic import atomic_output_dir, check_output, clean_stale
 
     src, out = Path(src), Path(out)
     check_output(src, out, overwrite or dry_run)
     started = time.perf_counter()
-    parts, notes = plan_reversed(src, only, dtype, say)
-    tokenizer = _tokenizer(src, parts)
-    report = {"ok": True, "dry_run": dry_run, "to": "original", "source": str(src), "components": [
+    parts, notes = plan_reversed(src, only, dtype, say, to)
+    tokenizer = _tokenizer(src, parts) if to == "original" else None
+    if to == "comfyui":
+        max_shard_size = 1 << 62  # one file per component
+    report = {"ok": True, "dry_run": dry_run, "to": to, "source": str(src), "components": [
         {"instance": r.instance, "component": r.cp.component, "variant": r.cp.plan.detection.variant,
          "file": "/".join(x for x in (r.dest, r.file_name) if x), "tensors": len(r.cp.plan.tensors),
          "bytes": sum(pt.nbytes for pt in r.cp.plan.tensors), "dropped": [d.key for d in r.cp.plan.dropped],

@@ -29,10 +29,11 @@ from .common import backend_option, run_reporting
 @click.option("--set", "settings", multiple=True, metavar="COMPONENT.FACT=VALUE",
               help="Give a fact the weights cannot tell, e.g. transformer.num_heads=12 for a single "
                    "file of an unknown size (value parsed as YAML). Repeatable.")
-@click.option("--to", "to", type=click.Choice(["diffusers", "gguf", "original"]), default="diffusers", show_default=True,
+@click.option("--to", "to", type=click.Choice(["diffusers", "gguf", "original", "comfyui"]), default="diffusers", show_default=True,
               help="Output layout: a Diffusers folder; (gguf) the transformer as one .gguf file in its "
                    "original key names, for ComfyUI-GGUF and diffusers' GGUF loader (needs --quantize TYPE); "
-                   "(original) a Diffusers SRC back in the layout of the original Wan-AI repo.")
+                   "(original) a Diffusers SRC back in the layout of the original Wan-AI repo; (comfyui) a "
+                   "Diffusers SRC as ComfyUI's single files (diffusion_models/, vae/, text_encoders/, clip_vision/).")
 @click.option("--quantize", type=click.Choice(["int8", "float8", "int4", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0",
                                                "BF16", "F16", "F32"]), default=None,
               help="Write the transformer quantized: int8, float8, int4 in a Diffusers folder (see --backend; "

@@ -235,6 +235,8 @@ def diagnose(unit: Unit) -> Diagnosis:
     else:
         d.findings.append(Finding("unknown-keys", f"{unit.path}: no key is a Wan {unit.component} key "
                                   f"(e.g. {', '.join(sorted(unit.keys)[:3])})", "none: not a Wan checkpoint"))
+    if unit.comfy:
+        _judge_comfy(d)
     if unit.leftovers:
         names = ", ".join(p.name for p in unit.leftovers)
         chosen = ws.index.name if ws.index is not None else ws.name
@@ -243,6 +245,27 @@ def diagnose(unit: Unit) -> Diagnosis:
                                   "move them into the backup", REMOVE_LEFTOVERS,
                                   [p.name for p in unit.leftovers]))
     return d
+
+
+def _judge_comfy(d: Diagnosis) -> None:
+    """A ComfyUI file is judged by what ComfyUI's loader reads (mappings/comfyui.yaml): the key
+    layout, every key of the component (original keys: the conversion's coverage proof; Diffusers
+    keys: the class's keys), no config.json (ComfyUI has none)."""
+    unit = d.unit
+    keep = {"unreadable-weights", "index"}
+    d.findings = [f for f in d.findings if f.code in keep]
+    if unit.layout != unit.comfy:
+        d.findings.append(Finding("comfyui-keys", f"{unit.path}: ComfyUI's loader reads {unit.comfy} keys for a "
+                                  f"{unit.component}; this file has {unit.layout} keys",
+                                  f"wan2diffusers convert <the Diffusers folder> OUT --to comfyui"))
+    elif unit.comfy == "original" and d.plan is not None and not d.plan.ok:
+        d.findings.append(Finding("comfyui-keys", f"{unit.path}: incomplete: {d.plan.problems[0]}",
+                                  "convert it again from a complete checkpoint"))
+    elif unit.comfy == "diffusers" and (d.missing or d.unexpected or d.mismatched):
+        first = (d.missing or d.unexpected or [m[0] for m in d.mismatched])[0]
+        d.findings.append(Finding("comfyui-keys", f"{unit.path}: its keys are not the {unit.component}'s "
+                                  f"(e.g. {first})", "convert it again from a complete checkpoint"))
+    d.notes.append(f"a ComfyUI file ({unit.comfy} keys, no config.json)")
 
 
 def _diagnose_mixed(d: Diagnosis) -> None:

@@ -64,6 +64,7 @@ class Unit:
     instance: str = ""  # the pipeline folder it sits in (transformer_2), when not the component's own name
     keys: dict[str, TensorRef] = field(default_factory=dict)  # quantized keys folded onto base keys
     loads: str = ""  # which weight files from_pretrained would pick
+    comfy: str = ""  # a ComfyUI file: the key layout ComfyUI's loader reads (original, diffusers)
 
     @property
     def folder(self) -> Path | None:
@@ -139,6 +140,18 @@ def find(path: Path) -> Found:
         return Found(path, "single file", [single_file_unit(path)])
     if kind != "a folder":
         raise ConversionError(f"{path}: is {kind}; expected a checkpoint file or folder")
+    comfy = comfy_files(path)
+    if comfy:  # `convert --to comfyui` output (or a ComfyUI models/ folder): one file per component
+        from ..comfyui import load_comfy_layout
+
+        by_folder = {spec.folder: spec.keys for spec in load_comfy_layout().components.values()}
+        units = []
+        for f in comfy:
+            u = single_file_unit(f)
+            u.instance = f.relative_to(path).as_posix()
+            u.comfy = by_folder[f.parent.name]
+            units.append(u)
+        return Found(path, "ComfyUI models folder", units)
     folders = output_folders()
     subs = [(path / f, c) for f, c in folders.items() if (path / f).is_dir()]
     index = path / MODEL_INDEX
@@ -162,6 +175,21 @@ def find(path: Path) -> Found:
         raise ConversionError(f"{path}: no weights here (no .safetensors or Wan .pth file, no component subfolders)")
     kind = "original repo folder" if len(units) > 1 or units[0].where == "original repo folder" else "component folder"
     return Found(path, kind, units)
+
+
+def comfy_files(path: Path) -> list[Path]:
+    """The .safetensors files in the ComfyUI models/ subfolders of `path` (mappings/comfyui.yaml),
+    when it has one only ComfyUI uses (diffusion_models/, text_encoders/, clip_vision/) and no
+    Diffusers weights in its vae/."""
+    from ..comfyui import load_comfy_layout
+
+    folders = {spec.folder for spec in load_comfy_layout().components.values()}
+    if not any((path / f).is_dir() for f in folders - set(output_folders())):
+        return []
+    stems = tuple(name.removesuffix(".safetensors") for name in weight_stems())
+    if any(p.name.startswith(stems) for f in folders & set(output_folders()) for p in (path / f).glob("*.safetensors")):
+        return []  # Diffusers weights in vae/: a pipeline folder
+    return sorted(p for f in sorted(folders) if (path / f).is_dir() for p in (path / f).glob("*.safetensors"))
 
 
 def _has_weights(folder: Path) -> bool:

@@ -56,7 +56,9 @@ class Direction:
     """Which way a table runs. forward: original -> Diffusers (a rule's `from` keys are read, its
     `to` keys written, through its op); backward: Diffusers -> original (`to` read, `from` written,
     through the op's inverse).  The class built on the meta device (the target) is always the
-    Diffusers side: forward, the keys written are proven against it; backward, the keys read."""
+    Diffusers side: forward, the keys written are proven against it; backward, the keys read.
+    same: Diffusers keys read and written as they are (ComfyUI's umT5 and CLIP vision files keep
+    the transformers keys), proven like backward."""
 
     name: str
 
@@ -68,13 +70,17 @@ class Direction:
         return rule.sources if self.forward else rule.targets
 
     def outputs(self, rule: Rule) -> list[str]:
-        return rule.targets if self.forward else rule.sources
+        return {"forward": rule.targets, "backward": rule.sources, "same": rule.targets}[self.name]
 
-    def op(self, rule: Rule) -> Rule:
+    def op(self, rule: Rule) -> Rule | None:
+        """The op that makes the outputs from the inputs; None: each input is its own output."""
+        if self.name == "same":
+            return None
         return rule if self.forward else transforms.inverse(rule)
 
 
-FORWARD, BACKWARD = Direction("forward"), Direction("backward")
+FORWARD, BACKWARD, SAME = Direction("forward"), Direction("backward"), Direction("same")
+KEEP = Rule.model_validate({"from": "x", "to": "x"})  # a tensor written as it is read
 
 
 @dataclass
@@ -150,6 +156,11 @@ def build_plan(table: Table, src: SourceCheckpoint, det: Detection, target: Targ
             dropped.extend(Dropped(r.key, rule.reason) for r in refs)
             continue
         op = direction.op(rule)
+        if op is None:  # each input is written as it is, under its own name
+            for r in refs:
+                produced[r.key] = PlannedTensor(r.key, tuple(r.shape), "", [r], KEEP, 0)
+                made_from.setdefault(r.key, []).append(r.key)
+            continue
         try:
             shapes = transforms.output_shapes(op, [r.shape for r in refs])
         except transforms.ShapeError as e:

@@ -36,10 +36,7 @@ def write_safetensors(path: Path, entries: list[tuple[str, str, tuple[int, ...],
                     raise AssertionError(f"{key}: planned {nbytes} bytes, source has {item.nbytes}")
                 copy_bytes(item, out)
             elif not hasattr(item, "contiguous"):  # an iterator of byte chunks (a streamed cast)
-                written = 0
-                for data in item:
-                    _write_all(out, data)
-                    written += len(data)
+                written = _write_chunks(out, item)
                 if written != nbytes:
                     raise AssertionError(f"{key}: planned {nbytes} bytes, streamed {written}")
             else:
@@ -50,6 +47,24 @@ def write_safetensors(path: Path, entries: list[tuple[str, str, tuple[int, ...],
                     raise AssertionError(f"{key}: planned {list(shape)}, produced {list(t.shape)} {t.dtype}")
                 _write_all(out, t.reshape(-1).view(torch.uint8).numpy().data if nbytes else b"")
             on_bytes(nbytes)
+
+
+def _write_chunks(out, chunks: Iterable) -> int:
+    """Write each chunk while the next is made (one writer thread; writes release the GIL). A chunk
+    is written before the one after it is asked for (iter_cast reuses its buffers on that promise)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    written = 0
+    with ThreadPoolExecutor(1) as writer:
+        pending = None
+        for data in chunks:
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(_write_all, out, data)
+            written += len(memoryview(data).cast("B"))
+        if pending is not None:
+            pending.result()
+    return written
 
 
 def _write_all(out, data: Iterable) -> None:
