@@ -44,6 +44,7 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
     tower, for the original layout)."""
     from ..comfyui import load_comfy_layout
     from ..component import ComponentPlan, require_coverage
+    from ..mapping.tables import load_table
     from ..diagnose.examine import derive, diagnose
     from ..diagnose.layout import find
     from ..plan.plan import BACKWARD, SAME, build_plan
@@ -56,10 +57,6 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
     notes, out = [], []
     for unit in units:
         name = unit.instance or unit.component
-        if unit.component == "image_encoder" and to == "original":
-            notes.append(f"{name}: not written: the original CLIP file also holds the XLM-RoBERTa text tower and "
-                         f"log_scale, which the Diffusers image encoder does not have")
-            continue
         if unit.layout != "diffusers":
             raise ConversionError(f"{unit.path}: {name} is in the {unit.layout} layout, not Diffusers: nothing to "
                                   f"convert back")
@@ -74,7 +71,7 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
         det = derive(unit)
         weights = SourceCheckpoint(unit.path, "diffusers", unit.weights.files, dict(unit.weights.tensors), None)
         direction = BACKWARD
-        if to == "comfyui":
+        if to == "comfyui" or unit.component == "image_encoder":
             spec = load_comfy_layout().components.get(unit.component)
             if spec is None:
                 raise ConversionError(f"{unit.path}: mappings/comfyui.yaml has no ComfyUI file for {unit.component}")
@@ -89,7 +86,16 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
     if to == "comfyui":
         _place_comfy(out, src)
     else:
-        _place(out, src, say)
+        clip = [r for r in out if r.cp.component == "image_encoder"]
+        _place([r for r in out if r not in clip], src, say)
+        _place_comfy(clip, src)  # the vision tower, as ComfyUI's clip_vision reads it, at the root
+        for r in clip:
+            r.dest = ""
+            table = load_table("image_encoder")
+            notes.append(f"{r.instance}: {table.source.file_names[0]} cannot be rebuilt: the Diffusers image encoder "
+                         f"has only the vision tower (the original file also holds "
+                         + "; ".join(dict.fromkeys(lost.reason for lost in r.cp.plan.lost if lost.reason))
+                         + f"); the vision tower is written as {r.file_name}, in the keys ComfyUI's clip_vision loads")
     return out, notes
 
 
