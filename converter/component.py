@@ -87,14 +87,20 @@ def write_component(cp: ComponentPlan, folder: Path, max_shard_size, progress: b
     layout = plan_shards({k: pt.nbytes for k, pt in by_key.items()}, cp.weights_name, max_shard_size)
     total = sum(pt.nbytes for pt in by_key.values())
     metadata = {"format": "pt", **(cp.quantized.file_metadata() if cp.quantized is not None else {})}
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {cp.component}",
-              disable=None if progress else True, leave=False) as bar:
-        for name, keys in layout.files.items():
-            # which shard a key goes to is save_pretrained's (state-dict order); inside a shard the
-            # data is written in source order, so the source files are read front to back
-            pts = sorted((by_key[k] for k in keys), key=_source_position)
-            entries = [(pt.key, pt.dtype, pt.shape, pt.nbytes) for pt in pts]
-            write_safetensors(folder / name, entries, lambda i: make(pts[i]), metadata, bar.update)
+    shards = {name: sorted((by_key[k] for k in keys), key=_source_position) for name, keys in layout.files.items()}
+    if cp.quantized is not None:  # its next weight is quantized while one is written
+        cp.quantized.expect([pt for pts in shards.values() for pt in pts])
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {cp.component}",
+                  disable=None if progress else True, leave=False) as bar:
+            for name, pts in shards.items():
+                # which shard a key goes to is save_pretrained's (state-dict order); inside a shard the
+                # data is written in source order, so the source files are read front to back
+                entries = [(pt.key, pt.dtype, pt.shape, pt.nbytes) for pt in pts]
+                write_safetensors(folder / name, entries, lambda i, pts=pts: make(pts[i]), metadata, bar.update)
+    finally:
+        if cp.quantized is not None:
+            cp.quantized.close()
     if layout.index_name:
         (folder / layout.index_name).write_text(json.dumps(layout.index, indent=2, sort_keys=True) + "\n")
     cp.plan.target.save_config(folder)

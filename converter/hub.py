@@ -58,7 +58,27 @@ def allow_patterns(only: list[str] | None) -> list[str]:
     return list(dict.fromkeys(patterns))
 
 
-def download(repo_id: str, only: list[str] | None, revision: str | None = None) -> Path:
+def diffusers_patterns(only: list[str] | None) -> list[str]:
+    """The files of a Diffusers repo (e.g. Wan-AI/Wan2.1-T2V-14B-Diffusers) the chosen components
+    need, for `--to original|comfyui`: each component folder's config, weights and index, the
+    tokenizer with the text encoder, model_index.json and a conversion record."""
+    from .pipeline import load_pipeline_table
+    from .write.workfiles import RECORD_NAME
+
+    folders = []
+    instances = sorted({i for lay in load_pipeline_table().transformer_layouts for i in lay.instances})
+    for name in table_names():
+        if only and name not in only:
+            continue
+        out = load_table(name).output
+        folders += instances if name == "transformer" else [out.folder]
+        if name == "text_encoder":
+            folders.append("tokenizer")
+    return ["model_index.json", RECORD_NAME, "README.md", *(f"{f}/*" for f in folders)]
+
+
+def download(repo_id: str, only: list[str] | None, revision: str | None = None,
+             patterns: list[str] | None = None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -68,7 +88,8 @@ def download(repo_id: str, only: list[str] | None, revision: str | None = None) 
     )
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns(only)))
+        return Path(snapshot_download(repo_id, revision=revision,
+                                      allow_patterns=patterns if patterns is not None else allow_patterns(only)))
     except GatedRepoError:
         raise ConversionError(f"{repo_id}: gated repository; accept its terms on the Hub and log in "
                               f"(hf auth login) or set HF_TOKEN") from None

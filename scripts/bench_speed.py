@@ -13,6 +13,8 @@ by round, --repeat rounds (default 3), medians reported.  Paths (default all fiv
     int8    convert --quantize int8   (the default backend, torchao)
     quanto8 convert --quantize int8 --backend quanto
     Q8_0    convert --to gguf --quantize Q8_0
+    original  convert DIFFUSERS --to original (the transformer folder convert made, untimed, back)
+    comfyui   convert DIFFUSERS --to comfyui
 
 For each: median wall (s), median of the matching cp runs, the ratio, peak RSS (/usr/bin/time -v,
 mapped pages count), and user+sys CPU seconds.  Targets (issue 13): bf16 <= 1.2x cp, int8 <= 1.5x,
@@ -48,7 +50,10 @@ PATHS = {
     "int8": ["--quantize", "int8"],
     "quanto8": ["--quantize", "int8", "--backend", "quanto"],
     "Q8_0": ["--to", "gguf", "--quantize", "Q8_0"],
+    "original": ["--to", "original"],  # the way back: from the Diffusers folder convert made (untimed)
+    "comfyui": ["--to", "comfyui"],
 }
+BACKWARDS = ("original", "comfyui")  # these read the Diffusers folder; their cp copies that folder
 TARGETS = {"bf16": 1.2, "int8": 1.5, "Q8_0": 2.5}
 
 
@@ -110,20 +115,26 @@ def main() -> None:
         # the transformer class's layout cached (a repeat conversion of the family)
         subprocess.run([str(CLI), "convert", str(src), str(work / "dry"), "--only", "transformer", "--dry-run"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        diffusers = work / "diffusers"
+        if any(p in BACKWARDS for p in args.paths):
+            subprocess.run([str(CLI), "convert", str(src), str(diffusers), "--only", "transformer"],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         runs: dict[str, list[dict]] = {p: [] for p in args.paths}
         cps: dict[str, list[dict]] = {p: [] for p in args.paths}
         for rnd in range(1, args.repeat + 1):
             for path in args.paths:
                 out = work / ("out.gguf" if path == "Q8_0" else "out")
+                source = diffusers / "transformer" if path in BACKWARDS else src
                 for kind in ("cp", path):  # alternating: cp, then the path, every round
-                    read_through(src)
+                    read_through(source)
                     if kind == "cp":
-                        r = timed(["cp", "-r", str(src), str(work / "copy")], logs, f"{rnd}-{path}-cp")
+                        r = timed(["cp", "-r", str(source), str(work / "copy")], logs, f"{rnd}-{path}-cp")
                         remove(work / "copy")
                         cps[path].append(r)
                     else:
-                        r = timed([str(CLI), "convert", str(src), str(out), "--only", "transformer", *PATHS[path]],
+                        only = [] if path in BACKWARDS else ["--only", "transformer"]
+                        r = timed([str(CLI), "convert", str(source), str(out), *only, *PATHS[path]],
                                   logs, f"{rnd}-{path}")
                         remove(out)
                         runs[path].append(r)

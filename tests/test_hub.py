@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from wan2diffusers.hub import allow_patterns, looks_like_repo_id
+from wan2diffusers.hub import allow_patterns, diffusers_patterns, looks_like_repo_id
 from repos import make_original_repo
 
 
@@ -69,3 +69,24 @@ def test_a_cached_wan22_a14b_repo_converts_offline_with_both_experts(tmp_path):
     assert {"high_noise_model/config.json", "low_noise_model/diffusion_pytorch_model-*-of-*.safetensors",
             "low_noise_model/diffusion_pytorch_model.safetensors.index.json"} <= set(wanted)
     assert not [p for p in wanted if p.endswith(".pth")]
+
+
+def test_a_cached_diffusers_repo_goes_back_offline(tmp_path):
+    """--to original|comfyui of a published *-Diffusers repo id: its files from the Hub cache."""
+    from conftest import run_cli
+
+    run_cli("convert", make_original_repo(tmp_path / "src", "t2v"), tmp_path / "d")
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "hf" / "hub" / "models--Wan-AI--Wan2.1-T2V-tiny-Diffusers"
+    import shutil
+
+    shutil.copytree(tmp_path / "d", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    r = cli(["convert", "Wan-AI/Wan2.1-T2V-tiny-Diffusers", tmp_path / "o", "--to", "original"], tmp_path / "hf")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "o" / "Wan2.1_VAE.pth").is_file() and (tmp_path / "o" / "config.json").is_file()
+    r = cli(["convert", "Wan-AI/Wan2.1-T2V-tiny-Diffusers", tmp_path / "c", "--to", "comfyui"], tmp_path / "hf")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "c" / "diffusion_models" / "Wan2.1-T2V-tiny-Diffusers_fp32.safetensors").is_file()
+    assert "model_index.json" in diffusers_patterns(None) and "transformer_2/*" in diffusers_patterns(None)

@@ -217,3 +217,22 @@ def test_the_image_encoder_goes_back_as_what_can_be_written(tmp_path, i2v_pipeli
         made[pt.key] = read_tensor(v).reshape(pt.shape) if isinstance(v, TensorRef) else v
     assert_same_tensors(made, visual)
     assert {d.reason for d in plan.lost} >= {"CLIP contrastive logit scale (image-text training only)"}
+
+
+def test_verify_source_works_backwards(tmp_path, i2v_pipeline):
+    """verify OUT --source DIFFUSERS: every tensor of the original-layout or ComfyUI files against
+    the Diffusers source run backwards; one changed value is named."""
+    from safetensors.torch import save_file
+
+    _, pipe = i2v_pipeline
+    run_cli("convert", pipe, tmp_path / "o", "--to", "original")
+    run_cli("convert", pipe, tmp_path / "c", "--to", "comfyui", "--dtype", "bf16")
+    for out in ("o", "c"):
+        report = run_cli("verify", tmp_path / out, "--source", pipe, "--json").json()
+        assert report["ok"] and all(c["compared"] == c["tensors"] > 0 for c in report["components"]), report
+    shard = tmp_path / "o" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(shard))
+    tensors["blocks.1.ffn.0.weight"][3, 5] += 1
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    bad = run_cli("verify", tmp_path / "o", "--source", pipe, "--json", ok=False).json()
+    assert [d["key"] for d in bad["differences"]] == ["blocks.1.ffn.0.weight"]

@@ -38,10 +38,10 @@ class Reversed:
 
 
 def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
-                  to: str = "original") -> tuple[list[Reversed], list[str]]:
+                  to: str = "original", model_name: str | None = None) -> tuple[list[Reversed], list[str]]:
     """Every Diffusers component of SRC planned backwards (`to` original) or into ComfyUI's keys,
     its coverage proven; and notes on what cannot be written (the CLIP image encoder's dropped text
-    tower, for the original layout)."""
+    tower, for the original layout).  `model_name`: the model's name in ComfyUI file names (default: SRC's)."""
     from ..comfyui import load_comfy_layout
     from ..component import ComponentPlan, require_coverage
     from ..mapping.tables import load_table
@@ -83,12 +83,13 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
             f"-> {len(plan.tensors)} {'original' if direction is BACKWARD else 'Diffusers'}-named tensors; "
             f"coverage proven")
         out.append(Reversed(name, cp, "", ""))
+    model_name = model_name or Path(src).resolve().name
     if to == "comfyui":
-        _place_comfy(out, src)
+        _place_comfy(out, model_name)
     else:
         clip = [r for r in out if r.cp.component == "image_encoder"]
         _place([r for r in out if r not in clip], src, say)
-        _place_comfy(clip, src)  # the vision tower, as ComfyUI's clip_vision reads it, at the root
+        _place_comfy(clip, model_name)  # the vision tower, as ComfyUI's clip_vision reads it, at the root
         for r in clip:
             r.dest = ""
             table = load_table("image_encoder")
@@ -99,7 +100,7 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
     return out, notes
 
 
-def _place_comfy(parts: list[Reversed], src: Path) -> None:
+def _place_comfy(parts: list[Reversed], model_name: str) -> None:
     """Each component's ComfyUI file: models/ folder and name from mappings/comfyui.yaml."""
     from ..comfyui import DTYPE_NAMES, load_comfy_layout
     from ..pipeline import load_pipeline_table
@@ -111,7 +112,7 @@ def _place_comfy(parts: list[Reversed], src: Path) -> None:
     for r in parts:
         spec = layout.components[r.cp.component]
         dtypes = sorted({pt.dtype for pt in r.cp.plan.tensors if pt.dtype in DTYPE_NAMES})
-        name = Path(src).resolve().name
+        name = model_name
         if r.instance in experts:
             name += "_" + spec.experts.get(experts[r.instance], experts[r.instance])
         r.dest = spec.folder
@@ -182,12 +183,18 @@ def original_config(table, det, pipeline_fields: dict, kept: dict | None) -> tup
 def run_to_original(src: Path, out: Path, only, dtype: str, max_shard_size, overwrite: bool, dry_run: bool,
                     say=silent, progress: bool = True, to: str = "original") -> dict:
     """`to`: original (the Wan-AI repo layout) or comfyui (one file per component, unsharded)."""
+    from ..hub import diffusers_patterns, download, looks_like_repo_id
     from ..write.atomic import atomic_output_dir, check_output, clean_stale
 
     src, out = Path(src), Path(out)
     check_output(src, out, overwrite or dry_run)
     started = time.perf_counter()
-    parts, notes = plan_reversed(src, only, dtype, say, to)
+    name = Path(src).resolve().name
+    if looks_like_repo_id(str(src)):  # a published Diffusers repo: only its components' files
+        say(f"downloading from the Hub: {src} (only what the components need)")
+        name = Path(str(src)).name
+        src = download(str(src), only, patterns=diffusers_patterns(only))
+    parts, notes = plan_reversed(src, only, dtype, say, to, name)
     tokenizer = _tokenizer(src, parts) if to == "original" else None
     if to == "comfyui":
         max_shard_size = 1 << 62  # one file per component

@@ -37,9 +37,21 @@ def verify_path(out: Path, source: Path | None = None, progress: bool = True) ->
     out = Path(out)
     found = find(out)
     components, differences = [], []
+    backwards = _reversed_source(found, source)  # OUT written by --to original/comfyui from a Diffusers SRC
     for unit in found.units:
         d = diagnose(unit)
-        diffs = structural(d)
+        diffs = structural(d) if not backwards else [
+            x for x in structural(d) if "layout, not" not in x["problem"] and "config.json" not in x["problem"]
+            and x["problem"] not in ("missing", "unexpected")]
+        if backwards:
+            info = {"component": unit.name, "path": str(unit.path), "layout": d.layout_label, "class": "the source run backwards",
+                    "tensors": len(unit.keys), "compared": 0, "differences": diffs}
+            compared, tdiffs = compare_backwards(unit, found, backwards, progress)
+            info["compared"] = compared
+            diffs.extend(tdiffs)
+            components.append(info)
+            differences += [{**x, "component": unit.name} for x in diffs]
+            continue
         info = {"component": unit.name, "path": str(unit.path), "layout": d.layout_label,
                 "class": d.target.class_name if d.target else None, "tensors": len(unit.keys),
                 "compared": 0, "differences": diffs}
@@ -68,6 +80,56 @@ def verify_path(out: Path, source: Path | None = None, progress: bool = True) ->
             bar.update(p.stat().st_size)
     return {"ok": not differences, "path": str(out), "kind": found.kind, "source": str(source) if source else None,
             "components": components, "differences": differences, "files": hashes}
+
+
+def _reversed_source(found, source: Path | None):
+    """When OUT holds original-layout or ComfyUI files and SRC is a Diffusers folder: SRC's
+    components planned backwards ({"original": [...], "comfyui": [...]}, as --to wrote them)."""
+    from ..actions.to_original import plan_reversed
+
+    if source is None or not found.units or any(u.layout == "diffusers" and not u.comfy for u in found.units):
+        return None
+    to = "comfyui" if any(u.comfy for u in found.units) else "original"
+    try:
+        parts, _ = plan_reversed(Path(source), None, "keep", to=to)
+    except ConversionError:
+        return None  # not a Diffusers source: nothing to compare backwards
+    return parts
+
+
+def compare_backwards(unit: Unit, found, parts: list, progress: bool) -> tuple[int, list[dict]]:
+    """Every tensor of an original-layout or ComfyUI file against the Diffusers source run
+    backwards through the table (cast once to the stored dtype, when --dtype changed it)."""
+    from ..component import produce
+    from ..read.safetensors_file import DTYPES, TensorRef
+
+    root = Path(found.path)
+    first = Path(unit.weights.files[0]) if unit.weights and unit.weights.files else Path(unit.path)
+    where = first.parent.relative_to(root).as_posix() if first.parent != root else ""
+    match = [r for r in parts if r.cp.component == unit.component and r.dest == where]
+    if len(match) != 1:
+        return 0, [{"key": None, "problem": f"the source has no {unit.component} written to "
+                    f"{where or 'the top folder'}"}]
+    planned = {pt.key: pt for pt in match[0].cp.plan.tensors}
+    stored = unit.weights.tensors
+    diffs = [{"key": k, "problem": "the source makes it; the output lacks it"} for k in planned if k not in stored]
+    diffs += [{"key": k, "problem": "in the output; the source does not make it"} for k in stored if k not in planned]
+    compared = 0
+    todo = [planned[k] for k in stored if k in planned]
+    with tqdm(total=sum(pt.nbytes for pt in todo), unit="B", unit_scale=True, desc=f"comparing {unit.name}",
+              disable=None if progress else True, leave=False) as bar:
+        for pt in todo:
+            v = produce(pt)
+            expected = read_tensor(v).reshape(pt.shape) if isinstance(v, TensorRef) else v
+            got = read_tensor(stored[pt.key])
+            problem = (f"shape {list(got.shape)}, the source gives {list(expected.shape)}"
+                       if tuple(got.shape) != tuple(expected.shape) else
+                       _check_equal(got, expected.to(DTYPES[stored[pt.key].dtype])))
+            if problem:
+                diffs.append({"key": pt.key, "problem": problem})
+            compared += 1
+            bar.update(pt.nbytes)
+    return compared, diffs
 
 
 def structural(d: Diagnosis) -> list[dict]:

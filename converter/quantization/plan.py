@@ -52,6 +52,9 @@ class QuantizedPlan:
     float_keys: list[str] = field(default_factory=list)  # the float model's state-dict keys, in order
     widths: dict[str, tuple[int, str]] = field(default_factory=dict)  # quantized module -> (in_features, dtype)
     _parts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _next: list = field(default_factory=list, repr=False)  # the weights the writer will ask for, in order
+    _ahead: dict = field(default_factory=dict, repr=False)  # weight key -> Future of its quantized parts
+    _pool: Any = field(default=None, repr=False)
 
     def file_metadata(self) -> dict[str, str]:
         """What every written file's metadata holds besides {"format": "pt"} (the backend's)."""
@@ -61,9 +64,43 @@ class QuantizedPlan:
     def bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
+    def expect(self, entries: list) -> None:
+        """The order the writer will ask for `entries` in: while the parts of one weight are written,
+        the next weight is quantized on another thread (torch and file reads release the GIL), one
+        weight ahead at most (memory: two quantized weights)."""
+        seen = dict.fromkeys(e.weight.key for e in entries if isinstance(e, QuantizedTensor))
+        weights = {e.weight.key: e.weight for e in entries if isinstance(e, QuantizedTensor)}
+        self._next = [weights[k] for k in seen]
+
+    def _quantize(self, weight: PlannedTensor) -> dict[str, torch.Tensor]:
+        w = float_weight(weight)
+        parts = self.backend.quantize(self.weights, w)
+        del w
+        release_freed_memory()
+        return parts
+
+    def _prefetch_after(self, key: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        keys = [w.key for w in self._next]
+        if key not in keys:
+            return
+        i = keys.index(key)
+        if i + 1 < len(keys) and keys[i + 1] not in self._ahead and keys[i + 1] not in self._parts:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1)
+            self._ahead[keys[i + 1]] = self._pool.submit(self._quantize, self._next[i + 1])
+
+    def close(self) -> None:
+        """Stop quantizing ahead (after the last file, or a failure)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._ahead.clear()
+
     def produce(self, entry) -> TensorRef | torch.Tensor:
         """The value of a planned entry: a float one as the float conversion makes it; a quantized
-        part from its weight, quantized once when its first part is written and freed with its last."""
+        part from its weight, quantized once (ahead of time, see expect) and freed with its last part."""
         from ..component import produce
 
         if isinstance(entry, PlannedTensor):
@@ -71,10 +108,9 @@ class QuantizedPlan:
         module = entry.weight.key
         parts = self._parts.get(module)
         if parts is None:
-            w = float_weight(entry.weight)
-            parts = self._parts[module] = self.backend.quantize(self.weights, w)
-            del w
-            release_freed_memory()
+            future = self._ahead.pop(module, None)
+            parts = self._parts[module] = future.result() if future is not None else self._quantize(entry.weight)
+            self._prefetch_after(module)
         value = parts.pop(entry.part)
         if not parts:
             del self._parts[module]
