@@ -1,0 +1,78 @@
+"""The official Wan code (PyPI wan22==2.2.11, installed with --no-deps by the README's test command)
+loaded module by module, so that its package __init__ (which imports every pipeline, cv2, ...) never
+runs: wan/modules/model.py (WanModel), vae2_1.py / vae2_2.py (WanVAE_), t5.py (T5Encoder). The
+fixtures were made with these very files (fixture.json `official_source` gives their sha256)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import sys
+import types
+
+import torch
+
+
+def _load(name: str, rel: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    path = importlib.metadata.distribution("wan22").locate_file(rel)
+    spec = importlib.util.spec_from_file_location(name, str(path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _packages():
+    for pkg in ("wan", "wan.modules"):
+        if pkg not in sys.modules:
+            p = types.ModuleType(pkg)
+            p.__path__ = []
+            sys.modules[pkg] = p
+    if "wan.modules.tokenizers" not in sys.modules:  # t5.py imports it at the top; the encoder never uses it
+        stub = types.ModuleType("wan.modules.tokenizers")
+        stub.HuggingfaceTokenizer = None
+        sys.modules["wan.modules.tokenizers"] = stub
+
+
+def available() -> bool:
+    try:
+        importlib.metadata.distribution("wan22")
+        import einops  # noqa: F401 - vae2_1.py / vae2_2.py need it
+    except (importlib.metadata.PackageNotFoundError, ImportError):
+        return False
+    return True
+
+
+def wan_model_module():
+    """wan/modules/model.py, its flash_attention replaced by the same package's own
+    scaled_dot_product fallback (wan/modules/attention.py `attention`) in float32: flash-attn needs
+    CUDA. With it, the fixtures' own weights reproduce expected['out'] exactly (0 error)."""
+    _packages()
+    attention = _load("wan.modules.attention", "wan/modules/attention.py")
+    model = _load("wan.modules.model", "wan/modules/model.py")
+
+    def fp32_attention(q, k, v, q_lens=None, k_lens=None, **kwargs):
+        return attention.attention(q, k, v, q_lens=q_lens, k_lens=k_lens, dtype=torch.float32)
+
+    model.flash_attention = fp32_attention
+    return model
+
+
+def vae_module(version: str):
+    _packages()
+    return _load(f"wan.modules.vae{version}", f"wan/modules/vae{version}.py")
+
+
+def t5_module():
+    """wan/modules/t5.py; its T5EncoderModel wrapper (not used) has a default argument
+    `device=torch.cuda.current_device()`, evaluated at import: answered with 0 while importing on a
+    CPU-only torch."""
+    _packages()
+    real = torch.cuda.current_device
+    torch.cuda.current_device = lambda: 0
+    try:
+        return _load("wan.modules.t5", "wan/modules/t5.py")
+    finally:
+        torch.cuda.current_device = real
