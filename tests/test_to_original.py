@@ -172,6 +172,13 @@ def test_comfyui_files_hold_the_keys_comfyui_reads(tmp_path, i2v_pipeline):
     # inspect knows the folder and judges each file by what ComfyUI reads
     seen = run_cli("inspect", c, "--json").json()
     assert seen["kind"] == "ComfyUI models folder" and seen["healthy"] and len(seen["components"]) == 4
+    assert sorted(x["comfyui"] for x in seen["components"]) == ["diffusers", "diffusers", "original", "original"]
+    # a Diffusers-keyed transformer where ComfyUI wants the original keys is named
+    shutil.copy(pipe / "transformer" / "diffusion_pytorch_model.safetensors", files["diffusion_models"])
+    bad = run_cli("inspect", c, "--json").json()
+    (problem,) = [f for x in bad["components"] for f in x["findings"]]
+    assert not bad["healthy"]
+    assert problem["code"] == "comfyui-keys" and "reads original keys" in problem["message"]
 
 
 def test_comfyui_bf16_files_are_the_float_files_cast_once(tmp_path, i2v_pipeline):

@@ -265,7 +265,6 @@ def _judge_comfy(d: Diagnosis) -> None:
         first = (d.missing or d.unexpected or [m[0] for m in d.mismatched])[0]
         d.findings.append(Finding("comfyui-keys", f"{unit.path}: its keys are not the {unit.component}'s "
                                   f"(e.g. {first})", "convert it again from a complete checkpoint"))
-    d.notes.append(f"a ComfyUI file ({unit.comfy} keys, no config.json)")
 
 
 def _diagnose_mixed(d: Diagnosis) -> None:

@@ -49,6 +49,7 @@ def component_dict(d: Diagnosis) -> dict:
         "findings": [f.as_dict() for f in d.findings],
         "notes": (det.notes if det else []) + d.notes,
         "healthy": d.healthy,
+        "comfyui": u.comfy or None,  # a ComfyUI file: the key layout ComfyUI reads
     }
     if ws is not None:
         out.update(summary(d))
@@ -77,6 +78,22 @@ def as_dict(found: Found, diags: list[Diagnosis]) -> dict:
                                 "`repair PATH` writes it (with the scheduler) when every component the "
                                 "pipeline needs is here, else load the components one by one")
     return out
+
+
+def _from_pretrained_lines(c: dict) -> list[str]:
+    fp = c["from_pretrained"]
+    if not (fp["missing"] or fp["unexpected"] or fp["mismatched"]):
+        return ["  from_pretrained: loads cleanly" if c["healthy"] else "  from_pretrained: keys match"]
+    lines = [f"  from_pretrained would report: {len(fp['missing'])} missing, {len(fp['unexpected'])} "
+             f"unexpected, {len(fp['mismatched'])} mis-shaped keys"]
+    for kind in ("missing", "unexpected"):
+        keys = fp[kind]
+        if keys:
+            lines.append(f"    {kind}: {', '.join(keys[:SHOW])}" + (f" ... (+{len(keys) - SHOW})" if len(keys) > SHOW else ""))
+    if fp["mismatched"]:
+        lines.append("    mis-shaped: " + ", ".join(f"{m['key']} {m['shape']} (needs {m['expected']})"
+                                                 for m in fp["mismatched"][:SHOW]))
+    return lines
 
 
 def render(report: dict) -> list[str]:
@@ -109,20 +126,11 @@ def render(report: dict) -> list[str]:
             lines.append(f"  tensors:  {c['tensors']} ({c['parameters']:,} parameters, {human_size(c['bytes'])}; "
                          + ", ".join(f"{k} x{n}" for k, n in c["dtypes"].items()) + ")")
             lines.append("  shards:   " + ("ok" if not w["problems"] else "; ".join(w["problems"])))
-        lines.append(f"  config:   {c['config']['state']}")
-        fp = c["from_pretrained"]
-        if fp["missing"] or fp["unexpected"] or fp["mismatched"]:
-            lines.append(f"  from_pretrained would report: {len(fp['missing'])} missing, {len(fp['unexpected'])} "
-                         f"unexpected, {len(fp['mismatched'])} mis-shaped keys")
-            for kind in ("missing", "unexpected"):
-                keys = fp[kind]
-                if keys:
-                    lines.append(f"    {kind}: {', '.join(keys[:SHOW])}" + (f" ... (+{len(keys) - SHOW})" if len(keys) > SHOW else ""))
-            if fp["mismatched"]:
-                lines.append("    mis-shaped: " + ", ".join(f"{m['key']} {m['shape']} (needs {m['expected']})"
-                                                         for m in fp["mismatched"][:SHOW]))
+        if c.get("comfyui"):  # read by ComfyUI's loaders: no config.json, no from_pretrained
+            lines.append(f"  ComfyUI:  {c['comfyui']} keys, as ComfyUI's loader reads them")
         else:
-            lines.append("  from_pretrained: loads cleanly" if c["healthy"] else "  from_pretrained: keys match")
+            lines.append(f"  config:   {c['config']['state']}")
+            lines += _from_pretrained_lines(c)
         for note in c["notes"]:
             lines.append(f"  note:     {note}")
         for f in c["findings"]:
