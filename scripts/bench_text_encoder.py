@@ -26,6 +26,8 @@ What it does, for each layer count L given with --layers (default: 2 and 4, to s
    - "ours":        `wan2diffusers convert FILE OUT --overwrite`
    - "ours dry":    `wan2diffusers convert FILE OUT --dry-run` (imports + headers + plan: the runtime
                     floor of ours, to see what the write stage adds)
+   - "back":        `wan2diffusers convert OUT BACK --to original` (the way back: the .pth written
+                    again, streamed; compared with the source tensor by tensor, byte for byte)
    - "whole-file":  a Python subprocess doing `sd = torch.load(path, weights_only=True)` (no mmap),
                     renaming the keys (the rename map is taken from our planner), building
                     transformers' UMT5EncoderModel on the meta device from OUR output config.json,
@@ -478,6 +480,13 @@ def main() -> None:
                                         [str(cli), "convert", str(src), str(work / "dry"), "--dry-run"])
             run["ours_vs_source"] = check_against_source(src, out, L)
             log(f"  ours vs source: {run['ours_vs_source']}")
+            # the way back: the converted folder -> the original .pth again, streamed (torch.save's format)
+            back = work / f"back-{L}L"
+            run["back"] = timed(logs, f"back-{L}L", [str(cli), "convert", str(out), str(back), "--to", "original"])
+            run["back_vs_source"] = same_file_tensors(src, back / FILE_NAME)
+            log(f"  way back vs source: {run['back_vs_source']}")
+            if not args.keep:
+                rmtree(back)
             if not args.skip_whole_file:
                 ren = work / f"rename-{L}L.json"
                 ren.write_text(json.dumps(rename_map(src)))
@@ -501,12 +510,30 @@ def main() -> None:
     rss = [r["ours"]["rss_bytes"] for r in results["runs"]]
     results["ours_rss_spread_bytes"] = max(rss) - min(rss)
     results["all_ok"] = all(r["ours_rss_ok"] for r in results["runs"]) and all(
-        not r[k].startswith("DIFFERENT") for r in results["runs"] for k in ("ours_vs_source", "ours_vs_whole_file")
+        not r[k].startswith("DIFFERENT") for r in results["runs"]
+        for k in ("ours_vs_source", "ours_vs_whole_file", "back_vs_source")
         if k in r)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         print_table(results)
+
+
+def same_file_tensors(a: Path, b: Path) -> str:
+    """Every tensor of two .pth files compared byte for byte, 64 MiB at a time (nothing held)."""
+    from wan2diffusers.read.pth_file import read_pth_index
+    from wan2diffusers.read.safetensors_file import iter_chunks
+
+    ra, rb = read_pth_index(a), read_pth_index(b)
+    if sorted(ra) != sorted(rb):
+        return f"DIFFERENT keys: {sorted(set(ra) ^ set(rb))[:3]}"
+    for k in ra:
+        if (ra[k].dtype, tuple(ra[k].shape)) != (rb[k].dtype, tuple(rb[k].shape)):
+            return f"DIFFERENT {k}: {ra[k].dtype} {ra[k].shape} vs {rb[k].dtype} {rb[k].shape}"
+        for x, y in zip(iter_chunks(ra[k]), iter_chunks(rb[k])):
+            if not x.view(-1).view(__import__("torch").uint8).equal(y.view(-1).view(__import__("torch").uint8)):
+                return f"DIFFERENT values in {k}"
+    return f"identical: {len(ra)} tensors byte for byte"
 
 
 def print_table(results: dict) -> None:
@@ -527,6 +554,9 @@ def print_table(results: dict) -> None:
         print(f"{run['layers']} layer(s): ours vs source: {run['ours_vs_source']}")
         if "ours_vs_whole_file" in run:
             print(f"{run['layers']} layer(s): ours vs whole-file output: {run['ours_vs_whole_file']}")
+        if "back" in run:
+            print(f"{run['layers']} layer(s): way back (--to original): wall {run['back']['wall_s']:.2f} s, "
+                  f"peak RSS {mib(run['back']['rss_bytes'])}; vs source: {run['back_vs_source']}")
     print(f"ours peak RSS spread across layer counts: {results['ours_rss_spread_bytes'] / MiB:.0f} MiB (flat = small)")
     for run in results["runs"]:
         b = run["ours"]["rss_bytes"]
