@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConversionError
+from ..plan.plan import BACKWARD, SAME, build_plan
 from .common import human_size, silent
 
 
@@ -37,24 +38,76 @@ class Reversed:
         return self.file_name.endswith(".pth")
 
 
+class OriginalLayout:
+    """The layout of the original Wan-AI repos: every component's original keys (the CLIP vision
+    tower excepted: its file cannot be rebuilt, it goes out as ComfyUI's clip_vision file)."""
+
+    name = "original"
+    sharded = True  # at --max-shard-size, with an index, as the repos are
+
+    def direction(self, component: str):
+        return ComfyLayout().direction(component) if component == "image_encoder" else BACKWARD
+
+    def place(self, parts: list[Reversed], src: Path, model_name: str) -> list[str]:
+        from ..mapping.tables import load_table
+
+        clip = [r for r in parts if r.cp.component == "image_encoder"]
+        _place([r for r in parts if r not in clip], src)
+        ComfyLayout().place(clip, src, model_name)
+        notes = []
+        for r in clip:  # the vision tower, as ComfyUI's clip_vision reads it, at the root
+            r.dest = ""
+            notes.append(f"{r.instance}: {load_table('image_encoder').source.file_names[0]} cannot be rebuilt: the "
+                         f"Diffusers image encoder has only the vision tower (the original file also holds "
+                         + "; ".join(dict.fromkeys(lost.reason for lost in r.cp.plan.lost if lost.reason))
+                         + f"); the vision tower is written as {r.file_name}, in the keys ComfyUI's clip_vision loads")
+        return notes
+
+    def tokenizer(self, src: Path, parts: list[Reversed]):
+        return _tokenizer(src, parts)
+
+
+class ComfyLayout:
+    """ComfyUI's single files (mappings/comfyui.yaml): per component its models/ folder and keys."""
+
+    name = "comfyui"
+    sharded = False  # one file per component
+
+    def direction(self, component: str):
+        from ..comfyui import load_comfy_layout
+
+        spec = load_comfy_layout().components.get(component)
+        if spec is None:
+            raise ConversionError(f"mappings/comfyui.yaml has no ComfyUI file for {component}")
+        return BACKWARD if spec.keys == "original" else SAME
+
+    def place(self, parts: list[Reversed], src: Path, model_name: str) -> list[str]:
+        _place_comfy(parts, model_name)
+        return []
+
+    def tokenizer(self, src: Path, parts: list[Reversed]):
+        return None  # ComfyUI's umT5 loader brings its own tokenizer
+
+
+LAYOUTS = {"original": OriginalLayout(), "comfyui": ComfyLayout()}
+
+
 def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
                   to: str = "original", model_name: str | None = None) -> tuple[list[Reversed], list[str]]:
-    """Every Diffusers component of SRC planned backwards (`to` original) or into ComfyUI's keys,
-    its coverage proven; and notes on what cannot be written (the CLIP image encoder's dropped text
-    tower, for the original layout).  `model_name`: the model's name in ComfyUI file names (default: SRC's)."""
-    from ..comfyui import load_comfy_layout
+    """Every Diffusers component of SRC planned in the direction the output layout `to` (LAYOUTS)
+    asks of it, its coverage proven, and placed; and notes on what cannot be written.
+    `model_name`: the model's name in ComfyUI file names (default: SRC's)."""
     from ..component import ComponentPlan, require_coverage
-    from ..mapping.tables import load_table
     from ..diagnose.examine import derive, diagnose
     from ..diagnose.layout import find
-    from ..plan.plan import BACKWARD, SAME, build_plan
     from ..read.source import SourceCheckpoint
 
+    layout = LAYOUTS[to]
     found = find(src)
     units = [u for u in found.units if only is None or u.component in only]
     if not units:
         raise ConversionError(f"{src}: none of the components asked for ({', '.join(only or [])}) is here")
-    notes, out = [], []
+    out = []
     for unit in units:
         name = unit.instance or unit.component
         if unit.layout != "diffusers":
@@ -70,12 +123,7 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
                                   f"(wan2diffusers inspect {unit.path})")
         det = derive(unit)
         weights = SourceCheckpoint(unit.path, "diffusers", unit.weights.files, dict(unit.weights.tensors), None)
-        direction = BACKWARD
-        if to == "comfyui" or unit.component == "image_encoder":
-            spec = load_comfy_layout().components.get(unit.component)
-            if spec is None:
-                raise ConversionError(f"{unit.path}: mappings/comfyui.yaml has no ComfyUI file for {unit.component}")
-            direction = BACKWARD if spec.keys == "original" else SAME
+        direction = layout.direction(unit.component)
         plan = build_plan(unit.table, weights, det, d.target, dtype, direction)
         cp = ComponentPlan(unit.component, weights, plan, "", name)
         require_coverage(cp)
@@ -83,20 +131,7 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
             f"-> {len(plan.tensors)} {'original' if direction is BACKWARD else 'Diffusers'}-named tensors; "
             f"coverage proven")
         out.append(Reversed(name, cp, "", ""))
-    model_name = model_name or Path(src).resolve().name
-    if to == "comfyui":
-        _place_comfy(out, model_name)
-    else:
-        clip = [r for r in out if r.cp.component == "image_encoder"]
-        _place([r for r in out if r not in clip], src, say)
-        _place_comfy(clip, model_name)  # the vision tower, as ComfyUI's clip_vision reads it, at the root
-        for r in clip:
-            r.dest = ""
-            table = load_table("image_encoder")
-            notes.append(f"{r.instance}: {table.source.file_names[0]} cannot be rebuilt: the Diffusers image encoder "
-                         f"has only the vision tower (the original file also holds "
-                         + "; ".join(dict.fromkeys(lost.reason for lost in r.cp.plan.lost if lost.reason))
-                         + f"); the vision tower is written as {r.file_name}, in the keys ComfyUI's clip_vision loads")
+    notes = layout.place(out, src, model_name or Path(src).resolve().name)
     return out, notes
 
 
@@ -120,7 +155,7 @@ def _place_comfy(parts: list[Reversed], model_name: str) -> None:
                                        dtype="_".join(DTYPE_NAMES[d] for d in dtypes) or "mixed")
 
 
-def _place(parts: list[Reversed], src: Path, say) -> None:
+def _place(parts: list[Reversed], src: Path) -> None:
     """Each component's folder and file in the original repo layout; each transformer's config.json."""
     from ..mapping.tables import load_table
     from ..pipeline import choose_pipeline, load_pipeline_table
@@ -195,8 +230,8 @@ def run_to_original(src: Path, out: Path, only, dtype: str, max_shard_size, over
         name = Path(str(src)).name
         src = download(str(src), only, patterns=diffusers_patterns(only))
     parts, notes = plan_reversed(src, only, dtype, say, to, name)
-    tokenizer = _tokenizer(src, parts) if to == "original" else None
-    if to == "comfyui":
+    tokenizer = LAYOUTS[to].tokenizer(src, parts)
+    if not LAYOUTS[to].sharded:
         max_shard_size = 1 << 62  # one file per component
     report = {"ok": True, "dry_run": dry_run, "to": to, "source": str(src), "components": [
         {"instance": r.instance, "component": r.cp.component, "variant": r.cp.plan.detection.variant,
