@@ -130,6 +130,13 @@ def plan_pipeline(variant: str, instances: list[str], facts: dict, weights: dict
 
 
 def write_pipeline_extras(plan: PipelinePlan, work: Path) -> None:
+    from .quiet import quiet_imports
+
+    with quiet_imports():  # diffusers/transformers imported here for the first time (torchao's noise)
+        _write_pipeline_extras(plan, work)
+
+
+def _write_pipeline_extras(plan: PipelinePlan, work: Path) -> None:
     table = load_pipeline_table()
     if "scheduler" in plan.extras:
         import diffusers

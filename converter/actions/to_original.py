@@ -239,9 +239,12 @@ def run_to_original(src: Path, out: Path, only, dtype: str, max_shard_size, over
          "bytes": sum(pt.nbytes for pt in r.cp.plan.tensors), "dropped": [d.key for d in r.cp.plan.dropped],
          "config": r.config, "config_from": r.config_from} for r in parts],
         "tokenizer": tokenizer[1] if tokenizer else None, "notes": notes}
-    for r in parts:
-        for name, where in r.config_from.items():
-            say(f"  note: {r.instance} config.json {name}={r.config[name]!r} from {where}")
+    for r in parts:  # one line per origin of the config.json values the Diffusers config lacks
+        by_origin: dict[str, list[str]] = {}
+        for field_name, where in r.config_from.items():
+            by_origin.setdefault(where, []).append(f"{field_name}={r.config[field_name]!r}")
+        for where, fields in by_origin.items():
+            say(f"  note: {r.instance} config.json {', '.join(fields)} from {where}")
     for note in notes:
         say(f"note: {note}")
     if dry_run:
