@@ -68,7 +68,10 @@ def convert(source: PathArg, output: PathArg, *, dtype: Dtype = "keep", quantize
     into a Diffusers folder `output` (`wan2diffusers convert`). `settings`: facts the weights
     cannot tell, e.g. {"transformer": {"num_heads": 12}}; a value that contradicts the source's
     config.json is refused unless `override_config`. `log`/`warn`: where the text report and
-    warnings go (default: nowhere). Returns the report; raises ConversionError."""
+    warnings go (default: nowhere). `to`: "gguf" writes the transformer as a .gguf file
+    (`quantize` a GGUF type); "original" / "comfyui" take a Diffusers `source` (a folder or a
+    *-Diffusers repo id) back to the original Wan-AI layout or to ComfyUI's single files.
+    Returns the report; raises ConversionError."""
     from .actions.convert import run_convert
 
     with os_errors(output, "; nothing was written"):

@@ -243,3 +243,16 @@ def test_verify_source_works_backwards(tmp_path, i2v_pipeline):
     save_file(tensors, str(shard), metadata={"format": "pt"})
     bad = run_cli("verify", tmp_path / "o", "--source", pipe, "--json", ok=False).json()
     assert [d["key"] for d in bad["differences"]] == ["blocks.1.ffn.0.weight"]
+
+
+def test_the_python_api_goes_back_too(tmp_path, i2v_pipeline):
+    import wan2diffusers
+
+    src, pipe = i2v_pipeline
+    report = wan2diffusers.convert(pipe, tmp_path / "o", to="original", only=["transformer"])
+    assert report.to == "original" and report.components[0]["file"] == "diffusion_pytorch_model.safetensors"
+    assert_same_tensors(safetensors_tensors(tmp_path / "o"), safetensors_tensors(src))
+    report = wan2diffusers.convert(pipe, tmp_path / "c", to="comfyui", dtype="bf16", only=["vae"])
+    assert report.components[0]["file"] == "vae/wan2.1_vae.safetensors"
+    with pytest.raises(wan2diffusers.ConversionError, match="already exists"):
+        wan2diffusers.convert(pipe, tmp_path / "c", to="comfyui")
