@@ -315,9 +315,11 @@ def byte_chunks(item):
     """What produce() gives (a TensorRef to copy, an iterator of byte chunks, a tensor) as byte chunks."""
     import torch
 
-    from ..read.safetensors_file import TensorRef, iter_chunks
+    from ..read.safetensors_file import DTYPES, TensorRef, iter_cast, iter_chunks
 
-    if isinstance(item, TensorRef):
+    if isinstance(item, TensorRef):  # a byte copy: read ahead into reused buffers (iter_cast to its own dtype)
+        if item.stride is None:
+            return iter_cast(item, DTYPES[item.dtype])
         return (part.view(torch.uint8).numpy().data for part in iter_chunks(item))
     if hasattr(item, "contiguous"):
         return [item.contiguous().reshape(-1).view(torch.uint8).numpy().data]
