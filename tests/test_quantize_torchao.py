@@ -162,3 +162,28 @@ def test_inspect_verify_and_publish_take_a_torchao_variant(tmp_path):
     noise = subprocess.run([sys.executable, "-m", "wan2diffusers.cli", "inspect", str(out)], capture_output=True,
                            text=True, env={**__import__("os").environ, "WAN2DIFFUSERS_CACHE": "off"}, timeout=300)
     assert noise.returncode == 0 and "Failed to load" not in noise.stderr and "_pytree" not in noise.stderr, noise.stderr
+
+
+@pytest.mark.parametrize("backend_name", ["quanto", "torchao"])
+def test_each_backend_writes_what_its_key_format_reads_back(backend_name):
+    """The writer's entry names come from the library (optimum-quanto, torchao); inspect/verify read
+    them with the backend's key format: both must agree for every weight type and bias."""
+    from wan2diffusers.quantization.backend import get_backend
+    from wan2diffusers.quantization.keyformats import fold_quantized
+    from wan2diffusers.read.safetensors_file import TensorRef
+
+    backend = get_backend(backend_name)
+    for weights in backend.weights:
+        for bias in (False, True):
+            entries = backend.module_entries(weights, (256, 512), "F32", bias)
+            stored = {f"blocks.0.ffn.0.{e.name}": TensorRef(None, f"blocks.0.ffn.0.{e.name}", e.dtype, e.shape, 0, 0)
+                      for e in entries}
+            keys, parts, fmt = fold_quantized(stored)
+            assert fmt is backend.key_format, (weights, bias)
+            assert set(keys) == {"blocks.0.ffn.0.weight"} | ({"blocks.0.ffn.0.bias"} if bias else set())
+            assert sorted(parts["blocks.0.ffn.0.weight"]) == sorted(k for k in stored if not k.endswith(".bias"))
+            roles = set(fmt.by_role(parts["blocks.0.ffn.0.weight"]))
+            assert "scale" in roles and roles & {"data", "packed data"}, roles
+            folded = keys["blocks.0.ffn.0.weight"].shape  # as many values as the weight
+            assert folded[0] * (folded[1] if len(folded) > 1 else 1) == 256 * 512, (weights, folded)
+            assert (fmt.unshaped(parts) == set()) == (tuple(folded) == (256, 512)), (weights, folded)

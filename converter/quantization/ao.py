@@ -24,6 +24,7 @@ import torch
 
 from ..quiet import quiet_imports
 from ..read.safetensors_file import DTYPES, TAGS
+from .keyformats import TORCHAO
 from .backend import Entry, QuantBackend
 
 SLICE_ELEMENTS = 1024 * 1024  # float values quantized at once (4 MB in float32: cache-sized; 4M took 2x as long)
@@ -68,6 +69,7 @@ def _layout(weights: str, in_features: int, dtype: str) -> tuple[tuple[tuple[str
 
 class TorchaoBackend(QuantBackend):
     name = "torchao"
+    key_format = TORCHAO  # how inspect/verify read back what this backend writes (keyformats.py)
     weights = ("int8", "float8")
 
     def quantized_modules(self, model, keep_float):

@@ -19,6 +19,7 @@ import torch
 
 from ..errors import ConversionError
 from .formats import PACKAGES
+from .keyformats import KeyFormat
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Entry:
 
 class QuantBackend(ABC):
     name: str  # as it appears in mappings/quantization.yaml
+    key_format: "KeyFormat"  # its stored names, as inspect/verify/repair read them back
     weights: tuple[str, ...]  # the weight dtypes it offers (--quantize / --weights choices)
 
     @abstractmethod

@@ -25,6 +25,7 @@ import torch
 from optimum.quanto import QLinear, qfloat8, qint4, qint8
 
 from ..read.safetensors_file import DTYPES, TAGS
+from .keyformats import QUANTO
 from .backend import Entry, QuantBackend
 
 QTYPES = {"int8": qint8, "float8": qfloat8, "int4": qint4}  # as diffusers' _replace_with_quanto_layers
@@ -37,6 +38,7 @@ def _qlinear(weights: str, out_features: int, in_features: int, dtype: torch.dty
 
 class QuantoBackend(QuantBackend):
     name = "quanto"
+    key_format = QUANTO  # how inspect/verify read back what this backend writes (keyformats.py)
     weights = tuple(QTYPES)
 
     def quantized_modules(self, model, keep_float):
