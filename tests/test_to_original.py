@@ -256,3 +256,14 @@ def test_the_python_api_goes_back_too(tmp_path, i2v_pipeline):
     assert report.components[0]["file"] == "vae/wan2.1_vae.safetensors"
     with pytest.raises(wan2diffusers.ConversionError, match="already exists"):
         wan2diffusers.convert(pipe, tmp_path / "c", to="comfyui")
+
+
+def test_a_two_expert_pipeline_goes_to_comfyui_as_one_file_per_expert(tmp_path):
+    src = make_original_repo(tmp_path / "src", "t2v_a14b", with_tokenizer=False)
+    run_cli("convert", src, tmp_path / "Wan22", "--only", "transformer")
+    run_cli("convert", tmp_path / "Wan22", tmp_path / "c", "--to", "comfyui")
+    got = sorted(p.name for p in (tmp_path / "c" / "diffusion_models").iterdir())
+    assert got == ["Wan22_high_noise_fp32.safetensors", "Wan22_low_noise_fp32.safetensors"]
+    for expert, suffix in (("high_noise_model", "high_noise"), ("low_noise_model", "low_noise")):
+        assert_same_tensors(load_file(str(tmp_path / "c" / "diffusion_models" / f"Wan22_{suffix}_fp32.safetensors")),
+                            safetensors_tensors(src / expert))
