@@ -42,6 +42,9 @@ def test_a_transformer_goes_back_to_the_fixture_itself(tmp_path, name):
     assert json.loads((back / "config.json").read_text()) == json.loads((FIXTURES / name / "config.json").read_text())
     (c,) = report["components"]
     assert c["file"] == "diffusion_pytorch_model.safetensors" and c["tensors"] == len(safetensors_tensors(back))
+    # the component folder alone: the record beside it still gives the source's config values
+    run_cli("convert", tmp_path / "d" / "transformer", tmp_path / "alone", "--to", "original")
+    assert (tmp_path / "alone" / "config.json").read_text() == (back / "config.json").read_text()
     # and forward again: the very same Diffusers tensors
     run_cli("convert", back, tmp_path / "d2", "--only", "transformer")
     assert_same_tensors(safetensors_tensors(tmp_path / "d2" / "transformer"),

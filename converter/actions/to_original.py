@@ -159,18 +159,12 @@ def _place(parts: list[Reversed], src: Path) -> None:
     """Each component's folder and file in the original repo layout; each transformer's config.json."""
     from ..mapping.tables import load_table
     from ..pipeline import choose_pipeline, load_pipeline_table
-    from ..publishing.provenance import read_record
 
     transformers = [r for r in parts if r.cp.component == "transformer"]
     instances = sorted(r.instance for r in transformers)
     layout = next((lay for lay in load_pipeline_table().transformer_layouts
                    if sorted(lay.instances) == instances), None)
-    record = None
-    try:
-        record = read_record(src) if Path(src).is_dir() else None
-    except ConversionError:
-        pass
-    kept = {c.get("component"): c.get("original_config") for c in (record or {}).get("components", [])}
+    kept = {c.get("component"): c.get("original_config") for c in (_record(Path(src)) or {}).get("components", [])}
     pipe = None
     if transformers:
         det = transformers[0].cp.plan.detection
@@ -190,6 +184,22 @@ def _place(parts: list[Reversed], src: Path) -> None:
         else:
             variant = next(v for v in table.variants if v.name == det.variant)
             r.file_name = variant.file_name or table.source.file_names[0]
+
+
+def _record(src: Path) -> dict | None:
+    """The conversion record of SRC, or of the folder SRC is a component folder of."""
+    from ..diagnose.layout import output_folders
+    from ..publishing.provenance import read_record
+
+    places = [src] + ([src.parent] if src.name in output_folders() else [])
+    for where in places:
+        try:
+            record = read_record(where) if where.is_dir() else None
+        except ConversionError:
+            record = None
+        if record is not None:
+            return record
+    return None
 
 
 def original_config(table, det, pipeline_fields: dict, kept: dict | None) -> tuple[dict, dict]:
