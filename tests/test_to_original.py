@@ -136,7 +136,11 @@ def test_what_cannot_go_back_is_refused_in_one_line(tmp_path):
     save_file(tensors, str(shard), metadata={"format": "pt"})
     r = run_cli("convert", tmp_path / "d", tmp_path / "o", "--to", "original", ok=False)
     assert "blocks.0.attn1.to_q.weight" in r.stderr and not (tmp_path / "o").exists()
-    shutil.rmtree(tmp_path / "d")
+    with open(shard, "r+b") as f:  # a truncated file: named, with what is wrong
+        f.truncate(shard.stat().st_size // 2)
+    r = run_cli("convert", tmp_path / "d", tmp_path / "o", "--to", "original", ok=False)
+    assert str(shard) in r.stderr and "truncated" in r.stderr and not (tmp_path / "o").exists()
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 # ComfyUI's own detection keys (docs/DESIGN.md "ComfyUI files" cites where each loader reads them)

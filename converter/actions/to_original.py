@@ -110,6 +110,9 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
     out = []
     for unit in units:
         name = unit.instance or unit.component
+        if unit.weights is None or unit.weights.fatal:
+            problems = "; ".join(unit.weights.problems) if unit.weights is not None else "no weights"
+            raise ConversionError(f"{unit.path}: {name}: {problems}; nothing was written")
         if unit.layout != "diffusers":
             raise ConversionError(f"{unit.path}: {name} is in the {unit.layout} layout, not Diffusers: nothing to "
                                   f"convert back")
