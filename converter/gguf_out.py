@@ -61,14 +61,15 @@ def tensor_type(key: str, shape: tuple[int, ...], source_dtype: str, target: str
     return target if shape[-1] % block == 0 else "F16"
 
 
-def plan_gguf(cp, target: str) -> list[GGUFTensor]:
+def plan_gguf(tensors: dict, target: str) -> list[GGUFTensor]:
+    """`tensors`: original key -> TensorRef of the transformer (actions/to_gguf.transformer_sources)."""
     import gguf
 
     p = load_gguf_policy()
     if target not in p.types:
         raise ConversionError(f"--quantize {target}: a GGUF file takes {', '.join(p.types)}")
     out = []
-    for key, ref in cp.source.tensors.items():
+    for key, ref in tensors.items():
         shape = tuple(ref.shape)
         q = tensor_type(key, shape, ref.dtype, target)
         qt = gguf.GGMLQuantizationType[q]
@@ -215,22 +216,22 @@ def verify_gguf(path: Path, source: Path | None, progress: bool = True) -> dict:
     diffs = [{"key": None, "problem": n} for n in report["notes"]] if not report["healthy"] else []
     compared = 0
     if source is not None:
-        from .actions.convert import plan_components
+        from .actions.to_gguf import transformer_sources
 
-        plans = plan_components(Path(source), ["transformer"], "keep", {}, None, False, lambda *a, **k: None)
+        plans = transformer_sources(Path(source), {}, lambda *a, **k: None)
         if len(plans) != 1:
             raise ConversionError(f"{source}: --source holds {len(plans)} transformers; give the expert folder")
-        (cp,) = plans
+        ((_, refs, _),) = plans
         reader = gguf.GGUFReader(str(path))
         stored = {t.name: t for t in reader.tensors}
-        for key in sorted(set(cp.source.tensors) - set(stored)):
+        for key in sorted(set(refs) - set(stored)):
             diffs.append({"key": key, "problem": "in the source; the GGUF file lacks it"})
-        for key in sorted(set(stored) - set(cp.source.tensors)):
+        for key in sorted(set(stored) - set(refs)):
             diffs.append({"key": key, "problem": "in the GGUF file; the source does not have it"})
-        todo = [k for k in stored if k in cp.source.tensors]
+        todo = [k for k in stored if k in refs]
         with tqdm(total=len(todo), desc="comparing gguf", disable=None if progress else True, leave=False) as bar:
             for key in todo:
-                t, ref = stored[key], cp.source.tensors[key]
+                t, ref = stored[key], refs[key]
                 shape = tuple(int(d) for d in reversed(t.shape.tolist()))
                 if shape != tuple(ref.shape):
                     diffs.append({"key": key, "problem": f"shape {list(shape)}, the source has {list(ref.shape)}"})

@@ -174,3 +174,32 @@ def test_a_two_expert_repo_becomes_one_gguf_per_expert(tmp_path):
     swapped = run_cli("verify", out, "--source", src, "--json", ok=False).json()
     assert not swapped["ok"] and {d["component"] for d in swapped["differences"]} == \
         {"high_noise_model.gguf", "low_noise_model.gguf"}
+
+
+def test_a_diffusers_folder_becomes_the_same_gguf_as_its_original(tmp_path):
+    """A fine-tune in the Diffusers layout goes to GGUF through the tables run backwards: the very
+    file the original checkpoint gives (one expert per file for Wan 2.2 A14B); verify takes the
+    Diffusers folder as --source."""
+    from repos import make_original_repo
+
+    run_cli("convert", FIXTURES / "t2v", tmp_path / "d", "--only", "transformer")
+    run_cli("convert", FIXTURES / "t2v", tmp_path / "orig.gguf", "--to", "gguf", "--quantize", "Q8_0")
+    run_cli("convert", tmp_path / "d", tmp_path / "back.gguf", "--to", "gguf", "--quantize", "Q8_0")
+    assert same_gguf(tmp_path / "back.gguf", tmp_path / "orig.gguf")
+    assert run_cli("verify", tmp_path / "back.gguf", "--source", tmp_path / "d", "--json").json()["ok"]
+    src = make_original_repo(tmp_path / "src", "t2v_a14b", with_tokenizer=False)
+    run_cli("convert", src, tmp_path / "d2", "--only", "transformer")
+    run_cli("convert", src, tmp_path / "orig2", "--to", "gguf", "--quantize", "Q4_0")
+    run_cli("convert", tmp_path / "d2", tmp_path / "back2", "--to", "gguf", "--quantize", "Q4_0")
+    for name in ("high_noise_model.gguf", "low_noise_model.gguf"):
+        assert same_gguf(tmp_path / "back2" / name, tmp_path / "orig2" / name), name
+
+
+def same_gguf(a, b) -> bool:
+    """The same tensors (names, shapes, types, bytes) and metadata; the order may differ (a
+    Diffusers source is read in its class's order)."""
+    ra, rb = gguf.GGUFReader(str(a)), gguf.GGUFReader(str(b))
+    ta = {t.name: (t.tensor_type, tuple(t.shape.tolist()), bytes(t.data.tobytes())) for t in ra.tensors}
+    tb = {t.name: (t.tensor_type, tuple(t.shape.tolist()), bytes(t.data.tobytes())) for t in rb.tensors}
+    fields = lambda r: {k: bytes(f.parts[-1]) for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    return ta == tb and fields(ra) == fields(rb)

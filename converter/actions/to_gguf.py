@@ -19,13 +19,12 @@ def run_gguf(src: Path, out: Path, qtype: str | None, overwrite: bool, dry_run: 
     low_noise_model.gguf), written into a work folder and renamed to OUT when both are complete."""
     from ..gguf_out import plan_gguf, write_gguf
     from ..write.atomic import atomic_output_dir, check_output, clean_stale
-    from .convert import plan_components
 
     src, out = Path(src), Path(out)
     if qtype is None:
         raise ConversionError("--to gguf needs --quantize TYPE (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, BF16, F16, F32)")
     started = time.perf_counter()
-    plans = plan_components(src, ["transformer"], "keep", overrides, None, False, say)
+    plans = transformer_sources(src, overrides, say)
     one = len(plans) == 1
     if one and out.suffix != ".gguf":
         raise ConversionError(f"{out}: --to gguf writes one file for this transformer: give OUT a .gguf name")
@@ -34,9 +33,9 @@ def run_gguf(src: Path, out: Path, qtype: str | None, overwrite: bool, dry_run: 
                               f"folder name; it gets one .gguf per expert")
     check_output(src, out, overwrite or dry_run, kind="file" if one else "folder")
     files = []  # (name of the .gguf, its component plan, its tensors); coverage of each is proven
-    for cp in plans:
-        name = out.name if one else f"{expert_name(cp)}.gguf"
-        tensors = plan_gguf(cp, qtype)
+    for cp, refs, expert in plans:
+        name = out.name if one else f"{expert}.gguf"
+        tensors = plan_gguf(refs, qtype)
         types = dict(Counter(t.qtype for t in tensors))
         say(f"{name}: {len(tensors)} tensors in the original key names, {human_size(sum(t.nbytes for t in tensors))}: "
             + ", ".join(f"{k} x{v}" for k, v in sorted(types.items())))
@@ -72,3 +71,41 @@ def expert_name(cp) -> str:
     """The expert's folder name in the original repo (high_noise_model), else its Diffusers instance."""
     path = Path(cp.source.path)
     return path.name if path.is_dir() else cp.folder
+
+
+def transformer_sources(src: Path, overrides: dict, say=silent) -> list[tuple]:
+    """Each transformer of SRC as (its component plan, original key -> TensorRef, expert folder name):
+    an original checkpoint as it is (coverage proven forward); a Diffusers folder (a fine-tune, a
+    *-Diffusers repo) through the tables run backwards (coverage proven backward), its tensors read
+    under their original names."""
+    from dataclasses import replace
+
+    from .convert import plan_components
+
+    if _is_diffusers(src):
+        from .to_original import plan_reversed
+
+        parts, _ = plan_reversed(src, ["transformer"], "keep", say, "original")
+        out = []
+        for r in parts:
+            refs = {}
+            for pt in r.cp.plan.tensors:
+                ref = pt.sources[0]
+                if pt.rule.op != "rename" or len(pt.sources) != 1 or ref.stride is not None:
+                    raise ConversionError(f"{ref.file}: {ref.key} becomes {pt.key} by a {pt.rule.op}, not a rename: "
+                                          f"GGUF from a Diffusers folder reads renamed tensors only")
+                refs[pt.key] = replace(ref, key=pt.key)
+            out.append((r.cp, refs, r.dest or r.instance))
+        return out
+    plans = plan_components(src, ["transformer"], "keep", overrides, None, False, say)
+    return [(cp, cp.source.tensors, expert_name(cp)) for cp in plans]
+
+
+def _is_diffusers(src: Path) -> bool:
+    from ..diagnose.layout import find
+
+    try:
+        units = [u for u in find(src).units if u.component == "transformer"]
+    except ConversionError:
+        return False
+    return bool(units) and all(u.layout == "diffusers" and not u.comfy for u in units)
