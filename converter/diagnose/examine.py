@@ -18,7 +18,7 @@ from ..mapping.rules import resolve_layouts, template_for
 from ..mapping.schema import Fixed, Nested
 from ..plan.detect import Detection, detect
 from ..plan.plan import Plan, active_rules, build_plan
-from ..plan.target import TargetModel, build_target, model_class
+from ..plan.target import TargetModel, build_target, class_signature, model_class
 from ..quantization.formats import describe_config
 from ..read.source import SourceCheckpoint
 from .keys import original_view
@@ -133,11 +133,10 @@ def source_of(unit: Unit) -> SourceCheckpoint:
 def init_config(class_name: str, cfg: dict) -> dict:
     """What from_pretrained passes to the class: the config's fields the constructor takes
     (diffusers ignores the others); for transformers the whole config."""
-    library, cls = model_class(class_name)
+    library, params = class_signature(class_name)
     if library != "diffusers":
         return {k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version", "_name_or_path")}
-    params = inspect.signature(cls.__init__).parameters
-    return {k: v for k, v in cfg.items() if k in params and k != "self"}
+    return {k: v for k, v in cfg.items() if k in params}
 
 
 def loaded_class(cfg: dict) -> str | None:

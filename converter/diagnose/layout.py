@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import ConversionError
 from ..mapping.tables import load_table, table_names
-from ..plan.target import model_class
+from ..plan.target import class_signature, model_class
 from ..read.files import what_is
 from ..read.pth_file import read_pth_index
 from ..read.safetensors_file import TensorRef, read_header
@@ -347,7 +347,7 @@ def config_kind(table, cfg: dict) -> str:
     targets = {v.target_class for v in table.variants}
     name = cfg.get("_class_name") or (cfg.get("architectures") or [None])[0]
     if name in targets:
-        return model_class(name)[0]
+        return class_signature(name)[0]
     original_fields = {f.config or f.check for f in table.facts.values()} - {None}
     if original_fields & set(cfg):
         return "original"
@@ -394,7 +394,7 @@ def folder_units(folder: Path, component: str | None) -> list[Unit]:
             unit.keys, unit.quantized, unit.key_format = fold_quantized(chosen.tensors)
             unit.sides = classify(c, unit.keys)
         target = unit.table.variants[0].target_class
-        library = model_class(target)[0]
+        library = class_signature(target)[0]
         unit.loads = loader_pick(library, [ws for ws in group if ws.kind != "pth file"])
         if component is None and (len(assigned) > 1 or (chosen is not None and chosen.kind == "pth file")
                                   or unit.layout == "original"):
@@ -408,7 +408,7 @@ def choose(unit: Unit, group: list[WeightSet]) -> WeightSet | None:
     Diffusers ones, preferring what from_pretrained would load; the rest are leftovers."""
     if not group:
         return None
-    library = model_class(unit.table.variants[0].target_class)[0]
+    library = class_signature(unit.table.variants[0].target_class)[0]
 
     def score(ws: WeightSet):
         keys, _, _ = fold_quantized(ws.tensors)

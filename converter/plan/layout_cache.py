@@ -104,3 +104,40 @@ def store(class_name: str, config: dict[str, Any], library: str, payload: dict) 
         os.replace(tmp, _path(folder, class_name, key))
     except OSError:
         pass
+
+
+def load_signature(class_name: str) -> tuple[str, list[str]] | None:
+    """(library, constructor parameter names) of a target class, as store_signature kept them."""
+    folder = cache_dir()
+    if folder is None:
+        return None
+    key = _key(class_name, {"__signature__": 1})
+    path = folder / f"{class_name}-signature-{key[:24]}.json"
+    if what_is(path) != "a regular file":
+        return None
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(entry, dict) or entry.get("key") != key:
+        return None
+    library, params = entry.get("library"), entry.get("params")
+    if library not in ("diffusers", "transformers") or not isinstance(params, list) \
+            or not all(isinstance(p, str) for p in params):
+        return None
+    return library, params
+
+
+def store_signature(class_name: str, library: str, params: list[str]) -> None:
+    folder = cache_dir()
+    if folder is None:
+        return
+    key = _key(class_name, {"__signature__": 1})
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"key": key, "class": class_name, "library": library, "params": params}, f)
+        os.replace(tmp, folder / f"{class_name}-signature-{key[:24]}.json")
+    except OSError:
+        pass

@@ -53,6 +53,20 @@ def model_class(class_name: str):
     raise ConversionError(f"neither diffusers nor transformers has a class {class_name!r}")
 
 
+def class_signature(class_name: str) -> tuple[str, list[str]]:
+    """(library, constructor parameter names; [] for transformers classes, which take a config
+    object) of a target class: from the layout cache, else by importing it (seconds)."""
+    cached = layout_cache.load_signature(class_name)
+    if cached is not None:
+        return cached
+    import inspect
+
+    library, cls = model_class(class_name)
+    params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"] if library == "diffusers" else []
+    layout_cache.store_signature(class_name, library, params)
+    return library, params
+
+
 def _instantiate(class_name: str, config: dict[str, Any]):
     import torch
 
