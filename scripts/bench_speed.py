@@ -119,6 +119,8 @@ def main() -> None:
         if any(p in BACKWARDS for p in args.paths):
             subprocess.run([str(CLI), "convert", str(src), str(diffusers), "--only", "transformer"],
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run([str(CLI), "convert", str(diffusers / "transformer"), str(work / "dry-back"), "--to",
+                            "original", "--dry-run"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         runs: dict[str, list[dict]] = {p: [] for p in args.paths}
         cps: dict[str, list[dict]] = {p: [] for p in args.paths}
