@@ -78,3 +78,21 @@ def test_the_cache_can_be_turned_off(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     run_cli("convert", FIXTURES / "t2v", tmp_path / "out")
     assert not (tmp_path / "xdg").exists()
+
+
+def test_the_way_back_with_a_warm_cache_imports_neither_torch_nor_diffusers(tmp_path):
+    """The class's library and constructor parameters are cached beside its layouts: once a family
+    is known, `--to original` of a transformer only copies bytes; a damaged signature entry is
+    ignored (the class is imported again) and the output is the same."""
+    cache = tmp_path / "cache"
+    run_cli("convert", FIXTURES / "t2v", tmp_path / "d", "--only", "transformer")
+    first, _ = imported(cache, "convert", tmp_path / "d", tmp_path / "o1", "--to", "original")
+    assert first.returncode == 0, first.stderr
+    warm, warm_imports = imported(cache, "convert", tmp_path / "d", tmp_path / "o2", "--to", "original")
+    assert warm.returncode == 0 and warm_imports == [], (warm.stderr, warm_imports)
+    assert files(tmp_path / "o1") == files(tmp_path / "o2")
+    for entry in cache.glob("*-signature-*.json"):
+        entry.write_text(json.dumps({"key": "x", "library": "diffusers", "params": 7}))
+    damaged, damaged_imports = imported(cache, "convert", tmp_path / "d", tmp_path / "o3", "--to", "original")
+    assert damaged.returncode == 0 and "diffusers" in damaged_imports
+    assert files(tmp_path / "o3") == files(tmp_path / "o1")
