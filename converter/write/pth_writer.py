@@ -22,6 +22,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .safetensors_writer import write_chunks
+
 ALIGNMENT = 64
 STORAGE_TYPES = {"F32": "FloatStorage", "F64": "DoubleStorage", "F16": "HalfStorage", "BF16": "BFloat16Storage",
                  "I64": "LongStorage", "I32": "IntStorage", "I16": "ShortStorage", "I8": "CharStorage",
@@ -102,11 +104,9 @@ def write_pth(path: Path, entries: list[tuple[str, str, tuple[int, ...], int]],
         member("byteorder", b"little")
         for n, (key, _, _, nbytes) in enumerate(entries):
             with zf.open(_aligned_info(zf, f"{archive}/data/{n}", nbytes), "w", force_zip64=True) as f:
-                written = 0
                 item = produce(n)
-                for chunk in ([item] if isinstance(item, (bytes, bytearray, memoryview)) else item):
-                    f.write(chunk)
-                    written += len(memoryview(chunk).cast("B"))
+                # zipfile's CRC-32 and write of a chunk (both release the GIL) while the next is read
+                written = write_chunks(f, [item] if isinstance(item, (bytes, bytearray, memoryview)) else item)
                 if written != nbytes:
                     raise AssertionError(f"{key}: planned {nbytes} bytes, produced {written}")
             on_bytes(nbytes)

@@ -36,7 +36,7 @@ def write_safetensors(path: Path, entries: list[tuple[str, str, tuple[int, ...],
                     raise AssertionError(f"{key}: planned {nbytes} bytes, source has {item.nbytes}")
                 copy_bytes(item, out)
             elif not hasattr(item, "contiguous"):  # an iterator of byte chunks (a streamed cast)
-                written = _write_chunks(out, item)
+                written = write_chunks(out, item)
                 if written != nbytes:
                     raise AssertionError(f"{key}: planned {nbytes} bytes, streamed {written}")
             else:
@@ -49,7 +49,7 @@ def write_safetensors(path: Path, entries: list[tuple[str, str, tuple[int, ...],
             on_bytes(nbytes)
 
 
-def _write_chunks(out, chunks: Iterable) -> int:
+def write_chunks(out, chunks: Iterable) -> int:
     """Write each chunk while the next is made (one writer thread; writes release the GIL). A chunk
     is written before the one after it is asked for (iter_cast reuses its buffers on that promise)."""
     from concurrent.futures import ThreadPoolExecutor
