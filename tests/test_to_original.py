@@ -241,9 +241,10 @@ def test_verify_source_works_backwards(tmp_path, i2v_pipeline):
     _, pipe = i2v_pipeline
     run_cli("convert", pipe, tmp_path / "o", "--to", "original")
     run_cli("convert", pipe, tmp_path / "c", "--to", "comfyui", "--dtype", "bf16")
-    for out in ("o", "c"):
+    for out, n in (("o", 4), ("c", 4)):  # original: transformer, vae, umT5 and the CLIP vision file
         report = run_cli("verify", tmp_path / out, "--source", pipe, "--json").json()
         assert report["ok"] and all(c["compared"] == c["tensors"] > 0 for c in report["components"]), report
+        assert len(report["components"]) == n, [c["component"] for c in report["components"]]
     shard = tmp_path / "o" / "diffusion_pytorch_model.safetensors"
     tensors = load_file(str(shard))
     tensors["blocks.1.ffn.0.weight"][3, 5] += 1

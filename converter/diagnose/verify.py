@@ -38,7 +38,8 @@ def verify_path(out: Path, source: Path | None = None, progress: bool = True) ->
     found = find(out)
     components, differences = [], []
     backwards = _reversed_source(found, source)  # OUT written by --to original/comfyui from a Diffusers SRC
-    for unit in found.units:
+    units = list(found.units) + (_unlisted(out, found, backwards) if backwards else [])
+    for unit in units:
         d = diagnose(unit)
         diffs = structural(d) if not backwards else [
             x for x in structural(d) if "layout, not" not in x["problem"] and "config.json" not in x["problem"]
@@ -95,6 +96,20 @@ def _reversed_source(found, source: Path | None):
     except ConversionError:
         return None  # not a Diffusers source: nothing to compare backwards
     return parts
+
+
+def _unlisted(out: Path, found, parts: list) -> list[Unit]:
+    """Files the way back writes that are not a component of the original layout (the CLIP vision
+    tower as ComfyUI's clip_vision file, at the root): verified as single files."""
+    from .layout import single_file_unit
+
+    listed = {Path(f).resolve() for u in found.units if u.weights for f in u.weights.files}
+    extra = []
+    for r in parts:
+        path = out / r.dest / r.file_name if r.dest else out / r.file_name
+        if path.is_file() and path.resolve() not in listed:
+            extra.append(single_file_unit(path))
+    return extra
 
 
 def compare_backwards(unit: Unit, found, parts: list, progress: bool) -> tuple[int, list[dict]]:
