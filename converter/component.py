@@ -81,10 +81,22 @@ def _source_position(pt) -> tuple:
 
 
 def write_component(cp: ComponentPlan, folder: Path, max_shard_size, progress: bool = True) -> ShardLayout:
+    """The Diffusers folder of `cp`: its weights (write_weights) and its config.json."""
+    layout = write_weights(cp, folder, cp.weights_name, max_shard_size, progress)
+    cp.plan.target.save_config(folder)
+    if cp.quantized is not None:
+        cp.quantized.write_config(folder)  # adds quantization_config
+    return layout
+
+
+def write_weights(cp: ComponentPlan, folder: Path, weights_name: str, max_shard_size,
+                  progress: bool = True) -> ShardLayout:
+    """What `cp` plans (its quantized entries when it has them) as `weights_name`, sharded as
+    save_pretrained shards, with its index; streamed, one tensor at a time."""
     folder.mkdir(parents=True, exist_ok=True)
     by_key = {pt.key: pt for pt in written_tensors(cp)}
     make = cp.quantized.produce if cp.quantized is not None else produce
-    layout = plan_shards({k: pt.nbytes for k, pt in by_key.items()}, cp.weights_name, max_shard_size)
+    layout = plan_shards({k: pt.nbytes for k, pt in by_key.items()}, weights_name, max_shard_size)
     total = sum(pt.nbytes for pt in by_key.values())
     metadata = {"format": "pt", **(cp.quantized.file_metadata() if cp.quantized is not None else {})}
     shards = {name: sorted((by_key[k] for k in keys), key=_source_position) for name, keys in layout.files.items()}
@@ -103,9 +115,6 @@ def write_component(cp: ComponentPlan, folder: Path, max_shard_size, progress: b
             cp.quantized.close()
     if layout.index_name:
         (folder / layout.index_name).write_text(json.dumps(layout.index, indent=2, sort_keys=True) + "\n")
-    cp.plan.target.save_config(folder)
-    if cp.quantized is not None:
-        cp.quantized.write_config(folder)  # adds quantization_config
     return layout
 
 
@@ -114,11 +123,16 @@ def verify_written(cp: ComponentPlan, folder: Path, layout: ShardLayout) -> None
     seen = {}
     for name in layout.files:
         for key, ref in read_header(folder / name).tensors.items():
-            seen[key] = (ref.dtype, ref.shape)
+            seen[key] = (ref.dtype, tuple(ref.shape))
+    check_written(cp, folder, seen)
+
+
+def check_written(cp: ComponentPlan, where: Path, seen: dict) -> None:
+    """`seen` (key -> (dtype tag, shape) as read back from what was written) must be the plan."""
     want = {pt.key: (pt.dtype, tuple(pt.shape)) for pt in written_tensors(cp)}
     if seen != want:
         diff = sorted(set(seen.items()) ^ set(want.items()))[:5]
-        raise ConversionError(f"{folder}: written headers differ from the plan: {diff}")
+        raise ConversionError(f"{where}: written headers differ from the plan: {diff}")
 
 
 def nonfinite_values(cp: ComponentPlan, progress: bool = True) -> dict[str, int]:

@@ -82,10 +82,11 @@ def transformer_sources(src: Path, overrides: dict, say=silent) -> list[tuple]:
 
     from .convert import plan_components
 
-    if _is_diffusers(src):
+    found = _diffusers(src)
+    if found is not None:
         from .to_original import plan_reversed
 
-        parts, _ = plan_reversed(src, ["transformer"], "keep", say, "original")
+        parts, _ = plan_reversed(src, ["transformer"], "keep", say, "original", found=found)
         out = []
         for r in parts:
             refs = {}
@@ -101,11 +102,13 @@ def transformer_sources(src: Path, overrides: dict, say=silent) -> list[tuple]:
     return [(cp, cp.source.tensors, expert_name(cp)) for cp in plans]
 
 
-def _is_diffusers(src: Path) -> bool:
+def _diffusers(src: Path):
+    """What diagnose.layout.find makes of SRC when its transformers are in the Diffusers layout, else None."""
     from ..diagnose.layout import find
 
     try:
-        units = [u for u in find(src).units if u.component == "transformer"]
+        found = find(src)
     except ConversionError:
-        return False
-    return bool(units) and all(u.layout == "diffusers" and not u.comfy for u in units)
+        return None
+    units = [u for u in found.units if u.component == "transformer"]
+    return found if units and all(u.layout == "diffusers" and not u.comfy for u in units) else None

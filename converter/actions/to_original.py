@@ -93,17 +93,18 @@ LAYOUTS = {"original": OriginalLayout(), "comfyui": ComfyLayout()}
 
 
 def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
-                  to: str = "original", model_name: str | None = None) -> tuple[list[Reversed], list[str]]:
+                  to: str = "original", model_name: str | None = None, found=None) -> tuple[list[Reversed], list[str]]:
     """Every Diffusers component of SRC planned in the direction the output layout `to` (LAYOUTS)
     asks of it, its coverage proven, and placed; and notes on what cannot be written.
-    `model_name`: the model's name in ComfyUI file names (default: SRC's)."""
+    `model_name`: the model's name in ComfyUI file names (default: SRC's); `found`: what
+    diagnose.layout.find made of SRC, when the caller has it already."""
     from ..component import ComponentPlan, require_coverage
     from ..diagnose.examine import derive, diagnose
     from ..diagnose.layout import find
     from ..read.source import SourceCheckpoint
 
     layout = LAYOUTS[to]
-    found = find(src)
+    found = found if found is not None else find(src)
     units = [u for u in found.units if only is None or u.component in only]
     if not units:
         raise ConversionError(f"{src}: none of the components asked for ({', '.join(only or [])}) is here")
@@ -124,7 +125,7 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
             problem = next((f.message for f in d.findings), "its config.json does not describe its weights")
             raise ConversionError(f"{unit.path}: {name} is not a complete Diffusers {unit.component}: {problem} "
                                   f"(wan2diffusers inspect {unit.path})")
-        det = derive(unit)
+        det = d.detection if d.detection is not None else derive(unit)  # diagnose settled it already
         weights = SourceCheckpoint(unit.path, "diffusers", unit.weights.files, dict(unit.weights.tensors), None)
         direction = layout.direction(unit.component)
         plan = build_plan(unit.table, weights, det, d.target, dtype, direction)
@@ -288,40 +289,27 @@ def _tokenizer(src: Path, parts: list[Reversed]):
 
 
 def write_original(r: Reversed, folder: Path, max_shard_size, progress: bool = True) -> None:
+    """One component's original files: a `.pth` as torch.save writes it, or safetensors shards
+    (component.write_weights), and a transformer's config.json; the written headers read back."""
     from tqdm import tqdm
 
-    from ..component import _source_position, produce
+    from ..component import check_written, produce, verify_written, write_weights
     from ..read.pth_file import read_pth_index
-    from ..read.safetensors_file import read_header
-    from ..write.naming import plan_shards
     from ..write.pth_writer import write_pth
-    from ..write.safetensors_writer import write_safetensors
 
     folder.mkdir(parents=True, exist_ok=True)
-    pts = r.cp.plan.tensors
-    want = {pt.key: (pt.dtype, tuple(pt.shape)) for pt in pts}
-    seen = {}
-    with tqdm(total=sum(pt.nbytes for pt in pts), unit="B", unit_scale=True, desc=f"writing {r.instance}",
-              disable=None if progress else True, leave=False) as bar:
-        if r.is_pth:
+    if r.is_pth:
+        pts = r.cp.plan.tensors
+        with tqdm(total=sum(pt.nbytes for pt in pts), unit="B", unit_scale=True, desc=f"writing {r.instance}",
+                  disable=None if progress else True, leave=False) as bar:
             write_pth(folder / r.file_name, [(pt.key, pt.dtype, tuple(pt.shape), pt.nbytes) for pt in pts],
                       lambda i: byte_chunks(produce(pts[i])), bar.update)
-            seen = {k: (ref.dtype, tuple(ref.shape)) for k, ref in read_pth_index(folder / r.file_name).items()}
-        else:
-            by_key = {pt.key: pt for pt in pts}
-            layout = plan_shards({k: pt.nbytes for k, pt in by_key.items()}, r.file_name, max_shard_size)
-            for name, keys in layout.files.items():
-                chosen = sorted((by_key[k] for k in keys), key=_source_position)
-                write_safetensors(folder / name, [(pt.key, pt.dtype, pt.shape, pt.nbytes) for pt in chosen],
-                                  lambda i: produce(chosen[i]), {"format": "pt"}, bar.update)
-                seen.update({k: (ref.dtype, tuple(ref.shape)) for k, ref in read_header(folder / name).tensors.items()})
-            if layout.index_name:
-                (folder / layout.index_name).write_text(json.dumps(layout.index, indent=2, sort_keys=True) + "\n")
+        check_written(r.cp, folder / r.file_name,
+                      {k: (ref.dtype, tuple(ref.shape)) for k, ref in read_pth_index(folder / r.file_name).items()})
+    else:
+        verify_written(r.cp, folder, write_weights(r.cp, folder, r.file_name, max_shard_size, progress))
     if r.config is not None:
         (folder / "config.json").write_text(json.dumps(r.config, indent=2) + "\n")
-    if seen != want:
-        diff = sorted(set(seen.items()) ^ set(want.items()))[:5]
-        raise ConversionError(f"{folder}: written headers differ from the plan: {diff}")
 
 
 def byte_chunks(item):
