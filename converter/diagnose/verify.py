@@ -21,6 +21,9 @@ from .layout import Unit, find, model_root
 from .sourceplan import plan_from_source
 
 HASH_CHUNK = 1 << 20
+# what inspect finds about loading a folder as Diffusers: beside the point for the original-layout
+# or ComfyUI files the way back writes, whose keys compare_backwards checks one by one
+AS_DIFFUSERS = ("original-layout", "config", "missing-keys", "unexpected-keys", "mismatched-shapes")
 
 
 def sha256(path: Path) -> str:
@@ -42,8 +45,7 @@ def verify_path(out: Path, source: Path | None = None, progress: bool = True) ->
     for unit in units:
         d = diagnose(unit)
         diffs = structural(d) if not backwards else [
-            x for x in structural(d) if "layout, not" not in x["problem"] and "config.json" not in x["problem"]
-            and x["problem"] not in ("missing", "unexpected")]
+            {"key": None, "problem": f"{f.message} (fix: {f.fix})"} for f in d.findings if f.code not in AS_DIFFUSERS]
         if backwards:
             info = {"component": unit.name, "path": str(unit.path), "layout": d.layout_label, "class": "the source run backwards",
                     "tensors": len(unit.keys), "compared": 0, "differences": diffs}
@@ -115,9 +117,6 @@ def _unlisted(out: Path, found, parts: list) -> list[Unit]:
 def compare_backwards(unit: Unit, found, parts: list, progress: bool) -> tuple[int, list[dict]]:
     """Every tensor of an original-layout or ComfyUI file against the Diffusers source run
     backwards through the table (cast once to the stored dtype, when --dtype changed it)."""
-    from ..component import produce
-    from ..read.safetensors_file import DTYPES, TensorRef
-
     root = Path(found.path)
     first = Path(unit.weights.files[0]) if unit.weights and unit.weights.files else Path(unit.path)
     where = first.parent.relative_to(root).as_posix() if first.parent != root else ""
@@ -125,26 +124,7 @@ def compare_backwards(unit: Unit, found, parts: list, progress: bool) -> tuple[i
     if len(match) != 1:
         return 0, [{"key": None, "problem": f"the source has no {unit.component} written to "
                     f"{where or 'the top folder'}"}]
-    planned = {pt.key: pt for pt in match[0].cp.plan.tensors}
-    stored = unit.weights.tensors
-    diffs = [{"key": k, "problem": "the source makes it; the output lacks it"} for k in planned if k not in stored]
-    diffs += [{"key": k, "problem": "in the output; the source does not make it"} for k in stored if k not in planned]
-    compared = 0
-    todo = [planned[k] for k in stored if k in planned]
-    with tqdm(total=sum(pt.nbytes for pt in todo), unit="B", unit_scale=True, desc=f"comparing {unit.name}",
-              disable=None if progress else True, leave=False) as bar:
-        for pt in todo:
-            v = produce(pt)
-            expected = read_tensor(v).reshape(pt.shape) if isinstance(v, TensorRef) else v
-            got = read_tensor(stored[pt.key])
-            problem = (f"shape {list(got.shape)}, the source gives {list(expected.shape)}"
-                       if tuple(got.shape) != tuple(expected.shape) else
-                       _check_equal(got, expected.to(DTYPES[stored[pt.key].dtype])))
-            if problem:
-                diffs.append({"key": pt.key, "problem": problem})
-            compared += 1
-            bar.update(pt.nbytes)
-    return compared, diffs
+    return compare_planned(unit, match[0].cp.plan.tensors, (), progress)
 
 
 def structural(d: Diagnosis) -> list[dict]:
@@ -171,22 +151,29 @@ def structural(d: Diagnosis) -> list[dict]:
 
 def compare_with_source(unit: Unit, d: Diagnosis, source: Path, progress: bool) -> tuple[int, list[dict]]:
     cp = plan_from_source(unit.component, source, unit.config, instance=unit.instance or None)
-    planned = {pt.key: pt for pt in cp.plan.tensors}
     diffs = []
     for k, v in cp.plan.detection.config.items():
         have = (unit.config or {}).get(k)
         if k in (unit.config or {}) and _norm(have) != _norm(v):
             diffs.append({"key": None, "problem": f"config.json {k}={have!r}, the source gives {v!r}"})
-    for key in planned:
-        if key not in unit.keys:
-            diffs.append({"key": key, "problem": "the source makes it; the output lacks it"})
-    for key in unit.keys:
-        if key not in planned and key not in d.target.tied:
-            diffs.append({"key": key, "problem": "in the output; the source does not make it"})
+    compared, tdiffs = compare_planned(unit, cp.plan.tensors, d.target.tied, progress)
+    return compared, diffs + tdiffs
+
+
+def compare_planned(unit: Unit, pts: list, ignore, progress: bool) -> tuple[int, list[dict]]:
+    """Every planned tensor against what `unit` stores under its key, in either direction: keys
+    the plan makes that the output lacks and keys it has that the plan does not make (but those in
+    `ignore`: tied copies) named; each value made from the source by the plan's op and compared
+    (cast once to the stored dtype; a quantized weight by its backend's rule)."""
+    planned = {pt.key: pt for pt in pts}
+    diffs = [{"key": key, "problem": "the source makes it; the output lacks it"} for key in planned
+             if key not in unit.keys]
+    diffs += [{"key": key, "problem": "in the output; the source does not make it"} for key in unit.keys
+              if key not in planned and key not in ignore]
     tensors = unit.weights.tensors
     compared = 0
-    todo = [pt for pt in cp.plan.tensors if pt.key in unit.keys]
-    with tqdm(total=sum(pt.nbytes for pt in todo), unit="B", unit_scale=True, desc=f"comparing {unit.component}",
+    todo = [pt for pt in pts if pt.key in unit.keys]
+    with tqdm(total=sum(pt.nbytes for pt in todo), unit="B", unit_scale=True, desc=f"comparing {unit.name}",
               disable=None if progress else True, leave=False) as bar:
         for pt in todo:
             expected = transforms.apply(pt.rule, [read_tensor(r) for r in pt.sources])[pt.part]
