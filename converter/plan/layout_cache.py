@@ -61,19 +61,36 @@ def load(class_name: str, config: dict[str, Any]) -> dict | None:
     if folder is None:
         return None
     key = _key(class_name, config)
-    path = _path(folder, class_name, key)
+    entry = _read(_path(folder, class_name, key))
+    if entry is None:
+        return None
+    payload = entry.get("layout")
+    if entry.get("key") != key or not isinstance(payload, dict) or entry.get("sha256") != _digest(payload):
+        return None
+    return payload if _well_formed(payload) else None
+
+
+def _read(path: Path) -> dict | None:
+    """A cache entry as JSON, or None (absent, unreadable, not an object)."""
     if what_is(path) != "a regular file":  # absent, or something no cache write makes (a FIFO would block)
         return None
     try:
         entry = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
-    if not isinstance(entry, dict):
-        return None
-    payload = entry.get("layout")
-    if entry.get("key") != key or not isinstance(payload, dict) or entry.get("sha256") != _digest(payload):
-        return None
-    return payload if _well_formed(payload) else None
+    return entry if isinstance(entry, dict) else None
+
+
+def _write(folder: Path, path: Path, entry: dict) -> None:
+    """Into a new file renamed over `path`; a cache that cannot be written is skipped silently."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(entry, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def _well_formed(payload: dict) -> bool:
@@ -95,15 +112,12 @@ def store(class_name: str, config: dict[str, Any], library: str, payload: dict) 
     if folder is None:
         return
     key = _key(class_name, config)
-    entry = {"key": key, "class": class_name, "library": library, "sha256": _digest(payload), "layout": payload}
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(entry, f)
-        os.replace(tmp, _path(folder, class_name, key))
-    except OSError:
-        pass
+    _write(folder, _path(folder, class_name, key),
+           {"key": key, "class": class_name, "library": library, "sha256": _digest(payload), "layout": payload})
+
+
+def _signature_path(folder: Path, class_name: str, key: str) -> Path:
+    return folder / f"{class_name}-signature-{key[:24]}.json"
 
 
 def load_signature(class_name: str) -> tuple[str, list[str]] | None:
@@ -112,14 +126,8 @@ def load_signature(class_name: str) -> tuple[str, list[str]] | None:
     if folder is None:
         return None
     key = _key(class_name, {"__signature__": 1})
-    path = folder / f"{class_name}-signature-{key[:24]}.json"
-    if what_is(path) != "a regular file":
-        return None
-    try:
-        entry = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
-    if not isinstance(entry, dict) or entry.get("key") != key:
+    entry = _read(_signature_path(folder, class_name, key))
+    if entry is None or entry.get("key") != key:
         return None
     library, params = entry.get("library"), entry.get("params")
     if library not in ("diffusers", "transformers") or not isinstance(params, list) \
@@ -133,11 +141,5 @@ def store_signature(class_name: str, library: str, params: list[str]) -> None:
     if folder is None:
         return
     key = _key(class_name, {"__signature__": 1})
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"key": key, "class": class_name, "library": library, "params": params}, f)
-        os.replace(tmp, folder / f"{class_name}-signature-{key[:24]}.json")
-    except OSError:
-        pass
+    _write(folder, _signature_path(folder, class_name, key),
+           {"key": key, "class": class_name, "library": library, "params": params})

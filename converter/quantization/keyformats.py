@@ -102,6 +102,3 @@ def fold_quantized(tensors: dict) -> tuple[dict, dict[str, list[str]], KeyFormat
             return (*folded, fmt)
     return dict(tensors), {}, None
 
-
-def key_format(backend: str) -> KeyFormat:
-    return next(f for f in KEY_FORMATS if f.backend == backend)

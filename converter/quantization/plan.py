@@ -52,7 +52,7 @@ class QuantizedPlan:
     float_keys: list[str] = field(default_factory=list)  # the float model's state-dict keys, in order
     widths: dict[str, tuple[int, str]] = field(default_factory=dict)  # quantized module -> (in_features, dtype)
     _parts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
-    _next: list = field(default_factory=list, repr=False)  # the weights the writer will ask for, in order
+    _next: dict = field(default_factory=dict, repr=False)  # weight key -> the weight the writer asks for next
     _ahead: dict = field(default_factory=dict, repr=False)  # weight key -> Future of its quantized parts
     _pool: Any = field(default=None, repr=False)
 
@@ -68,9 +68,8 @@ class QuantizedPlan:
         """The order the writer will ask for `entries` in: while the parts of one weight are written,
         the next weight is quantized on another thread (torch and file reads release the GIL), one
         weight ahead at most (memory: two quantized weights)."""
-        seen = dict.fromkeys(e.weight.key for e in entries if isinstance(e, QuantizedTensor))
-        weights = {e.weight.key: e.weight for e in entries if isinstance(e, QuantizedTensor)}
-        self._next = [weights[k] for k in seen]
+        weights = list({e.weight.key: e.weight for e in entries if isinstance(e, QuantizedTensor)}.values())
+        self._next = {a.key: b for a, b in zip(weights, weights[1:])}  # weight key -> the weight after it
 
     def _quantize(self, weight: PlannedTensor) -> dict[str, torch.Tensor]:
         w = float_weight(weight)
@@ -82,14 +81,11 @@ class QuantizedPlan:
     def _prefetch_after(self, key: str) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        keys = [w.key for w in self._next]
-        if key not in keys:
-            return
-        i = keys.index(key)
-        if i + 1 < len(keys) and keys[i + 1] not in self._ahead and keys[i + 1] not in self._parts:
+        following = self._next.get(key)
+        if following is not None and following.key not in self._ahead and following.key not in self._parts:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1)
-            self._ahead[keys[i + 1]] = self._pool.submit(self._quantize, self._next[i + 1])
+            self._ahead[following.key] = self._pool.submit(self._quantize, following)
 
     def close(self) -> None:
         """Stop quantizing ahead (after the last file, or a failure)."""

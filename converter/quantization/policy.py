@@ -118,9 +118,7 @@ def parse_policy(text: str, where: str) -> Policy:
     from .backend import get_backend
 
     for name in [policy.backend, *policy.backends]:
-        sub = policy.for_backend(name) if name == policy.backend else Policy(
-            schema_version=1, description="-", backend=name, weights=policy.backends[name].weights,
-            components=policy.backends[name].components)
+        sub = policy.for_backend(name)
         offered = get_backend(name).weights
         unknown = [w for w in sub.weights if w not in offered]
         if unknown:

@@ -234,7 +234,8 @@ def iter_cast(ref: TensorRef, dtype, chunk: int = CAST_CHUNK):
     inputs = [_buffer("in0", step, shared), _buffer("in1", step, shared)]
     outputs = [torch.frombuffer(_buffer(f"out{i}", step // item * out_item, shared), dtype=dtype) for i in range(2)]
     spans = [(off, min(step, ref.nbytes - off)) for off in range(0, ref.nbytes, step)]
-    _buffers.busy = True if shared else _buffers.busy
+    if shared:
+        _buffers.busy = True
     try:
         yield from _cast_steps(ref, spans, item, src_dtype, inputs, outputs)
     finally:
