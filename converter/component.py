@@ -20,7 +20,7 @@ from .read import safetensors_file
 from .read.safetensors_file import iter_cast, read_header, read_tensor
 from .read.source import SourceCheckpoint, open_pth_source, open_safetensors_source
 from .write.naming import ShardLayout, plan_shards
-from .write.safetensors_writer import write_safetensors
+from .write.safetensors_writer import data_order, write_safetensors
 
 
 @dataclass
@@ -99,7 +99,8 @@ def write_weights(cp: ComponentPlan, folder: Path, weights_name: str, max_shard_
     layout = plan_shards({k: pt.nbytes for k, pt in by_key.items()}, weights_name, max_shard_size)
     total = sum(pt.nbytes for pt in by_key.values())
     metadata = {"format": "pt", **(cp.quantized.file_metadata() if cp.quantized is not None else {})}
-    shards = {name: sorted((by_key[k] for k in keys), key=_source_position) for name, keys in layout.files.items()}
+    shards = {name: sorted((by_key[k] for k in keys), key=lambda pt: (data_order(pt.nbytes), _source_position(pt)))
+              for name, keys in layout.files.items()}
     if cp.quantized is not None:  # its next weight is quantized while one is written
         cp.quantized.expect([pt for pts in shards.values() for pt in pts])
     try:
@@ -107,7 +108,8 @@ def write_weights(cp: ComponentPlan, folder: Path, weights_name: str, max_shard_
                   disable=None if progress else True, leave=False) as bar:
             for name, pts in shards.items():
                 # which shard a key goes to is save_pretrained's (state-dict order); inside a shard the
-                # data is written in source order, so the source files are read front to back
+                # data is written in source order, so the source files are read front to back (the
+                # tensors whose size keeps the next one aligned first: safetensors_writer.ALIGN)
                 entries = [(pt.key, pt.dtype, pt.shape, pt.nbytes) for pt in pts]
                 write_safetensors(folder / name, entries, lambda i, pts=pts: make(pts[i]), metadata, bar.update)
     finally:

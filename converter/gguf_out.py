@@ -27,6 +27,22 @@ class GGUFPolicy(BaseModel):
     f32_max_params: int
     keep_f32: list[str]
     keep_unquantized: list[str]
+    diffusers_single_file_lacks: list[str] = []
+
+
+def gguf_module():
+    """The `gguf` package (gguf-py, llama.cpp's own), or one line saying how to install it."""
+    try:
+        import gguf
+    except ImportError as e:
+        raise ConversionError(f"GGUF files need the gguf package ({e}): pip install 'gguf>=0.19'") from None
+    return gguf
+
+
+def single_file_gaps(keys) -> list[str]:
+    """The keys of a file that diffusers' from_single_file has no place for (mappings/gguf.yaml)."""
+    lacks = load_gguf_policy().diffusers_single_file_lacks
+    return [k for k in keys if k in lacks]
 
 
 @lru_cache(maxsize=None)
@@ -46,7 +62,7 @@ class GGUFTensor:
 
 def tensor_type(key: str, shape: tuple[int, ...], source_dtype: str, target: str) -> str:
     """The GGUF type of one tensor for a file of type `target` (mappings/gguf.yaml)."""
-    import gguf
+    gguf = gguf_module()
 
     p = load_gguf_policy()
     n = math.prod(shape)
@@ -63,7 +79,7 @@ def tensor_type(key: str, shape: tuple[int, ...], source_dtype: str, target: str
 
 def plan_gguf(tensors: dict, target: str) -> list[GGUFTensor]:
     """`tensors`: original key -> TensorRef of the transformer (actions/to_gguf.transformer_sources)."""
-    import gguf
+    gguf = gguf_module()
 
     p = load_gguf_policy()
     if target not in p.types:
@@ -85,7 +101,7 @@ SLICE_ELEMENTS = 1024 * 1024  # float values quantized at once (4 MB in float32:
 def quantized_values(t: GGUFTensor):
     """The tensor's bytes as gguf.quants.quantize makes them from its float32 values, a slice of
     rows at a time (every GGUF type quantizes blocks along a row, so slices give the same bytes)."""
-    import gguf
+    gguf = gguf_module()
     import numpy as np
 
     from .read.safetensors_file import LazyRows, read_tensor
@@ -124,21 +140,18 @@ def append_tensor(writer, t: GGUFTensor, bar) -> None:
 
 
 def gguf_state():
-    from gguf.gguf_writer import WriterState
+    WriterState = gguf_module().gguf_writer.WriterState
 
     return WriterState
 
 
 def write_gguf(tensors: list[GGUFTensor], out: Path, target: str, progress: bool = True) -> None:
-    import gguf
+    """Write the file at `out` (a work file or a file inside a work folder: write/atomic.py)."""
+    gguf = gguf_module()
     import numpy as np
     from tqdm import tqdm
 
-    from .write.workfiles import PARTIAL
-
     p = load_gguf_policy()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{PARTIAL}-{os.getpid()}")
     writer = gguf.GGUFWriter(path=None, arch=p.architecture)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     file_type = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16"}.get(target, f"MOSTLY_{target}")
@@ -146,30 +159,31 @@ def write_gguf(tensors: list[GGUFTensor], out: Path, target: str, progress: bool
     for t in tensors:  # the header, from the plan alone
         writer.add_tensor_info(t.key, t.shape, np.dtype(np.float32), t.nbytes, gguf.GGMLQuantizationType[t.qtype])
     try:
-        writer.write_header_to_file(path=tmp)
+        writer.write_header_to_file(path=out)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         with tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc="writing gguf",
                   disable=None if progress else True, leave=False) as bar:
             for t in tensors:  # then the data, one tensor (a slice of rows) at a time
                 append_tensor(writer, t, bar)
+    finally:
         writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def inspect_gguf(path: Path) -> dict:
     """What `inspect` says of a GGUF file, from its header: architecture, the transformer variant
     and size the Wan tables detect from its key names and shapes, tensor types and sizes."""
-    import gguf
+    gguf = gguf_module()
 
     from .mapping.tables import load_table
     from .read.files import require_file
     from .read.safetensors_file import TensorRef
 
+    from .write.workfiles import work_folders
+
+    left = [w.describe for w in work_folders(Path(path).parent, Path(path).name)]
+    if left and not os.path.lexists(path):
+        raise ConversionError(f"{path}: does not exist; {left[0]}", left)
     require_file(path, "GGUF file")
     try:
         reader = gguf.GGUFReader(str(path))
@@ -177,15 +191,21 @@ def inspect_gguf(path: Path) -> dict:
         raise ConversionError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})".splitlines()[0]) from None
     field = reader.fields.get("general.architecture")
     arch = bytes(field.parts[-1]).decode("utf-8", "replace") if field is not None else None
-    refs, types, total = {}, {}, 0
+    refs, types, total, misaligned = {}, {}, 0, []
     for t in reader.tensors:
+        if (int(t.data_offset) - int(reader.data_offset)) % int(reader.alignment):
+            misaligned.append(t.name)  # ggml maps tensors in place: an unaligned one is a corrupt file
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         refs[t.name] = TensorRef(Path(path), t.name, "F32", shape, 0, 0)
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
         total += int(t.n_bytes)
     report = {"ok": True, "path": str(path), "kind": "gguf file", "architecture": arch, "tensors": len(refs),
               "types": dict(sorted(types.items())), "bytes": total, "components": [], "notes": [],
-              "leftovers": [], "healthy": True}
+              "leftovers": left, "healthy": not left}
+    if misaligned:
+        report["healthy"] = False
+        report["notes"].append(f"{len(misaligned)} tensor(s) not aligned to {int(reader.alignment)} bytes in the "
+                               f"file (first: {misaligned[0]}): GGUF loaders map tensors in place")
     table = load_table("transformer")  # the variant and size from the keys and shapes, as convert detects them
     absent = [k for k in table.source.required_keys if k not in refs]
     if absent:
@@ -206,7 +226,7 @@ def verify_gguf(path: Path, source: Path | None, progress: bool = True) -> dict:
     """A GGUF file checked: readable, a Wan transformer in the original key names; with `source`
     (the original checkpoint), every tensor the source's tensor quantized again, in the file's own
     type for it, byte for byte, and every source tensor present with its shape."""
-    import gguf
+    gguf = gguf_module()
     import numpy as np
     from tqdm import tqdm
 
@@ -250,6 +270,9 @@ def verify_gguf(path: Path, source: Path | None, progress: bool = True) -> dict:
             "files": [{"file": Path(path).name, "bytes": Path(path).stat().st_size, "sha256": sha256(Path(path))}]}
 
 
+DOC_SUFFIXES = (".md", ".txt", ".png", ".jpg", ".jpeg", ".gif", ".webp")
+
+
 def gguf_folder(path: Path) -> list[Path]:
     """The .gguf files of a folder `convert --to gguf` wrote for a two-expert source (one per
     expert), or [] when `path` is not such a folder (it holds other model files, or no .gguf)."""
@@ -259,14 +282,20 @@ def gguf_folder(path: Path) -> list[Path]:
     if not path.is_dir():
         return []
     entries = [p for p in path.iterdir() if not excluded(p.name) and p.name != RECORD_NAME]
-    return sorted(entries) if entries and all(p.suffix == ".gguf" and p.is_file() for p in entries) else []
+    ggufs = sorted(p for p in entries if p.suffix == ".gguf" and p.is_file())
+    others = [p for p in entries if p not in ggufs]
+    docs = all(p.is_file() and p.suffix.lower() in DOC_SUFFIXES for p in others)  # a README beside the files
+    return ggufs if ggufs and docs else []
 
 
 def inspect_gguf_folder(path: Path, files: list[Path]) -> dict:
+    from .write.workfiles import work_folders
+
     reports = [inspect_gguf(f) for f in files]
+    left = [w.describe for w in work_folders(path) + work_folders(path.parent, path.name)]
     return {"ok": True, "path": str(path), "kind": "folder of gguf files", "files": reports, "tensors":
             sum(r["tensors"] for r in reports), "bytes": sum(r["bytes"] for r in reports), "components": [],
-            "notes": [], "leftovers": [], "healthy": all(r["healthy"] for r in reports)}
+            "notes": [], "leftovers": left, "healthy": not left and all(r["healthy"] for r in reports)}
 
 
 def verify_gguf_folder(path: Path, files: list[Path], source: Path | None, progress: bool = True) -> dict:

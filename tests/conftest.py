@@ -33,9 +33,11 @@ class CliResult:
         return json.loads(self.stdout)
 
 
-def run_cli(*args, ok: bool = True) -> CliResult:
-    """Run `wan2diffusers ARGS` in-process; assert success (or failure when ok=False)."""
+def run_cli(*args, ok: bool | None = True) -> CliResult:
+    """Run `wan2diffusers ARGS` in-process; assert success (or failure when ok=False; ok=None: either)."""
     result = CliResult(CliRunner().invoke(main, [str(a) for a in args]))
+    if ok is None:
+        return result
     if ok:
         assert result.exit_code == 0, f"exit {result.exit_code}\n{result.stdout}\n{result.stderr}\n{result.exception!r}"
     else:

@@ -25,9 +25,12 @@ def load_converted(folder, dtype=torch.float32):
     return model.eval()
 
 
-def run_official_call(model, name):
+def run_official_call(model, name, dtype=None):
+    """The fixture's official call; `dtype`: the float inputs cast to it (a model loaded in bf16)."""
     inputs, expected, _ = fixture_io(name)
     kwargs = {k: inputs[k] for k in CALL_ARGS if k in inputs}
+    if dtype is not None:
+        kwargs = {k: v.to(dtype) if k != "timestep" and v.is_floating_point() else v for k, v in kwargs.items()}
     with torch.no_grad():
         out = model(**kwargs, return_dict=False)[0]
     return out, expected["sample"]

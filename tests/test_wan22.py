@@ -181,11 +181,9 @@ def test_i2v_a14b_pipeline_loads_cleanly_and_generates_from_an_image(converted, 
     pipe = load_pipeline(folder, capfd)
     assert pipe.image_encoder is None and pipe.transformer_2 is not None  # no CLIP branch in Wan 2.2 I2V
     image = Image.new("RGB", (32, 32), (120, 60, 200))
-    # diffusers 0.42's I2V pipeline cleans a text prompt with ftfy (not a dependency here): give the
-    # text embedding of the tiny umT5 directly
-    ids = pipe.tokenizer("a cat", padding="max_length", max_length=16, return_tensors="pt")
-    with torch.no_grad():
-        embeds = pipe.text_encoder(ids.input_ids, ids.attention_mask).last_hidden_state.float()
-    frames = pipe(image=image, prompt_embeds=embeds, height=32, width=32, num_frames=5, num_inference_steps=2,
-                  output_type="pt", guidance_scale=1.0, generator=torch.Generator().manual_seed(0)).frames
+    # a text prompt, as users call it: diffusers 0.42's I2V pipeline cleans it with ftfy (a dependency:
+    # without it the first call fails with NameError)
+    frames = pipe(image=image, prompt="a cat", negative_prompt="", height=32, width=32, num_frames=5,
+                  num_inference_steps=2, max_sequence_length=16, output_type="pt", guidance_scale=1.0,
+                  generator=torch.Generator().manual_seed(0)).frames
     assert tuple(frames.shape) == (1, 5, 3, 32, 32) and torch.isfinite(frames).all()

@@ -13,6 +13,15 @@ from .common import silent
 
 def run_repair(path: Path, source: Path | None, backup: str | None, overrides: dict, max_shard_size: str,
                dry_run: bool, say=silent) -> dict:
+    """Every component of PATH repaired (SIGTERM handled as Ctrl-C: a work folder is removed)."""
+    from ..write.atomic import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():
+        return _run_repair(path, source, backup, overrides, max_shard_size, dry_run, say)
+
+
+def _run_repair(path: Path, source: Path | None, backup: str | None, overrides: dict, max_shard_size: str,
+                dry_run: bool, say=silent) -> dict:
     from ..diagnose.repairs import apply, plan_repairs
     from ..diagnose.report import inspect_path
 

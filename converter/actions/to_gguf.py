@@ -17,8 +17,8 @@ def run_gguf(src: Path, out: Path, qtype: str | None, overwrite: bool, dry_run: 
     """One transformer: OUT is a .gguf file.  Two (Wan 2.2 A14B): OUT is a folder that gets one
     .gguf per expert, named after the expert's folder in the original repo (high_noise_model.gguf,
     low_noise_model.gguf), written into a work folder and renamed to OUT when both are complete."""
-    from ..gguf_out import plan_gguf, write_gguf
-    from ..write.atomic import atomic_output_dir, check_output, clean_stale
+    from ..gguf_out import plan_gguf, single_file_gaps, write_gguf
+    from ..write.atomic import atomic_output_dir, atomic_output_file, check_output, clean_stale
 
     src, out = Path(src), Path(out)
     if qtype is None:
@@ -33,6 +33,7 @@ def run_gguf(src: Path, out: Path, qtype: str | None, overwrite: bool, dry_run: 
                               f"folder name; it gets one .gguf per expert")
     check_output(src, out, overwrite or dry_run, kind="file" if one else "folder")
     files = []  # (name of the .gguf, its component plan, its tensors); coverage of each is proven
+    notes: list[str] = []
     for cp, refs, expert in plans:
         name = out.name if one else f"{expert}.gguf"
         tensors = plan_gguf(refs, qtype)
@@ -40,6 +41,11 @@ def run_gguf(src: Path, out: Path, qtype: str | None, overwrite: bool, dry_run: 
         say(f"{name}: {len(tensors)} tensors in the original key names, {human_size(sum(t.nbytes for t in tensors))}: "
             + ", ".join(f"{k} x{v}" for k, v in sorted(types.items())))
         files.append((name, cp, tensors, types))
+        gaps = single_file_gaps(t.key for t in tensors)
+        if gaps:
+            notes.append(f"{name}: diffusers' from_single_file cannot load this file: it has no place for "
+                         f"{', '.join(gaps)} (ComfyUI-GGUF's loader reads it)")
+            say(f"note: {notes[-1]}")
     if len({name for name, *_ in files}) != len(files):
         raise ConversionError(f"{src}: its experts' folder names do not tell the files apart")
     entries = [{"file": name, "instance": cp.folder, "source": str(cp.source.path), "variant": cp.plan.detection.variant,
@@ -47,14 +53,15 @@ def run_gguf(src: Path, out: Path, qtype: str | None, overwrite: bool, dry_run: 
                for name, cp, tensors, types in files]
     report = {"ok": True, "dry_run": dry_run, "to": "gguf", "source": str(src), "variant": entries[0]["variant"],
               "type": qtype, "tensors": sum(e["tensors"] for e in entries), "bytes": sum(e["bytes"] for e in entries),
-              "types": dict(sum((Counter(e["types"]) for e in entries), Counter())), "files": entries}
+              "types": dict(sum((Counter(e["types"]) for e in entries), Counter())), "files": entries, "notes": notes}
     if dry_run:
         say(f"dry run: would write {out}; nothing written")
         return report
+    report["notes"] += clean_stale(out, say)
     if one:
-        write_gguf(files[0][2], out, qtype, progress)
+        with atomic_output_file(out, overwrite) as work:
+            write_gguf(files[0][2], work, qtype, progress)
     else:
-        clean_stale(out, say)
         with atomic_output_dir(out, overwrite) as work:
             for name, _, tensors, _ in files:
                 write_gguf(tensors, work / name, qtype, progress)

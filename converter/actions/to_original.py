@@ -12,6 +12,7 @@ google/umt5-xxl/; ComfyUI: one .safetensors per component in its models/ folder,
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -168,7 +169,8 @@ def _place(parts: list[Reversed], src: Path) -> None:
     instances = sorted(r.instance for r in transformers)
     layout = next((lay for lay in load_pipeline_table().transformer_layouts
                    if sorted(lay.instances) == instances), None)
-    kept = {c.get("component"): c.get("original_config") for c in (_record(Path(src)) or {}).get("components", [])}
+    record, record_path = _record(Path(src))
+    kept = {c.get("component"): c.get("original_config") for c in (record or {}).get("components", [])}
     pipe = None
     if transformers:
         det = transformers[0].cp.plan.detection
@@ -184,16 +186,17 @@ def _place(parts: list[Reversed], src: Path) -> None:
             r.dest = "" if folder == "." else folder
             r.file_name = table.source.weights_name
             r.config, r.config_from = original_config(table, det, pipe.original_config if pipe else {},
-                                                      kept.get(r.instance))
+                                                      kept.get(r.instance), record_path)
         else:
             variant = next(v for v in table.variants if v.name == det.variant)
             r.file_name = variant.file_name or table.source.file_names[0]
 
 
-def _record(src: Path) -> dict | None:
-    """The conversion record of SRC, or of the folder SRC is a component folder of."""
+def _record(src: Path) -> tuple[dict | None, Path | None]:
+    """The conversion record of SRC, or of the folder SRC is a component folder of, and its path."""
     from ..diagnose.layout import output_folders
     from ..publishing.provenance import read_record
+    from ..write.workfiles import RECORD_NAME
 
     places = [src] + ([src.parent] if src.name in output_folders() else [])
     for where in places:
@@ -202,30 +205,55 @@ def _record(src: Path) -> dict | None:
         except ConversionError:
             record = None
         if record is not None:
-            return record
-    return None
+            return record, where / RECORD_NAME
+    return None, None
 
 
-def original_config(table, det, pipeline_fields: dict, kept: dict | None) -> tuple[dict, dict]:
+VERSION = re.compile(r"[0-9]+(\.[0-9]+){0,3}([.+-]?[0-9A-Za-z]+){0,3}")
+
+
+def _kept_value(kind: str, value, where: str):
+    """A value the record may give (ConfigEntry.kept), checked like a config.json value."""
+    from ..plan.detect import MAX_INT
+
+    ok = (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_INT if kind == "int"
+          else isinstance(value, str) and len(value) <= 40 and VERSION.fullmatch(value) is not None)
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise ConversionError(f"{where}={shown}: expected {'a positive integer' if kind == 'int' else 'a version'}"
+                              f" (fix or remove the conversion record)")
+    return value
+
+
+def original_config(table, det, pipeline_fields: dict, kept: dict | None, record: Path | None = None
+                    ) -> tuple[dict, dict]:
     """The original config.json from the table's `original_config` (facts or constants); a constant
-    replaced by the pipeline row's value, then by the source's own config.json when the conversion
-    record kept it.  Returns (config, field -> where a value not from the weights came from)."""
+    replaced by the pipeline row's value, then -- for the fields the table marks `kept:` -- by the
+    source's own config.json when the conversion record kept it (type-checked). Any other field the
+    record holds must agree with what the weights and tables give, else the record is refused.
+    Returns (config, field -> where a value not from the weights came from)."""
     from ..mapping.schema import config_entry
 
     cfg, origin = {}, {}
+    kept = kept if isinstance(kept, dict) else {}
     for name, entry in table.original_config.items():
         e = config_entry(entry, det.variant)
         if e is None:
             continue
+        where = f"{record}: original_config.{name}"
         if e.fact is not None:
             cfg[name] = det.facts[e.fact]
-            continue
-        if isinstance(kept, dict) and name in kept:
-            cfg[name], origin[name] = kept[name], "the conversion record (the source's config.json)"
+        elif e.kept is not None and name in kept:
+            cfg[name] = _kept_value(e.kept, kept[name], where)
+            origin[name] = "the conversion record (the source's config.json)"
         elif name in pipeline_fields:
             cfg[name], origin[name] = pipeline_fields[name], "mappings/pipeline.yaml"
         else:
             cfg[name], origin[name] = e.const, f"mappings/{table.component}.yaml (default)"
+        if name in kept and e.kept is None and kept[name] != cfg[name]:
+            shown = repr(kept[name]) if len(repr(kept[name])) <= 60 else repr(kept[name])[:57] + "..."
+            raise ConversionError(f"{where}={shown} contradicts the weights and tables ({cfg[name]!r}); "
+                                  f"fix or remove the conversion record")
     return cfg, origin
 
 

@@ -172,7 +172,11 @@ def find(path: Path) -> Found:
         return found
     units = folder_units(path, folders.get(path.name))
     if not units:
-        raise ConversionError(f"{path}: no weights here (no .safetensors or Wan .pth file, no component subfolders)")
+        from ..write.workfiles import work_folders
+
+        left = [w.describe for w in work_folders(path)]
+        raise ConversionError(f"{path}: no weights here (no .safetensors or Wan .pth file, no component subfolders)"
+                              + (f"; only {left[0]}" if left else ""), left)
     kind = "original repo folder" if len(units) > 1 or units[0].where == "original repo folder" else "component folder"
     return Found(path, kind, units)
 

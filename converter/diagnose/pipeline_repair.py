@@ -10,7 +10,9 @@ import os
 import shutil
 from pathlib import Path
 
+from ..errors import ConversionError
 from ..pipeline import PipelinePlan, choose_pipeline, write_pipeline_extras
+from ..read.files import load_json
 from ..write.workfiles import REPAIR, make_work_dir
 from ..write.naming import MODEL_INDEX
 from .examine import Diagnosis
@@ -93,7 +95,9 @@ def model_index_fixes(found: Found, diags: list[Diagnosis]) -> dict:
 def fix_model_index(folder: Path, fixes: dict, backup) -> None:
     """Rewrite model_index.json with `fixes` applied (atomically); the old one goes into the backup."""
     path = folder / MODEL_INDEX
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = load_json(path, MODEL_INDEX)
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: not a JSON object")
     data.update({k: want for k, (_, want) in fixes.items()})
     tmp = path.with_name(f".{MODEL_INDEX}.{REPAIR}-{os.getpid()}")
     tmp.write_text(json.dumps(dict(sorted(data.items())), indent=2) + "\n", encoding="utf-8")

@@ -31,6 +31,7 @@ from ..errors import ConversionError
 from ..read.safetensors_file import read_header
 from ..write import naming
 from ..write.safetensors_writer import write_safetensors
+from ..read.files import load_json
 from ..write.workfiles import OLD, REPAIR, make_work_dir
 from .examine import (
     COMPLETE_CONFIG,
@@ -301,10 +302,10 @@ def _write_index(work: Path, ws, index_name: str) -> None:
             total += ref.nbytes
     metadata = {}
     if ws.index is not None and ws.index.exists():
-        try:
-            old = json.loads(ws.index.read_text())
+        try:  # a broken old index is what is being replaced: keep its metadata only when it is sound
+            old = load_json(ws.index, "index")
             metadata = {k: v for k, v in (old.get("metadata") or {}).items() if k != "total_size"}
-        except (ValueError, AttributeError, OSError):
+        except (ConversionError, AttributeError):
             metadata = {}
     index = {"metadata": {**metadata, "total_size": total}, "weight_map": weight_map}
     (work / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -96,6 +96,10 @@ class ConfigEntry(Strict):
     fact: str | None = None
     const: Any = None
     variant: list[str] | None = None
+    # original_config only: a constant the conversion record's copy of the source's config.json may
+    # replace, and what that value must be (int: a positive integer; version: a version string).
+    # A constant without it is decided by the weights and tables: the record must agree with it.
+    kept: Literal["int", "version"] | None = None
 
 
 def config_entry(entry, variant: str):

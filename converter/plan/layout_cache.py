@@ -5,27 +5,51 @@ importing diffusers/transformers (seconds); a cached layout needs neither.
 
 Location: $WAN2DIFFUSERS_CACHE, else $XDG_CACHE_HOME/wan2diffusers/layouts, else
 ~/.cache/wan2diffusers/layouts.  WAN2DIFFUSERS_CACHE=off disables it.  An unreadable, stale or
-tampered entry is ignored and rebuilt; a cache that cannot be written is skipped silently."""
+tampered entry is ignored and rebuilt; a cache that cannot be written is skipped silently.
+
+A cache must never change what is written. Every entry carries an HMAC-SHA256 made with a random
+key that only this user can read (`.key` in the cache folder, mode 0600, created on first use): an
+entry edited by anything but this tool -- even with a recomputed checksum -- does not verify and is
+rebuilt. On load, what can be re-proven cheaply is re-proven too: the saved config names the class
+and holds every constructor argument the weights gave, with those values. `verify` never reads the
+cache (`bypassed`): the judge builds the model itself."""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
+import stat
 import tempfile
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from ..read.files import what_is
+from ..errors import ConversionError
+from ..read.files import load_json
 
 ENV = "WAN2DIFFUSERS_CACHE"
 LIBRARIES = ("diffusers", "transformers", "torch")
+KEY_FILE = ".key"
+MAX_ENTRY_BYTES = 16 * 1024 * 1024  # a 14B layout is ~100 KB
+_bypass = [False]
+
+
+@contextmanager
+def bypassed():
+    """Neither read nor write the cache inside the block (verify builds every model itself)."""
+    _bypass.append(True)
+    try:
+        yield
+    finally:
+        _bypass.pop()
 
 
 def cache_dir() -> Path | None:
     value = os.environ.get(ENV)
-    if value == "off":
+    if value == "off" or _bypass[-1]:
         return None
     if value:
         return Path(value)
@@ -48,8 +72,29 @@ def _key(class_name: str, config: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _digest(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+def _secret(folder: Path, create: bool) -> bytes | None:
+    """The cache's HMAC key: 32 random bytes in a 0600 file of this user's (made when `create`)."""
+    path = folder / KEY_FILE
+    try:
+        if create and not os.path.lexists(path):
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(32))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if (not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077 or st.st_size != 32
+                    or (hasattr(os, "getuid") and st.st_uid != os.getuid())):
+                return None  # someone else could have read or written it: no entry is trusted
+            return f.read(32)
+    except OSError:
+        return None
+
+
+def _mac(secret: bytes, entry: dict) -> str:
+    body = json.dumps({k: v for k, v in entry.items() if k != "mac"}, sort_keys=True)
+    return hmac.new(secret, body.encode(), hashlib.sha256).hexdigest()
 
 
 def _path(folder: Path, class_name: str, key: str) -> Path:
@@ -61,36 +106,65 @@ def load(class_name: str, config: dict[str, Any]) -> dict | None:
     if folder is None:
         return None
     key = _key(class_name, config)
-    entry = _read(_path(folder, class_name, key))
+    entry = _read(folder, _path(folder, class_name, key))
     if entry is None:
         return None
     payload = entry.get("layout")
-    if entry.get("key") != key or not isinstance(payload, dict) or entry.get("sha256") != _digest(payload):
+    if entry.get("key") != key or entry.get("class") != class_name or not isinstance(payload, dict):
         return None
-    return payload if _well_formed(payload) else None
+    return payload if _well_formed(payload) and _agrees(payload, class_name, config) else None
 
 
-def _read(path: Path) -> dict | None:
-    """A cache entry as JSON, or None (absent, unreadable, not an object)."""
-    if what_is(path) != "a regular file":  # absent, or something no cache write makes (a FIFO would block)
-        return None
+def _read(folder: Path, path: Path) -> dict | None:
+    """A cache entry whose HMAC verifies, or None (absent, unreadable, too large, not an object,
+    not made by this tool with this user's key)."""
     try:
-        entry = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        entry = load_json(path, "layout cache entry", MAX_ENTRY_BYTES)  # regular files only: a FIFO would block
+    except ConversionError:
         return None
-    return entry if isinstance(entry, dict) else None
+    secret = _secret(folder, create=False)
+    if not isinstance(entry, dict) or secret is None or not isinstance(entry.get("mac"), str):
+        return None
+    return entry if hmac.compare_digest(entry["mac"], _mac(secret, entry)) else None
 
 
 def _write(folder: Path, path: Path, entry: dict) -> None:
-    """Into a new file renamed over `path`; a cache that cannot be written is skipped silently."""
+    """Signed, into a new file renamed over `path`; a cache that cannot be written is skipped
+    silently (and leaves no temporary file behind)."""
+    tmp = None
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        secret = _secret(folder, create=True)
+        if secret is None:
+            return
+        entry = {**entry, "mac": _mac(secret, entry)}
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(entry, f)
         os.replace(tmp, path)
+        tmp = None
     except OSError:
         pass
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _agrees(payload: dict, class_name: str, config: dict[str, Any]) -> bool:
+    """What can be re-proven without the class: the saved config names the class (diffusers) and
+    holds each constructor argument the weights gave, with that value."""
+    try:
+        saved = json.loads(payload["config_json"])
+    except ValueError:
+        return False
+    if not isinstance(saved, dict):
+        return False
+    if payload["library"] == "diffusers" and saved.get("_class_name") != class_name:
+        return False
+    normal = json.loads(json.dumps(config, default=list))
+    return all(k in saved and saved[k] == v for k, v in normal.items())
 
 
 def _well_formed(payload: dict) -> bool:
@@ -113,7 +187,7 @@ def store(class_name: str, config: dict[str, Any], library: str, payload: dict) 
         return
     key = _key(class_name, config)
     _write(folder, _path(folder, class_name, key),
-           {"key": key, "class": class_name, "library": library, "sha256": _digest(payload), "layout": payload})
+           {"key": key, "class": class_name, "library": library, "layout": payload})
 
 
 def _signature_path(folder: Path, class_name: str, key: str) -> Path:
@@ -126,8 +200,8 @@ def load_signature(class_name: str) -> tuple[str, list[str]] | None:
     if folder is None:
         return None
     key = _key(class_name, {"__signature__": 1})
-    entry = _read(_signature_path(folder, class_name, key))
-    if entry is None or entry.get("key") != key:
+    entry = _read(folder, _signature_path(folder, class_name, key))
+    if entry is None or entry.get("key") != key or entry.get("class") != class_name:
         return None
     library, params = entry.get("library"), entry.get("params")
     if library not in ("diffusers", "transformers") or not isinstance(params, list) \

@@ -52,10 +52,9 @@ def left_out(out: Path) -> list[str]:
 
 
 def _json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+    from ..read.files import load_json
+
+    data = load_json(path)
     if not isinstance(data, dict):
         raise ConversionError(f"{path}: not a JSON object")
     return data

@@ -18,6 +18,9 @@ from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from ..errors import ConversionError
@@ -149,21 +152,92 @@ def write_record(folder: Path, record: dict, path: Path | None = None) -> None:
     tmp.replace(path)
 
 
+MAX_RECORD_BYTES = 16 * 1024 * 1024  # a record of a whole pipeline is a few KB
+
+
 def read_record(path: Path) -> dict | None:
-    """`path`: the record file, or a folder holding one."""
+    """`path`: the record file, or a folder holding one. Read strictly (read/files.py: size limit,
+    depth, duplicate keys) and checked against the shape build_record writes (RecordSchema): every
+    command that reads it then reads only the types it expects."""
+    from pydantic import ValidationError
+
+    from ..read.files import load_json
+
     path = Path(path)
     if path.is_dir():
         path = path / RECORD_NAME
     if not path.is_file():
         return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{path}: not a readable conversion record ({e})") from None
+    record = load_json(path, "conversion record", MAX_RECORD_BYTES)
     if not isinstance(record, dict) or record.get("record_version") != RECORD_VERSION:
         raise ConversionError(f"{path}: not a wan2diffusers conversion record (record_version "
-                              f"{record.get('record_version') if isinstance(record, dict) else '?'})")
+                              f"{str(record.get('record_version'))[:20] if isinstance(record, dict) else '?'})")
+    try:
+        RecordSchema.model_validate(record)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConversionError(f"{path}: not a valid conversion record ({where}: {err['msg']})") from None
     return record
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class RecordFile(_Open):
+    name: str
+    size: int = Field(ge=0)
+    sha256: Optional[str] = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    sha256_from: Optional[str] = None
+
+
+class RecordComponent(_Open):
+    component: str
+    table: str
+    variant: Optional[str] = None
+    size: Optional[str] = None
+    source_files: list[RecordFile]
+    source_tensors: int = Field(ge=0)
+    target_tensors: int = Field(ge=0)
+    converted: int = Field(ge=0)
+    dropped: list[dict[str, Any]]
+    coverage: str
+    dtypes: list[str]
+    bytes: int = Field(ge=0)
+    original_config: Optional[dict[str, Any]] = None
+    class_: str = Field(alias="class")
+
+
+class RecordPipeline(_Open):
+    class_: str = Field(alias="class")
+    family: Optional[str] = None
+    complete: bool = False
+    missing: list[str] = []
+    flow_shift: Optional[float] = None
+    config: Optional[dict[str, Any]] = None
+
+
+class RecordSource(_Open):
+    repo_id: Optional[str] = None
+    revision: Optional[str] = None
+    path: str
+    name: str
+    card: Optional[dict[str, Any]] = None
+
+
+class RecordSchema(_Open):
+    """What build_record writes (extra fields allowed: later versions add some)."""
+    record_version: int
+    tool: dict[str, str]
+    libraries: dict[str, Optional[str]]
+    created: str
+    source: RecordSource
+    dtype: str
+    tables: dict[str, dict[str, Any]]
+    components: list[RecordComponent]
+    pipeline: Optional[RecordPipeline] = None
+    derived_from: Optional[dict[str, Any]] = None
 
 
 def hash_sources(record: dict, source: Path | None, progress: bool = True) -> list[str]:

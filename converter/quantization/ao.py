@@ -29,6 +29,14 @@ from .backend import Entry, QuantBackend
 
 SLICE_ELEMENTS = 1024 * 1024  # float values quantized at once (4 MB in float32: cache-sized; 4M took 2x as long)
 
+# The dtype a weight is quantized from, and so the dtype torchao's tensor says it dequantizes to.
+# float8: Float8Tensor's matmul multiplies the input by `dequantize()` in that dtype, with no cast
+# (torchao quantization/quantize_/workflows/float8/float8_tensor.py, _float8_addmm_impl), so a
+# float32 Float8Tensor fails in a model loaded in bfloat16 -- which is how Wan runs and what a plain
+# from_pretrained of a torchao folder gives. diffusers' own path for a bf16 load quantizes the
+# bf16 weight: so do we. int8's kernel casts to the input's dtype: its weights keep their dtype.
+HP_DTYPE = {"float8": "BF16"}
+
 
 def _torchao():
     with quiet_imports():
@@ -67,6 +75,11 @@ def _layout(weights: str, in_features: int, dtype: str) -> tuple[tuple[tuple[str
     return tuple(parts), json.dumps(t, cls=encoder)
 
 
+def hp_dtype(weights: str, dtype: str) -> str:
+    """The dtype (tag) a `dtype` weight is quantized from for `weights` (see HP_DTYPE)."""
+    return HP_DTYPE.get(weights, dtype)
+
+
 class TorchaoBackend(QuantBackend):
     name = "torchao"
     key_format = TORCHAO  # how inspect/verify read back what this backend writes (keyformats.py)
@@ -79,7 +92,7 @@ class TorchaoBackend(QuantBackend):
                 and not any(k + "." in f"{name}.weight" or k == f"{name}.weight" for k in skip)]
 
     def module_entries(self, weights, shape, dtype, bias):
-        parts, _ = _layout(weights, shape[1], dtype)
+        parts, _ = _layout(weights, shape[1], hp_dtype(weights, dtype))
         out = [Entry(name, tag, (shape[0], *rest)) for name, tag, rest in parts]
         return out + ([Entry("bias", dtype, (shape[0],))] if bias else [])
 
@@ -87,10 +100,11 @@ class TorchaoBackend(QuantBackend):
         _, flatten, _ = _torchao()
         n, c = weight.shape
         per = max(1, SLICE_ELEMENTS // max(c, 1))
+        hp = DTYPES[hp_dtype(weights, TAGS[weight.dtype])]
         out: dict[str, torch.Tensor] = {}
         for a in range(0, n, per):
             b = min(n, a + per)
-            data, _ = flatten({"m.weight": _quantize_tensor(weights, weight[a:b])})
+            data, _ = flatten({"m.weight": _quantize_tensor(weights, weight[a:b].to(hp))})
             for key, v in data.items():
                 name = key.removeprefix("m.")
                 if name not in out:
@@ -128,7 +142,8 @@ class TorchaoBackend(QuantBackend):
         for key in state_dict_keys:
             module, _, name = key.rpartition(".")
             if name == "weight" and module in quantized:
-                meta[key] = _layout(weights, *quantized[module])[1]
+                width, dtype = quantized[module]
+                meta[key] = _layout(weights, width, hp_dtype(weights, dtype))[1]
             else:
                 meta[key] = json.dumps({"_type": torch.Tensor.__name__})
         meta["tensor_names"] = json.dumps(list(state_dict_keys))

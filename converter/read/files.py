@@ -13,6 +13,20 @@ from pathlib import Path
 from ..errors import ConversionError
 
 MAX_JSON_BYTES = 100 * 1024 * 1024  # a config, index or header larger than this is not one
+MAX_JSON_DEPTH = 32  # nesting no config, index, header, record or cache entry of ours comes near
+
+
+def _depth(value) -> int:
+    """How deeply `value` nests (iteratively: no recursion on hostile input)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            if d > MAX_JSON_DEPTH:
+                return d
+            todo.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
 
 
 def what_is(path: Path) -> str:
@@ -70,7 +84,7 @@ def parse_json(data: bytes | str, path: Path, what: str = "JSON") -> object:
     try:
         if isinstance(data, bytes):
             data = data.decode("utf-8")
-        return json.loads(data, object_pairs_hook=no_duplicates, parse_int=_parse_int)
+        value = json.loads(data, object_pairs_hook=no_duplicates, parse_int=_parse_int)
     except RecursionError:
         raise ConversionError(f"{path}: {what} is nested too deeply to be what it claims") from None
     except UnicodeDecodeError as e:
@@ -79,11 +93,14 @@ def parse_json(data: bytes | str, path: Path, what: str = "JSON") -> object:
         raise ConversionError(f"{path}: not valid JSON ({e})") from None
     except ValueError as e:  # e.g. an integer of thousands of digits
         raise ConversionError(f"{path}: {what} holds a value that cannot be read ({e})") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise ConversionError(f"{path}: {what} is nested too deeply to be what it claims")
+    return value
 
 
-def load_json(path: Path, what: str = "JSON") -> object:
+def load_json(path: Path, what: str = "JSON", max_bytes: int = MAX_JSON_BYTES) -> object:
     size = require_file(path, what)
-    if size > MAX_JSON_BYTES:
+    if size > max_bytes:
         raise ConversionError(f"{path}: {size} bytes is too large for a {what} file")
     try:
         data = Path(path).read_bytes()

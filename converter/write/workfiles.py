@@ -73,7 +73,9 @@ def work_folders(parent: Path, name: str | None = None) -> list[WorkFolder]:
         return []
     for p in entries:
         m = WORK.match(p.name)
-        if not m or (name is not None and m.group("name") != name) or not p.is_dir() or p.is_symlink():
+        if not m or (name is not None and m.group("name") != name) or p.is_symlink():
+            continue
+        if not p.is_dir() and not (m.group("kind") == PARTIAL and p.is_file()):  # a GGUF file is written as a file
             continue
         pid = m.group("pid")
         out.append(WorkFolder(p, m.group("name"), m.group("kind"), bool(pid) and _alive(int(pid))))
