@@ -38,10 +38,20 @@ class Report(dict):
 
 
 def _components(only: Union[str, Iterable[str], None]) -> list[str] | None:
+    """--only as a list of known component names (None: all); empty or unknown names are refused."""
+    from .mapping.tables import table_names
+
     if only is None:
         return None
     items = only.split(",") if isinstance(only, str) else list(only)
-    return [c.strip() for c in items if c.strip()] or None
+    names = [str(c).strip() for c in items]
+    known = list(table_names())
+    if not names or any(not n for n in names):
+        raise ConversionError(f"--only {only!r}: give component names separated by commas ({', '.join(known)})")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConversionError(f"--only: unknown component(s) {unknown}; choose from {sorted(known)}")
+    return list(dict.fromkeys(names))
 
 
 def _settings(settings: Union[Mapping[str, Mapping], Iterable[str], None]) -> dict[str, dict]:
@@ -59,7 +69,7 @@ def _settings(settings: Union[Mapping[str, Mapping], Iterable[str], None]) -> di
 
 
 def convert(source: PathArg, output: PathArg, *, dtype: Dtype = "keep", quantize: Weights | None = None,
-            only: Union[str, Iterable[str], None] = None, overwrite: bool = False, max_shard_size: str = "5GB",
+            only: Union[str, Iterable[str], None] = None, overwrite: bool = False, max_shard_size: str | None = None,
             settings: Union[Mapping[str, Mapping], Iterable[str], None] = None, override_config: bool = False,
             clip_heads: int | None = None, flow_shift: float | None = None, check_finite: bool = False,
             dry_run: bool = False, log: Log | None = None, warn: Log | None = None,
@@ -75,7 +85,8 @@ def convert(source: PathArg, output: PathArg, *, dtype: Dtype = "keep", quantize
     from .actions.convert import run_convert
 
     with os_errors(output, "; nothing was written"):
-        check_size(max_shard_size)
+        if max_shard_size is not None:
+            check_size(max_shard_size)
         return Report(run_convert(Path(source), Path(output), _components(only), max_shard_size, dtype,
                                   _settings(settings), clip_heads, flow_shift, overwrite, dry_run,
                                   say=log or silent, warn=warn or silent, progress=progress, quantize=quantize,
@@ -117,9 +128,11 @@ def verify(path: PathArg, source: PathArg | None = None, *, progress: bool = Tru
     `report.ok` is False and `report.differences` names them."""
     from .diagnose.verify import verify_path
 
+    from .plan.layout_cache import bypassed
+
     if source is not None and not Path(source).exists():
         raise ConversionError(f"{source}: no such file or folder (--source)")
-    with os_errors(path):
+    with os_errors(path), bypassed():  # the judge builds every model itself: no cache can sway it
         from .gguf_out import gguf_folder, verify_gguf, verify_gguf_folder
 
         src = Path(source) if source is not None else None

@@ -67,7 +67,7 @@ def produce(pt: PlannedTensor):
         return iter_cast(pt.sources[0], safetensors_file.DTYPES[pt.dtype])
     inputs = [read_tensor(r) for r in pt.sources]
     out = transforms.apply(pt.rule, inputs)[pt.part]
-    return out.to(safetensors_file.DTYPES[pt.dtype])
+    return safetensors_file.cast_checked(out, safetensors_file.DTYPES[pt.dtype], f"{pt.sources[0].file}: {pt.key}")
 
 
 def written_tensors(cp: ComponentPlan) -> list:

@@ -106,17 +106,28 @@ def quantized_values(t: GGUFTensor):
 
     from .read.safetensors_file import LazyRows, read_tensor
 
-    qt = gguf.GGMLQuantizationType[t.qtype]
-    ref = t.source
-    if len(t.shape) != 2 or ref.stride is not None:
-        yield gguf.quants.quantize(read_tensor(ref).float().numpy().astype(np.float32, copy=False), qt)
-        return
     import torch
 
+    from .read.safetensors_file import check_overflow
+
+    qt = gguf.GGMLQuantizationType[t.qtype]
+    ref = t.source
+
+    def quantize(values: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):  # an overflow is named below, not warned about by numpy
+            out = gguf.quants.quantize(values, qt)
+        if t.qtype in ("F16", "BF16"):  # a float type that may not hold every float32 value
+            check_overflow(torch.from_numpy(values), torch.from_numpy(out.view(np.float16)) if t.qtype == "F16"
+                           else torch.from_numpy(out.view(np.int16)).view(torch.bfloat16), f"{ref.file}: {ref.key}")
+        return out
+
+    if len(t.shape) != 2 or ref.stride is not None:
+        yield quantize(read_tensor(ref).float().numpy().astype(np.float32, copy=False))
+        return
     rows = LazyRows(ref, t.shape, torch.float32)
     per = max(1, SLICE_ELEMENTS // max(t.shape[1], 1))
     for a in range(0, t.shape[0], per):
-        yield gguf.quants.quantize(rows[a:a + per].numpy(), qt)
+        yield quantize(rows[a:a + per].numpy())
 
 
 def append_tensor(writer, t: GGUFTensor, bar) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import shutil
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .errors import ConversionError
 from .mapping.tables import parse_yaml, tables_root
 from .write.naming import MODEL_INDEX
+from .write.copying import copy_folder
 
 
 class _Strict(BaseModel):
@@ -144,7 +144,7 @@ def _write_pipeline_extras(plan: PipelinePlan, work: Path) -> None:
         cls = getattr(diffusers, table.scheduler.class_name)
         cls(**table.scheduler.config, flow_shift=plan.flow_shift).save_config(str(work / "scheduler"))
     if "tokenizer" in plan.extras:
-        shutil.copytree(plan.tokenizer_source, work / "tokenizer")
+        copy_folder(plan.tokenizer_source, work / "tokenizer")
         check_tokenizer(work / "tokenizer", plan.tokenizer_source)
     if "image_processor" in plan.extras:
         import transformers

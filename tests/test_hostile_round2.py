@@ -248,3 +248,264 @@ def test_a_huge_record_is_refused_without_reading_it(converted_t2v, tmp_path):
         f.truncate(64 * 1024 * 1024)
     r = run_cli("publish", converted_t2v, "me/x", "--dry-run", "--no-measure", ok=False)
     one_error(r, "wan2diffusers.json", "too large")
+
+
+# --- 8. a cast that overflows is refused, and verify names Inf where the source is finite -----------
+
+@pytest.fixture
+def huge_t2v(tmp_path):
+    """The t2v fixture with one value beyond the float16 range in a block weight."""
+    from safetensors.torch import save_file
+
+    from test_hostile_input import SHARD1, T2V_FILES
+
+    src = tmp_path / "huge"
+    src.mkdir()
+    for name in T2V_FILES:
+        (src / name).write_bytes((FIXTURES / "t2v" / name).read_bytes())
+    tensors = load_file(str(src / SHARD1))
+    key = next(k for k in tensors if k.endswith("self_attn.q.weight"))
+    tensors[key][0, 0] = 1.0e5
+    save_file(tensors, str(src / SHARD1), metadata={"format": "pt"})
+    return src, key
+
+
+@pytest.mark.parametrize("how", [["--dtype", "fp16"], ["--dtype", "fp16", "--quantize", "int8"],
+                                 ["--to", "gguf", "--quantize", "F16"]])
+def test_a_cast_beyond_the_fp16_range_is_refused(huge_t2v, tmp_path, how):
+    src, key = huge_t2v
+    out = tmp_path / ("o.gguf" if "gguf" in how else "o")
+    r = run_cli("convert", src, out, "--only", "transformer", *how, ok=False)
+    one_error(r, key, "float16 range", "Inf")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".o")]
+
+
+def test_bf16_keeps_the_value_and_verify_names_an_inf_the_source_does_not_have(huge_t2v, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    src, key = huge_t2v
+    out = tmp_path / "o"
+    run_cli("convert", src, out, "--only", "transformer", "--dtype", "bf16")
+    path = out / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(path))
+    from wan2diffusers.mapping.tables import load_table  # noqa: F401 - the key's Diffusers name below
+
+    target = next(k for k in tensors if k.endswith("attn1.to_q.weight") and k.startswith(f"blocks.{key.split('.')[1]}."))
+    assert float(tensors[target][0, 0]) == pytest.approx(1.0e5, rel=1e-2)
+    tensors[target][0, 0] = float("inf")
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    v = run_cli("verify", out, "--source", src, "--json", ok=False)
+    assert any(d["key"] == target and "Inf where the source has finite" in d["problem"]
+               for d in v.json()["differences"])
+    assert torch.isinf(tensors[target]).any()
+
+
+# --- 16. a device or FIFO in a folder copied beside the weights ------------------------------------
+
+@pytest.mark.parametrize("direction", ["forward", "back"])
+def test_a_link_to_dev_zero_in_the_tokenizer_is_named_not_copied(tmp_path, direction):
+    from repos import make_original_repo
+
+    src = make_original_repo(tmp_path / "src", "t2v")
+    if direction == "forward":
+        tok = next(p for p in src.rglob("*") if p.is_dir() and p.name == "umt5-xxl")
+        os.symlink("/dev/zero", tok / "evil.json")
+        r = run_cli("convert", src, tmp_path / "o", ok=False)
+    else:
+        run_cli("convert", src, tmp_path / "d")
+        os.symlink("/dev/zero", tmp_path / "d" / "tokenizer" / "evil.json")
+        r = run_cli("convert", tmp_path / "d", tmp_path / "o", "--to", "original", ok=False)
+    one_error(r, "evil.json", "character device")
+    assert not (tmp_path / "o").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
+
+
+# --- 9 and 18. every option is honoured or refused in one line ------------------------------------
+
+@pytest.fixture(scope="module")
+def diffusers_t2v(tmp_path_factory):
+    out = tmp_path_factory.mktemp("opts") / "d"
+    run_cli("convert", FIXTURES / "t2v", out, "--only", "transformer")
+    return out
+
+
+@pytest.mark.parametrize("to,args,says", [
+    ("original", ["--set", "transformer.num_heads=4"], "--set does not apply to --to original"),
+    ("original", ["--flow-shift", "5"], "--flow-shift does not apply"),
+    ("original", ["--clip-heads", "2"], "--clip-heads does not apply"),
+    ("original", ["--quantize", "int8"], "--quantize does not apply"),
+    ("original", ["--backend", "quanto"], "--backend does not apply"),
+    ("comfyui", ["--max-shard-size", "1MB"], "--max-shard-size does not apply"),
+    ("gguf", ["--quantize", "Q8_0", "--dtype", "bf16"], "--dtype does not apply"),
+    ("gguf", ["--quantize", "Q8_0", "--max-shard-size", "1MB"], "--max-shard-size does not apply"),
+    ("gguf", ["--quantize", "Q8_0", "--only", "vae"], "--to gguf writes the transformer only"),
+    ("gguf", ["--quantize", "Q8_0", "--set", "transformer.num_heads=4"], "--set does not apply"),
+    ("diffusers", ["--only", "vae,nope"], "unknown component"),
+    ("diffusers", ["--only", ""], "give component names"),
+    ("diffusers", ["--only", "transformer,"], "give component names"),
+    ("diffusers", ["--override-config"], "give --set too"),
+])
+def test_an_option_the_output_cannot_honour_is_refused(diffusers_t2v, tmp_path, to, args, says):
+    src = FIXTURES / "t2v" if to == "diffusers" else diffusers_t2v
+    out = tmp_path / ("o.gguf" if to == "gguf" else "o")
+    r = run_cli("convert", src, out, "--to", to, *args, ok=False)
+    one_error(r, says)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("to", ["original", "gguf"])
+def test_check_finite_is_honoured_by_every_output(diffusers_t2v, tmp_path, to):
+    args = ["--quantize", "Q8_0"] if to == "gguf" else []
+    out = tmp_path / ("o.gguf" if to == "gguf" else "o")
+    r = run_cli("convert", diffusers_t2v, out, "--to", to, *args, "--check-finite", "--json").json()
+    assert r["finite_check"] == "done"
+    text = run_cli("convert", diffusers_t2v, tmp_path / "p", "--to", "original", "--check-finite").stdout
+    assert "no NaN or Inf in the" in text
+
+
+def test_check_finite_names_a_nan_on_the_way_back(diffusers_t2v, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    d = tmp_path / "d"
+    shutil.copytree(diffusers_t2v, d)
+    path = d / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(path))
+    key = sorted(tensors)[0]
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    r = run_cli("convert", d, tmp_path / "o", "--to", "original", "--check-finite")
+    assert key in r.stderr and "NaN or Inf" in r.stderr
+    assert torch.isnan(load_file(str(path))[key]).any()
+
+
+# --- 12. a pickle that would crash the interpreter ------------------------------------------------
+
+def _pth_with_pickle(path: Path, pkl: bytes) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", pkl)
+        zf.writestr("archive/version", "3\n")
+    return path
+
+
+DEEP = 300_000
+HOSTILE_PICKLES = {
+    # {((((1,),),)...): 2}: hashing the key recursed until the interpreter crashed (segfault)
+    "deep tuple key": b"\x80\x02}" + b"K\x01" + b"\x85" * DEEP + b"K\x02s.",
+    "deep tuple key (20k)": b"\x80\x02}" + b"K\x01" + b"\x85" * 20_000 + b"K\x02s.",
+    # {<a 5000-digit int>: 2}: ValueError traceback
+    "long int key": b"\x80\x02}" + b"\x8b" + (2100).to_bytes(4, "little") + b"\x7f" * 2100 + b"K\x02s.",
+    # {"a": [[[[...]]]]}
+    "deep list value": b"\x80\x02}X\x01\x00\x00\x00a" + b"]" * 50_000 + b"a" * 49_999 + b"s.",
+    "deep tuple in SETITEMS": b"\x80\x02}(" + b"K\x01" + b"\x85" * DEEP + b"K\x02u.",
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_PICKLES))
+def test_a_hostile_pickle_is_one_line_and_never_crashes(tmp_path, name):
+    path = _pth_with_pickle(tmp_path / "Wan2.1_VAE.pth", HOSTILE_PICKLES[name])
+    r = subprocess.run([sys.executable, "-c", PROBE.format(patch=""), "inspect", str(path)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])  # not a signal, not a traceback
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], r.stderr[-2000:]
+
+
+def test_a_float8_pth_written_by_torch_save_is_read():
+    """torch.save writes float8 tensors with _rebuild_tensor_v3 over an untyped storage."""
+    import tempfile
+
+    import torch
+
+    from wan2diffusers.read.pth_file import read_pth_index
+    from wan2diffusers.read.safetensors_file import read_tensor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "f8.pth"
+        a = torch.randn(4, 6).to(torch.float8_e4m3fn)
+        b = torch.randn(5)
+        torch.save({"a": a, "b": b, "c": a[1:3]}, path)
+        refs = read_pth_index(path)
+        assert refs["a"].dtype == "F8_E4M3" and refs["b"].dtype == "F32"
+        assert torch.equal(read_tensor(refs["a"]).view(torch.uint8), a.view(torch.uint8))
+        assert torch.equal(read_tensor(refs["b"]), b)
+        assert torch.equal(read_tensor(refs["c"]).view(torch.uint8), a[1:3].view(torch.uint8))
+
+
+# --- 13. F8 tensors in a folder whose original file is a .pth ---------------------------------------
+
+def test_f8_tensors_bound_for_a_pth_are_refused_before_planning_is_said_done(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from repos import make_original_repo
+
+    src = make_original_repo(tmp_path / "src", "t2v")
+    run_cli("convert", src, tmp_path / "d", "--only", "vae")
+    path = next((tmp_path / "d" / "vae").glob("*.safetensors"))
+    tensors = load_file(str(path))
+    key = next(k for k, v in tensors.items() if v.dim() == 5)
+    tensors[key] = tensors[key].to(torch.float8_e4m3fn)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    r = run_cli("convert", tmp_path / "d", tmp_path / "o", "--to", "original", ok=False)
+    one_error(r, key, "F8_E4M3", ".pth")
+    assert not (tmp_path / "o").exists()
+
+
+# --- 10. an untied umT5 embedding goes back as the values the encoder runs on -----------------------
+
+@pytest.mark.parametrize("differ", [True, False])
+def test_an_untied_embed_tokens_is_what_goes_back(tmp_path, differ):
+    import torch
+    from safetensors.torch import save_file
+    from transformers import UMT5EncoderModel
+
+    from wan2diffusers.read.pth_file import read_pth_index
+    from wan2diffusers.read.safetensors_file import read_tensor
+
+    run_cli("convert", FIXTURES / "t5" / "models_t5_umt5-xxl-enc-bf16.pth", tmp_path / "d")
+    path = tmp_path / "d" / "text_encoder" / "model.safetensors"
+    tensors = load_file(str(path))
+    other = tensors["shared.weight"] * (2 if differ else 1)
+    tensors["encoder.embed_tokens.weight"] = other
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    runs_on = UMT5EncoderModel.from_pretrained(str(path.parent)).encoder.embed_tokens.weight
+    assert torch.equal(runs_on, other)  # transformers keeps the copy when it differs
+    r = run_cli("convert", tmp_path / "d", tmp_path / "o", "--to", "original", "--json").json()
+    (pth,) = (tmp_path / "o").glob("*.pth")
+    written = read_tensor(read_pth_index(pth)["token_embedding.weight"])
+    assert torch.equal(written, other)
+    assert any("encoder.embed_tokens.weight differs" in n for n in r["notes"]) == differ
+
+
+# --- 15. impossible sizes in a Diffusers config.json are refused before any model is built -----------
+
+@pytest.mark.parametrize("command", ["inspect", "verify", "to-original", "quantize", "repair"])
+def test_an_impossible_layer_count_is_refused_in_seconds(diffusers_t2v, tmp_path, command):
+    import shutil
+    import time
+
+    d = tmp_path / "d"
+    shutil.copytree(diffusers_t2v, d)
+    cfg_path = d / "transformer" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["num_layers"] = 20000
+    cfg_path.write_text(json.dumps(cfg))
+    started = time.perf_counter()
+    args = {"inspect": ["inspect", d, "--json"], "verify": ["verify", d, "--json"],
+            "to-original": ["convert", d, tmp_path / "o", "--to", "original"],
+            "quantize": ["quantize", d / "transformer", tmp_path / "q", "--weights", "int8"],
+            "repair": ["repair", d, "--dry-run", "--json"]}[command]
+    r = run_cli(*args, ok=None)
+    assert time.perf_counter() - started < 30
+    assert "Traceback" not in r.stderr and not isinstance(r.exception, (RecursionError, MemoryError)), r.exception
+    if command == "repair":  # repair would write config.json from the weights
+        assert "complete-config" in r.stdout
+    else:
+        assert "num_layers=20000" in r.stdout + r.stderr
+    assert not (tmp_path / "o").exists() and not (tmp_path / "q").exists()

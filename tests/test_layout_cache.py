@@ -52,7 +52,7 @@ def test_a_damaged_entry_is_ignored(tmp_path, monkeypatch):
     run_cli("convert", FIXTURES / "t2v", tmp_path / "first")
     (entry,) = cache.glob("WanTransformer3DModel-*.json")
     data = json.loads(entry.read_text())
-    data["layout"]["shapes"]["proj_out.weight"] = [1, 1]  # tampered: digest no longer matches
+    data["layout"]["shapes"]["proj_out.weight"] = [1, 1]  # tampered: its signature no longer matches
     entry.write_text(json.dumps(data))
     run_cli("convert", FIXTURES / "t2v", tmp_path / "second")
     assert files(tmp_path / "first") == files(tmp_path / "second")
@@ -62,12 +62,12 @@ def test_a_damaged_entry_is_ignored(tmp_path, monkeypatch):
         run_cli("convert", FIXTURES / "t2v", tmp_path / f"again{i}")
         assert files(tmp_path / "first") == files(tmp_path / f"again{i}")
         assert json.loads(entry.read_text())["class"] == "WanTransformer3DModel"  # rebuilt
-    # a valid digest over a layout of a foreign shape: not trusted either
+    # a valid signature over a layout of a foreign shape: not trusted either
     from wan2diffusers.plan import layout_cache
 
     data = json.loads(entry.read_text())
     data["layout"]["shapes"] = {"proj_out.weight": "not a shape"}
-    data["sha256"] = layout_cache._digest(data["layout"])
+    data["mac"] = layout_cache._mac(layout_cache._secret(cache, create=False), data)
     entry.write_text(json.dumps(data))
     run_cli("convert", FIXTURES / "t2v", tmp_path / "foreign")
     assert files(tmp_path / "first") == files(tmp_path / "foreign")

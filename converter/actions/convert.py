@@ -9,20 +9,64 @@ from ..errors import ConversionError
 from .common import human_size, silent
 
 
+# The options each output honours (`--to`); any other option given is refused in one line, never ignored.
+HONOURS = {
+    "diffusers": {"only", "dtype", "max_shard_size", "clip_heads", "flow_shift", "settings", "override_config",
+                  "quantize", "backend", "check_finite"},
+    "gguf": {"only", "quantize", "settings", "override_config", "check_finite"},
+    "original": {"only", "dtype", "max_shard_size", "check_finite"},
+    "comfyui": {"only", "dtype", "check_finite"},
+}
+OPTION_NAMES = {"only": "--only", "dtype": "--dtype", "max_shard_size": "--max-shard-size", "clip_heads": "--clip-heads",
+                "flow_shift": "--flow-shift", "settings": "--set", "override_config": "--override-config",
+                "quantize": "--quantize", "backend": "--backend", "check_finite": "--check-finite"}
+WHY_NOT = {
+    ("gguf", "dtype"): "a GGUF file's types come from --quantize (mappings/gguf.yaml)",
+    ("gguf", "max_shard_size"): "a GGUF file is one file per transformer",
+    ("gguf", "clip_heads"): "a GGUF file holds the transformer only",
+    ("gguf", "flow_shift"): "a GGUF file holds no scheduler",
+    ("gguf", "backend"): "--backend picks torchao or quanto for a Diffusers folder",
+    ("comfyui", "max_shard_size"): "ComfyUI's files are one file per component",
+}
+
+
+def check_options(to: str, given: dict) -> None:
+    """Refuse, in one line, every option given that the output `to` does not honour."""
+    if to not in HONOURS:
+        raise ConversionError(f"--to {to!r}: choose from {', '.join(HONOURS)}")
+    for name, value in given.items():
+        if value in (None, False, {}, [], "keep") or name in HONOURS[to]:
+            continue
+        why = WHY_NOT.get((to, name)) or (
+            "the way back writes the float weights of a Diffusers SRC, whose config.json already holds every fact"
+            if to in ("original", "comfyui") else "it does not apply to this output")
+        raise ConversionError(f"{OPTION_NAMES[name]} does not apply to --to {to}: {why}")
+    only = given.get("only")
+    if to == "gguf" and only and list(only) != ["transformer"]:
+        raise ConversionError(f"--only {','.join(only)}: --to gguf writes the transformer only (--only transformer)")
+
+
 def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, flow_shift, overwrite, dry_run,
                 say=silent, warn=silent, progress: bool = True, quantize=None, check_finite=False,
                 override_config=False, backend=None, to="diffusers") -> dict:
     """read -> plan (coverage proven) -> [check values] -> [quantize plan] -> pipeline plan -> write."""
+    check_options(to, {"only": only, "dtype": dtype, "max_shard_size": max_shard_size, "clip_heads": clip_heads,
+                       "flow_shift": flow_shift, "settings": overrides, "override_config": override_config,
+                       "quantize": quantize, "backend": backend,
+                       "check_finite": check_finite})
+    if override_config and not overrides:
+        raise ConversionError("--override-config lets --set replace config.json values: give --set too")
+    max_shard_size = max_shard_size or "5GB"
     if to == "gguf":  # one file, the transformer in its original key names
         from .to_gguf import run_gguf
 
-        return run_gguf(src, out, quantize, overwrite, dry_run, overrides, say, progress)
+        return run_gguf(src, out, quantize, overwrite, dry_run, overrides, say, progress,
+                        lambda cps, infos, report: check_values(cps, infos, report, check_finite, progress, say, warn))
     if to in ("original", "comfyui"):  # the tables run backwards: Diffusers -> the original Wan keys
         from .to_original import run_to_original
 
-        if quantize:
-            raise ConversionError(f"--to {to} writes the float weights: --quantize does not apply")
-        return run_to_original(src, out, only, dtype, max_shard_size, overwrite, dry_run, say, progress, to)
+        return run_to_original(src, out, only, dtype, max_shard_size, overwrite, dry_run, say, progress, to,
+                               lambda cps, infos, report: check_values(cps, infos, report, check_finite, progress, say, warn))
     from ..component import describe
     from ..hub import download, looks_like_repo_id
     from ..write.atomic import check_output
@@ -36,7 +80,7 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, fl
         hub_repo, src = str(src), download(str(src), only)
     plans = plan_components(src, only, dtype, overrides, clip_heads, override_config, say)
     report = {"ok": True, "dry_run": dry_run, "components": [describe(cp) for cp in plans]}
-    check_values(plans, report, check_finite, progress, say, warn)
+    check_values(plans, report["components"], report, check_finite, progress, say, warn)
     if quantize:  # the transformer written quantized (converter/quantization)
         from ..quantization.plan import quantize_plans
 
@@ -87,13 +131,15 @@ def plan_components(src: Path, only, dtype, overrides, clip_heads, override_conf
     return plans
 
 
-def check_values(plans, report, check_finite, progress, say, warn) -> None:
+def check_values(plans, infos, report, check_finite, progress, say, warn) -> None:
     """--check-finite: name the source tensors holding NaN or Inf; otherwise say they were not checked."""
     from ..component import nonfinite_values
 
     report["finite_check"] = "done" if check_finite else "skipped"
-    for cp, info in zip(plans, report["components"]):
+    checked = 0
+    for cp, info in zip(plans, infos):
         info["nonfinite"] = nonfinite_values(cp, progress=progress) if check_finite else None
+        checked += len(cp.source.tensors) if check_finite else 0
         bad = info["nonfinite"]
         if bad:
             warn(f"warning: {cp.component}: {len(bad)} source tensor(s) hold NaN or Inf values: "
@@ -101,6 +147,8 @@ def check_values(plans, report, check_finite, progress, say, warn) -> None:
                  + (f" and {len(bad) - 8} more" if len(bad) > 8 else "") + "; converted as they are")
     if not check_finite:
         say("values: not checked for NaN/Inf (--check-finite reads the source once more)")
+    elif not any(info["nonfinite"] for info in infos):
+        say(f"values: no NaN or Inf in the {checked} source tensors (--check-finite)")
 
 
 def pipeline_plan(plans, src: Path, flow_shift, only, report, say):

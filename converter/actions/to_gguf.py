@@ -13,7 +13,7 @@ from .common import human_size, silent
 
 
 def run_gguf(src: Path, out: Path, qtype: str | None, overwrite: bool, dry_run: bool, overrides: dict,
-             say=silent, progress: bool = True) -> dict:
+             say=silent, progress: bool = True, check_values=None) -> dict:
     """One transformer: OUT is a .gguf file.  Two (Wan 2.2 A14B): OUT is a folder that gets one
     .gguf per expert, named after the expert's folder in the original repo (high_noise_model.gguf,
     low_noise_model.gguf), written into a work folder and renamed to OUT when both are complete."""
@@ -54,6 +54,8 @@ def run_gguf(src: Path, out: Path, qtype: str | None, overwrite: bool, dry_run: 
     report = {"ok": True, "dry_run": dry_run, "to": "gguf", "source": str(src), "variant": entries[0]["variant"],
               "type": qtype, "tensors": sum(e["tensors"] for e in entries), "bytes": sum(e["bytes"] for e in entries),
               "types": dict(sum((Counter(e["types"]) for e in entries), Counter())), "files": entries, "notes": notes}
+    if check_values is not None:  # --check-finite: the source tensors read once more
+        check_values([cp for _, cp, _, _ in files], entries, report)
     if dry_run:
         say(f"dry run: would write {out}; nothing written")
         return report
@@ -92,6 +94,9 @@ def transformer_sources(src: Path, overrides: dict, say=silent) -> list[tuple]:
     found = _diffusers(src)
     if found is not None:
         from .to_original import plan_reversed
+
+        if overrides:
+            raise ConversionError(f"--set does not apply to {src}: a Diffusers folder's config.json holds every fact")
 
         parts, _ = plan_reversed(src, ["transformer"], "keep", say, "original", found=found)
         out = []

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConversionError
 from ..plan.plan import BACKWARD, SAME, build_plan
+from ..write.copying import copy_folder
 from .common import human_size, silent
 
 
@@ -110,6 +110,7 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
     if not units:
         raise ConversionError(f"{src}: none of the components asked for ({', '.join(only or [])}) is here")
     out = []
+    untied_notes: list[str] = []
     for unit in units:
         name = unit.instance or unit.component
         if unit.weights is None or unit.weights.fatal:
@@ -128,6 +129,7 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
                                   f"(wan2diffusers inspect {unit.path})")
         det = d.detection if d.detection is not None else derive(unit)  # diagnose settled it already
         weights = SourceCheckpoint(unit.path, "diffusers", unit.weights.files, dict(unit.weights.tensors), None)
+        _untied(weights, d.target, name, say, untied_notes)
         direction = layout.direction(unit.component)
         plan = build_plan(unit.table, weights, det, d.target, dtype, direction)
         cp = ComponentPlan(unit.component, weights, plan, "", name)
@@ -136,8 +138,37 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
             f"-> {len(plan.tensors)} {'original' if direction is BACKWARD else 'Diffusers'}-named tensors; "
             f"coverage proven")
         out.append(Reversed(name, cp, "", ""))
-    notes = layout.place(out, src, model_name or Path(src).resolve().name)
+    notes = untied_notes + layout.place(out, src, model_name or Path(src).resolve().name)
+    for r in out:  # what a .pth can hold (torch.save's typed storages), checked before anything is written
+        from ..write.pth_writer import STORAGE_TYPES
+
+        bad = [pt for pt in r.cp.plan.tensors if r.is_pth and pt.dtype not in STORAGE_TYPES]
+        if bad:
+            raise ConversionError(f"{r.cp.source.path}: {bad[0].sources[0].key} is {bad[0].dtype}, which the original "
+                                  f"{r.file_name} (torch.save's typed storages) does not hold; convert back a folder "
+                                  f"with float32/bf16/fp16 weights")
     return out, notes
+
+
+def _untied(weights, target, name: str, say, notes: list[str]) -> None:
+    """A folder that stores a tied copy (transformers' encoder.embed_tokens.weight beside shared.weight)
+    with other values than the key it is tied to: transformers then does not tie them, and the model
+    runs on the copy. The original layout has one tensor for both: the copy's values are written
+    under the tied key, and a note says so."""
+    from dataclasses import replace
+
+    from ..read.safetensors_file import same_values
+
+    for copy, kept in target.tied.items():
+        a, b = weights.tensors.get(copy), weights.tensors.get(kept)
+        if a is None or b is None or same_values(a, b):
+            continue
+        if (a.dtype, tuple(a.shape)) != (b.dtype, tuple(b.shape)):
+            raise ConversionError(f"{a.file}: {copy} ({a.dtype} {list(a.shape)}) and {kept} ({b.dtype} "
+                                  f"{list(b.shape)}) are tied but differ in shape or dtype")
+        weights.tensors[kept] = replace(a, key=kept)  # the values the model runs on, read under the kept name
+        notes.append(f"{name}: {copy} differs from {kept} (transformers then does not tie them, and the model "
+                     f"uses {copy}): the original layout holds one tensor for both; written from {copy}")
 
 
 def _place_comfy(parts: list[Reversed], model_name: str) -> None:
@@ -258,7 +289,7 @@ def original_config(table, det, pipeline_fields: dict, kept: dict | None, record
 
 
 def run_to_original(src: Path, out: Path, only, dtype: str, max_shard_size, overwrite: bool, dry_run: bool,
-                    say=silent, progress: bool = True, to: str = "original") -> dict:
+                    say=silent, progress: bool = True, to: str = "original", check_values=None) -> dict:
     """`to`: original (the Wan-AI repo layout) or comfyui (one file per component, unsharded)."""
     from ..hub import diffusers_patterns, download, looks_like_repo_id
     from ..write.atomic import atomic_output_dir, check_output, clean_stale
@@ -281,6 +312,8 @@ def run_to_original(src: Path, out: Path, only, dtype: str, max_shard_size, over
          "bytes": sum(pt.nbytes for pt in r.cp.plan.tensors), "dropped": [d.key for d in r.cp.plan.dropped],
          "config": r.config, "config_from": r.config_from} for r in parts],
         "tokenizer": tokenizer[1] if tokenizer else None, "notes": notes}
+    if check_values is not None:  # --check-finite: the source tensors read once more
+        check_values([r.cp for r in parts], report["components"], report)
     for r in parts:  # one line per origin of the config.json values the Diffusers config lacks
         by_origin: dict[str, list[str]] = {}
         for field_name, where in r.config_from.items():
@@ -297,7 +330,7 @@ def run_to_original(src: Path, out: Path, only, dtype: str, max_shard_size, over
         for r in parts:
             write_original(r, work / r.dest if r.dest else work, max_shard_size, progress)
         if tokenizer:
-            shutil.copytree(tokenizer[0], work / tokenizer[1])
+            copy_folder(tokenizer[0], work / tokenizer[1])
     report["output"] = str(out.resolve())
     report["seconds"] = round(time.perf_counter() - started, 3)
     say(f"done in {report['seconds']:.1f} s")

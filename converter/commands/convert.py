@@ -16,8 +16,8 @@ from .common import backend_option, run_reporting
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--only", default=None, metavar="LIST",
               help="Comma-separated components to convert: transformer,vae,text_encoder,image_encoder.")
-@click.option("--max-shard-size", default="5GB", show_default=True,
-              help="Largest output shard (e.g. 5GB, 500MB), as save_pretrained splits.")
+@click.option("--max-shard-size", default=None,
+              help="Largest output shard (e.g. 5GB, 500MB), as save_pretrained splits.  [default: 5GB]")
 @click.option("--dtype", type=click.Choice(["keep", "fp32", "bf16", "fp16"]), default="keep", show_default=True,
               help="Output dtype of floating tensors. In bf16/fp16 the modules diffusers keeps in "
                    "float32 (_keep_in_fp32_modules) stay float32.")
@@ -50,7 +50,7 @@ from .common import backend_option, run_reporting
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, when the new one is complete).")
 @click.option("--dry-run", is_flag=True, help="Read headers, detect, plan and prove coverage; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
-def convert(src: Path, out: Path, only: str | None, max_shard_size: str, dtype: str, clip_heads: int | None,
+def convert(src: Path, out: Path, only: str | None, max_shard_size: str | None, dtype: str, clip_heads: int | None,
             flow_shift: float | None, settings: tuple[str, ...], quantize: str | None, override_config: bool,
             check_finite: bool, backend: str | None, to: str, overwrite: bool, dry_run: bool, as_json: bool):
     """Convert the original-layout Wan 2.1 / Wan 2.2 weights in SRC into a Diffusers folder OUT.

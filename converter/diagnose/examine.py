@@ -130,6 +130,18 @@ def source_of(unit: Unit) -> SourceCheckpoint:
     return SourceCheckpoint(unit.path, layout, ws.files, dict(ws.tensors), cfg, ws.prefix)
 
 
+def within_limits(table, cfg: dict, where) -> None:
+    """Refuse a config from disk whose module counts no real model has (the table's `limits:`),
+    before any model is built from it."""
+    for field, most in table.limits.items():
+        value = cfg.get(field)
+        n = len(value) if isinstance(value, list) else value
+        if isinstance(n, int) and not isinstance(n, bool) and n > most:
+            shown = f"a list of {n}" if isinstance(value, list) else repr(value)
+            raise ConversionError(f"{where}: {field}={shown}: no real {table.component} has more than {most}; "
+                                  f"not building a model from it")
+
+
 def init_config(class_name: str, cfg: dict) -> dict:
     """What from_pretrained passes to the class: the config's fields the constructor takes
     (diffusers ignores the others); for transformers the whole config."""
@@ -191,6 +203,7 @@ def settle_config(d: Diagnosis) -> None:
         if k in merged and not _same(merged[k], v):
             trial = {**merged, k: v}
             try:
+                within_limits(unit.table, trial, unit.path / "config.json")
                 t = build_target(det.target_class, trial)
             except ConversionError:
                 continue
@@ -272,6 +285,7 @@ def _diagnose_mixed(d: Diagnosis) -> None:
     name = loaded_class(cfg)
     if unit.config_kind in ("diffusers", "transformers"):
         try:
+            within_limits(unit.table, cfg, unit.path / "config.json")
             d.target = build_target(name, init_config(name, cfg))
             d.missing, d.unexpected, d.mismatched = compare(unit, d.target)
         except ConversionError as e:
@@ -325,6 +339,7 @@ def _diagnose_diffusers(d: Diagnosis) -> None:
         problem = ""
         name = loaded_class(cfg)
         try:
+            within_limits(unit.table, cfg, unit.path / "config.json")
             d.target = build_target(name, init_config(name, cfg))
         except ConversionError as e:
             problem = f"config.json: {e}"

@@ -199,6 +199,11 @@ def _check_equal(got: torch.Tensor, expected: torch.Tensor) -> str:
     if tuple(got.shape) != tuple(expected.shape):
         return f"shape {list(got.shape)}, the source gives {list(expected.shape)}"
     exp = expected.to(got.dtype)  # an output written in bf16/fp16 is the source cast once
+    if got.is_floating_point() and expected.is_floating_point():
+        overflow = int((torch.isinf(got) & torch.isfinite(expected)).sum())
+        if overflow:
+            return (f"{overflow} value(s) are Inf where the source has finite values (beyond the "
+                    f"{str(got.dtype).removeprefix('torch.')} range)")
     if torch.equal(got, exp):
         return ""
     if got.is_floating_point():

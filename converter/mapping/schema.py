@@ -193,4 +193,8 @@ class Table(Strict):
     # kept the source's config.json
     original_config: dict[str, Union[str, ConfigEntry, list[ConfigEntry]]] = {}
     rules: list[Rule] = Field(min_length=1)
+    # config fields that multiply modules (block counts, list lengths) -> the most a real model of
+    # this kind could have: a config.json beyond it is refused before a model is built from it (a
+    # num_layers of 20000 would take minutes and GBs on the meta device)
+    limits: dict[str, int] = {}
     placeholders: dict[str, Union[Literal["index"], list[str], Nested, Fixed]] = {}

@@ -7,7 +7,6 @@ coverage proof); each tensor then maps to itself."""
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from ..plan.target import build_target
 from ..read.files import load_json
 from ..read.source import open_safetensors_source
 from ..write.naming import MODEL_INDEX as PIPELINE_INDEX
+from ..write.copying import copy_file
 from .policy import load_policy
 
 SAME_KEY = Rule.model_validate({"from": "{key}", "to": "{key}"})  # a tensor written under its own name
@@ -106,6 +106,9 @@ def plan_folder(src: DiffusersSource) -> ComponentPlan:
     class_name = config["_class_name"]
     init = {k: v for k, v in config.items() if not k.startswith("_")}
     source = open_safetensors_source(src.folder, table.output.weights_name, [])
+    from ..diagnose.examine import within_limits
+
+    within_limits(table, config, src.folder / "config.json")
     target = build_target(class_name, init)
     problems = []
     for key, ref in source.tensors.items():
@@ -170,6 +173,6 @@ def link_or_copy(src: Path, dst: Path, names: list[str]) -> dict[str, int]:
                 continue
             except OSError:
                 pass
-        shutil.copy2(path, target)  # a symlink: what it points to, not a link that may dangle
+        copy_file(path, target)  # a symlink: what it points to (a regular file), not a link that may dangle
         counts["copied"] += 1
     return counts

@@ -24,17 +24,30 @@ STORAGE_TAGS = {
 }
 
 
+# dtypes a tensor saved through an untyped storage names (torch.save writes `_rebuild_tensor_v3`
+# with `torch.storage.UntypedStorage` and the dtype for those that have no typed storage: float8)
+DTYPE_TAGS = {"float32": "F32", "float64": "F64", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+              "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+
+
 class _Storage:
     def __init__(self, tag: str, key: str, numel: int):
-        self.tag, self.key, self.numel = tag, key, numel
+        self.tag, self.key, self.numel = tag, key, numel  # an untyped storage: tag U8, numel in bytes
 
 
 class _Tensor:
-    def __init__(self, storage: _Storage, offset: int, size, stride):
+    def __init__(self, storage: _Storage, offset: int, size, stride, tag: str | None = None):
         self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+        self.tag = tag or storage.tag
 
 
 class _StorageType:
+    def __init__(self, tag: str):
+        self.tag = tag
+
+
+class _Dtype:
     def __init__(self, tag: str):
         self.tag = tag
 
@@ -60,26 +73,77 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *args, **kwargs):
     return _Tensor(storage, storage_offset, size, stride)
 
 
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, *args):
+    """torch._utils._rebuild_tensor_v3 (an untyped storage and the tensor's dtype), checked."""
+    if not isinstance(dtype, _Dtype):
+        raise ValueError(f"_rebuild_tensor_v3 got {type(dtype).__name__} for a dtype")
+    t = _rebuild_tensor(storage, storage_offset, size, stride)
+    t.tag = dtype.tag
+    return t
+
+
 def _rebuild_parameter(data, requires_grad, backward_hooks, *args):
     if not isinstance(data, _Tensor):
         raise ValueError(f"_rebuild_parameter got {type(data).__name__} for a tensor")
     return data
 
 
-class _Unpickler(pickle.Unpickler):
+MAX_NESTING = 16  # a state dict's description nests 3-4 deep
+
+
+class _Unpickler(pickle._Unpickler):
+    """Python's own unpickler (the pure-Python one, so that opcodes can be checked as they run):
+    a dict key must be a string (a state dict's keys: a deep tuple or a 5000-digit integer as a key
+    would crash or stall the hash), and tuples and lists nest at most MAX_NESTING deep."""
+
     def __init__(self, f, path: Path):
         super().__init__(f)
         self.path = path
+        self.depths: dict[int, int] = {}  # id of a tuple/list made here -> how deep it nests
+        self.dispatch = dict(pickle._Unpickler.dispatch)
+        base = pickle._Unpickler
+        self.dispatch[pickle.SETITEM[0]] = lambda u: (u._keys(u.stack[-2:-1]), base.load_setitem(u))
+        self.dispatch[pickle.SETITEMS[0]] = lambda u: (u._keys(u.stack[0::2]), base.load_setitems(u))
+        for op, load in ((pickle.TUPLE, base.load_tuple), (pickle.TUPLE1, base.load_tuple1),
+                         (pickle.TUPLE2, base.load_tuple2), (pickle.TUPLE3, base.load_tuple3),
+                         (pickle.LIST, base.load_list)):
+            self.dispatch[op[0]] = lambda u, load=load: (load(u), u._made(u.stack[-1], u.stack[-1]))
+        self.dispatch[pickle.APPEND[0]] = lambda u: (u._made(u.stack[-2], [u.stack[-1]]), base.load_append(u))
+        self.dispatch[pickle.APPENDS[0]] = lambda u: (u._made(u.metastack[-1][-1], u.stack), base.load_appends(u))
+
+    def _depth(self, x) -> int:
+        return self.depths.get(id(x), 1) if isinstance(x, (tuple, list, dict)) else 0
+
+    def _made(self, container, items) -> None:
+        """`container` now holds `items` (all its elements, or those just appended)."""
+        d = max([self._depth(container) if isinstance(container, list) else 1]
+                + [1 + self._depth(x) for x in items])
+        if d > MAX_NESTING:
+            raise ConversionError(f"{self.path}: the pickle nests containers {d}+ deep, more than a state dict "
+                                  f"ever does (corrupt or hostile file)")
+        self.depths[id(container)] = d
+
+    def _keys(self, keys) -> None:
+        for k in keys:
+            if type(k) is not str:
+                raise ConversionError(f"{self.path}: a dict key in the pickle is a {type(k).__name__}, not a "
+                                      f"string: not a state dict (corrupt or hostile file)")
 
     def find_class(self, module, name):
         if module == "collections" and name == "OrderedDict":
             return OrderedDict
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
             return _rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_tensor_v3":
+            return _rebuild_tensor_v3
         if module == "torch._utils" and name == "_rebuild_parameter":
             return _rebuild_parameter
         if module == "torch" and name in STORAGE_TAGS:
             return _StorageType(STORAGE_TAGS[name])
+        if module == "torch.storage" and name == "UntypedStorage":
+            return _StorageType("U8")
+        if module == "torch" and name in DTYPE_TAGS:
+            return _Dtype(DTYPE_TAGS[name])
         raise ConversionError(f"{self.path}: refusing to load: the pickle asks for {module}.{name}, "
                               f"which a plain state dict of tensors does not need")
 
@@ -159,15 +223,15 @@ def _member_span(zf: zipfile.ZipFile, raw, path: Path, name: str, size: int) -> 
 
 
 def _tensor_ref(path: Path, key: str, t: _Tensor, start: int, length: int) -> TensorRef:
-    item = itemsize(t.storage.tag)
+    item = itemsize(t.tag)
     shape, stride = t.size, t.stride
     if any(s < 0 for s in shape) or any(st < 0 for st in stride):
         raise ConversionError(f"{path}: {key}: negative size or stride {list(shape)} / {list(stride)} (corrupt file)")
     numel = math.prod(shape)
     contiguous = [math.prod(shape[i + 1:]) for i in range(len(shape))]
     span = 0 if numel == 0 else 1 + sum((s - 1) * st for s, st in zip(shape, stride))
-    if t.offset < 0 or (t.offset + span) * item > length or t.storage.numel * item > length:
+    if t.offset < 0 or (t.offset + span) * item > length or t.storage.numel * itemsize(t.storage.tag) > length:
         raise ConversionError(f"{path}: {key}: tensor lies outside its storage (corrupt file)")
     dense = numel == 0 or all(st == c for s, st, c in zip(shape, stride, contiguous) if s != 1)
-    return TensorRef(path, key, t.storage.tag, shape, start + t.offset * item, span * item,
+    return TensorRef(path, key, t.tag, shape, start + t.offset * item, span * item,
                      None if dense else stride)

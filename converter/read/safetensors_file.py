@@ -151,6 +151,20 @@ def read_tensor(ref: TensorRef):
     return flat.reshape(ref.shape)
 
 
+def same_values(a: TensorRef, b: TensorRef, chunk: int = 16 * 1024 * 1024) -> bool:
+    """Whether two contiguous tensors hold the same dtype, shape and bytes (read a chunk at a time)."""
+    if (a.dtype, tuple(a.shape), a.nbytes) != (b.dtype, tuple(b.shape), b.nbytes) or a.stride or b.stride:
+        return False
+    with open(a.file, "rb", buffering=0) as fa, open(b.file, "rb", buffering=0) as fb:
+        for off in range(0, a.nbytes, chunk):
+            n = min(chunk, a.nbytes - off)
+            fa.seek(a.offset + off)
+            fb.seek(b.offset + off)
+            if fa.read(n) != fb.read(n):
+                return False
+    return True
+
+
 def copy_bytes(ref: TensorRef, out, chunk: int = 64 * 1024 * 1024) -> None:
     """Append a tensor's bytes to the open file `out`, kernel-side when the OS allows it
     (os.copy_file_range: the bytes never enter this process).  Contiguous tensors only."""
@@ -216,6 +230,32 @@ def _buffer(name: str, nbytes: int, shared: bool = True) -> bytearray:
     return have
 
 
+def cast_checked(src, dtype, where: str):
+    """`src` (a torch tensor) cast to `dtype`, refusing a cast that turns finite values into Inf
+    (fp32 -> fp16 beyond +-65504): an overflow is never written silently. `where`: file: key."""
+    out = src.to(dtype)
+    check_overflow(src, out, where)
+    return out
+
+
+def check_overflow(src, out, where: str) -> None:
+    """Refuse when `out` (a cast of `src`) holds more Inf values than `src` (one line naming `where`)."""
+    import torch
+
+    if not out.is_floating_point() or out.dtype == src.dtype or not src.is_floating_point():
+        return
+    if torch.finfo(out.dtype).max >= torch.finfo(src.dtype).max:
+        return
+    inf = torch.isinf(out)
+    if not bool(inf.any()):
+        return
+    n = int(inf.sum()) - int(torch.isinf(src).sum())
+    if n > 0:
+        name = str(out.dtype).removeprefix("torch.")
+        raise ConversionError(f"{where}: {n} value(s) beyond the {name} range (|x| > {torch.finfo(out.dtype).max:g}) "
+                              f"would become Inf; nothing was written (bf16 keeps float32's range: --dtype bf16)")
+
+
 def iter_cast(ref: TensorRef, dtype, chunk: int = CAST_CHUNK):
     """A contiguous tensor's values cast to `dtype`, as raw bytes, one chunk at a time: an
     elementwise cast needs no more than a few chunks in memory.  Disk speed: the next chunk is read
@@ -263,7 +303,9 @@ def _cast_steps(ref: TensorRef, spans, item: int, src_dtype, inputs, outputs):
                 pending = reader.submit(read, i + 1)
             count = n // item
             out = outputs[i % 2][:count]
-            out.copy_(torch.frombuffer(inputs[i % 2], dtype=src_dtype, count=count))
+            src = torch.frombuffer(inputs[i % 2], dtype=src_dtype, count=count)
+            out.copy_(src)
+            check_overflow(src, out, f"{ref.file}: {ref.key}")
             yield memoryview(out.view(torch.uint8).numpy())
 
 
@@ -306,4 +348,4 @@ class LazyRows:
         row_bytes = self.shape[1] * item
         part = TensorRef(self.ref.file, self.ref.key, self.ref.dtype, (b - a, self.shape[1]),
                          self.ref.offset + a * row_bytes, (b - a) * row_bytes)
-        return read_tensor(part).to(self.dtype)
+        return cast_checked(read_tensor(part), self.dtype, f"{self.ref.file}: {self.ref.key}")
