@@ -96,7 +96,7 @@ def convert(source: PathArg, output: PathArg, *, dtype: Dtype = "keep", quantize
 
 def quantize(source: PathArg, output: PathArg, *, weights: Weights, overwrite: bool = False,
              max_shard_size: str = "5GB", dry_run: bool = False, log: Log | None = None,
-             backend: Backend | None = None) -> Report:
+             backend: Backend | None = None, progress: bool = True) -> Report:
     """Quantize the transformer of the converted Diffusers folder `source` (a pipeline folder or a
     transformer folder) into `output` (`wan2diffusers quantize`)."""
     from .actions.quantize import run_quantize
@@ -104,7 +104,7 @@ def quantize(source: PathArg, output: PathArg, *, weights: Weights, overwrite: b
     with os_errors(output, "; nothing was written"):
         check_size(max_shard_size)
         return Report(run_quantize(Path(source), Path(output), weights, max_shard_size, overwrite, dry_run,
-                                   say=log or silent, backend=backend))
+                                   say=log or silent, backend=backend, progress=progress))
 
 
 def inspect(path: PathArg) -> Report:
@@ -145,7 +145,7 @@ def verify(path: PathArg, source: PathArg | None = None, *, progress: bool = Tru
 
 def repair(path: PathArg, *, source: PathArg | None = None, backup: PathArg | Literal["none"] | None = None,
            settings: Union[Mapping[str, Mapping], Iterable[str], None] = None, max_shard_size: str = "5GB",
-           dry_run: bool = False, log: Log | None = None) -> Report:
+           dry_run: bool = False, log: Log | None = None, progress: bool = True) -> Report:
     """Fix what `inspect` finds, in place, with a backup (`wan2diffusers repair`). Components it
     cannot fix are left as they were: `report.ok` is False and each says why in `refused`."""
     from .actions.repair import run_repair
@@ -154,7 +154,7 @@ def repair(path: PathArg, *, source: PathArg | None = None, backup: PathArg | Li
         check_size(max_shard_size)
         return Report(run_repair(Path(path), Path(source) if source is not None else None,
                                  None if backup is None else str(backup), _settings(settings), max_shard_size,
-                                 dry_run, say=log or silent))
+                                 dry_run, say=log or silent, progress=progress))
 
 
 def publish(output: PathArg, repo_id: str, *, revision: str | None = None, private: bool = False,

@@ -17,6 +17,9 @@ from .commands.verify import verify
 @click.version_option(__version__, prog_name="wan2diffusers")
 def main():
     """Convert original Wan checkpoints (Wan 2.1, Wan 2.2) to the Diffusers layout, offline and streamed."""
+    from .quiet import quiet_for_good
+
+    quiet_for_good()  # library import notes (torchao's GPU kernels on a CPU, ...) are not our output
 
 
 main.add_command(convert)

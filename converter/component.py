@@ -11,6 +11,7 @@ from typing import Any
 from tqdm import tqdm
 
 from .errors import ConversionError
+from .progress import file_done
 from .mapping import transforms
 from .mapping.tables import load_table
 from .plan.detect import detect
@@ -112,6 +113,7 @@ def write_weights(cp: ComponentPlan, folder: Path, weights_name: str, max_shard_
                 # tensors whose size keeps the next one aligned first: safetensors_writer.ALIGN)
                 entries = [(pt.key, pt.dtype, pt.shape, pt.nbytes) for pt in pts]
                 write_safetensors(folder / name, entries, lambda i, pts=pts: make(pts[i]), metadata, bar.update)
+                file_done(f"writing {cp.folder or cp.component}", name, sum(e[3] for e in entries), progress)
     finally:
         if cp.quantized is not None:
             cp.quantized.close()
@@ -161,6 +163,7 @@ def describe(cp: ComponentPlan) -> dict:
         "source_layout": src.layout + (f" (prefix {src.prefix!r} removed)" if src.prefix else ""),
         "source_files": [str(f) for f in src.files],
         "variant": p.detection.variant,
+        "detected": p.detection.says,
         "size": p.detection.size,
         "class": p.target.class_name,
         "config": p.detection.config,

@@ -156,7 +156,7 @@ def gguf_state():
     return WriterState
 
 
-def write_gguf(tensors: list[GGUFTensor], out: Path, target: str, progress: bool = True) -> None:
+def write_gguf(tensors: list[GGUFTensor], out: Path, target: str, progress: bool = True, shown: str = "") -> None:
     """Write the file at `out` (a work file or a file inside a work folder: write/atomic.py)."""
     gguf = gguf_module()
     import numpy as np
@@ -177,6 +177,9 @@ def write_gguf(tensors: list[GGUFTensor], out: Path, target: str, progress: bool
                   disable=None if progress else True, leave=False) as bar:
             for t in tensors:  # then the data, one tensor (a slice of rows) at a time
                 append_tensor(writer, t, bar)
+        from .progress import file_done
+
+        file_done("writing gguf", shown or out.name, sum(t.nbytes for t in tensors), progress)
     finally:
         writer.close()
 

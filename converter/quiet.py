@@ -11,6 +11,14 @@ from contextlib import contextmanager
 NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
 
 
+def quiet_for_good() -> None:
+    """The command line's choice: those loggers stay at ERROR for the whole process, whichever
+    import (diffusers' lazy modules, a backend, a pipeline class) first loads torchao. The Python
+    API leaves the process's logging alone and quiets only its own imports (quiet_imports)."""
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 @contextmanager
 def quiet_imports():
     loggers = [logging.getLogger(n) for n in NOISY_LOGGERS]

@@ -509,3 +509,209 @@ def test_an_impossible_layer_count_is_refused_in_seconds(diffusers_t2v, tmp_path
     else:
         assert "num_layers=20000" in r.stdout + r.stderr
     assert not (tmp_path / "o").exists() and not (tmp_path / "q").exists()
+
+
+# --- 11. "healthy" means "loads as written" -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def int8_t2v(tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "q"
+    run_cli("convert", FIXTURES / "t2v", out, "--only", "transformer", "--quantize", "int8")
+    return out
+
+
+def _edited_config(src: Path, tmp_path: Path, edit) -> Path:
+    import shutil
+
+    d = tmp_path / "edited"
+    shutil.copytree(src, d)
+    path = d / "transformer" / "config.json"
+    cfg = json.loads(path.read_text())
+    edit(cfg)
+    path.write_text(json.dumps(cfg))
+    return d
+
+
+def _torchao_type(name):
+    def edit(cfg):
+        cfg["quantization_config"] = {"quant_method": "torchao", "modules_to_not_convert": None,
+                                      "quant_type": {"default": {"_type": name, "_version": 2, "_data": {}}},
+                                      "quant_type_kwargs": {}}
+    return edit
+
+
+@pytest.mark.parametrize("case,edit,says", [
+    ("other backend", lambda c: c["quantization_config"].update(quant_method="quanto", weights_dtype="int8"),
+     "stored in the torchao format"),
+    ("policy edited", lambda c: c["quantization_config"].update(modules_to_not_convert=[]),
+     "would quantize other modules"),
+    ("config dropped", lambda c: c.pop("quantization_config"), "no quantization_config"),
+])
+def test_a_quantized_folder_whose_config_does_not_match_is_not_healthy(int8_t2v, tmp_path, case, edit, says):
+    d = _edited_config(int8_t2v, tmp_path, edit)
+    report = run_cli("inspect", d, "--json").json()
+    assert not report["healthy"]
+    assert any(says in f["message"] for c in report["components"] for f in c["findings"]), report
+    run_cli("verify", d, ok=False)
+
+
+@pytest.mark.parametrize("name,says", [("os.system", "which torchao does not have"),
+                                       ("Int8WeightOnlyConfig", "but they are float")])
+def test_a_float_folder_with_a_quantization_config_is_not_healthy(diffusers_t2v, tmp_path, name, says):
+    d = _edited_config(diffusers_t2v, tmp_path, _torchao_type(name))
+    report = run_cli("inspect", d, "--json").json()
+    assert not report["healthy"]
+    assert any("but they are float" in f["message"] for c in report["components"] for f in c["findings"])
+
+
+def test_model_index_naming_a_wrong_class_is_not_healthy_and_repair_fixes_it(tmp_path):
+    from repos import make_original_repo
+
+    src = make_original_repo(tmp_path / "src", "t2v")
+    pipe = tmp_path / "pipe"
+    run_cli("convert", src, pipe)
+    index_path = pipe / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["transformer"] = ["diffusers", "AutoencoderKLWan"]
+    index["_class_name"] = "WanVACEPipeline"
+    index_path.write_text(json.dumps(index))
+    report = run_cli("inspect", pipe, "--json").json()
+    assert not report["healthy"]
+    problems = " ".join(report["model_index_problems"])
+    assert "transformer" in problems and "AutoencoderKLWan" in problems and "WanVACEPipeline" in problems
+    run_cli("verify", pipe, ok=False)
+    run_cli("repair", pipe, "--backup", tmp_path / "bk")
+    assert run_cli("inspect", pipe, "--json").json()["healthy"]
+    fixed = json.loads(index_path.read_text())
+    assert fixed["transformer"] == ["diffusers", "WanTransformer3DModel"] and fixed["_class_name"] == "WanPipeline"
+
+
+# --- 19. library import noise stays out of our output ---------------------------------------------
+
+def test_no_library_noise_in_what_the_commands_print(tmp_path):
+    noise = ("Failed to load", "_pytree", "Unable to import", "triton", "register_constant")
+    runs = [("convert", EXAMPLE, tmp_path / "p"), ("convert", FIXTURES / "t2v", tmp_path / "q", "--quantize", "int8"),
+            ("publish", tmp_path / "q", "me/x", "--dry-run"), ("verify", tmp_path / "q", "--source", FIXTURES / "t2v")]
+    for args in runs:
+        r = run_in(tmp_path, *args)
+        assert r.returncode == 0, r.stderr
+        for word in noise:
+            assert word not in r.stdout + r.stderr, (args, word, r.stderr)
+
+
+# --- 20. Wan 2.2 I2V-A14B and TI2V-5B are said to be what they are --------------------------------
+
+@pytest.mark.parametrize("name,kind", [("i2v_a14b", "i2v (Wan 2.2 I2V"), ("ti2v_5b", "ti2v (Wan 2.2 TI2V-5B")])
+def test_wan22_models_built_from_t2v_blocks_are_named_for_what_they_are(tmp_path, name, kind):
+    from repos import make_original_repo
+
+    src = make_original_repo(tmp_path / "src", name)
+    r = run_cli("convert", src, tmp_path / "o", "--dry-run")
+    assert f"detected: {kind}" in r.stdout and "detected: t2v" not in r.stdout
+    assert "model_type" not in r.stdout  # no contradiction to note: config.json says what the weights are
+
+
+# --- 21. publish says when it could not measure the fixture error -----------------------------------
+
+def test_publish_says_on_the_console_when_no_fixture_was_found(int8_t2v, tmp_path, monkeypatch):
+    from wan2diffusers.publishing import measure
+
+    monkeypatch.setattr(measure, "default_fixtures", lambda: None)  # as installed from a wheel
+    r = run_cli("publish", int8_t2v, "me/x", "--dry-run")
+    assert "the fixture error was not measured" in r.stdout and "--fixtures" in r.stdout
+
+
+# --- 22. repair takes the --set its refusal recommends, and says the refusal once --------------------
+
+def test_repair_honours_the_set_its_refusal_recommends(tmp_path):
+    import shutil
+
+    folder = tmp_path / "p" / "transformer"
+    folder.mkdir(parents=True)
+    for name in ("diffusion_pytorch_model-00001-of-00002.safetensors",
+                 "diffusion_pytorch_model-00002-of-00002.safetensors",
+                 "diffusion_pytorch_model.safetensors.index.json"):  # no config.json: the head count is unknown
+        shutil.copy(FIXTURES / "t2v" / name, folder / name)
+    r = run_cli("repair", tmp_path / "p", "--backup", "none", ok=False)
+    assert (r.stdout + r.stderr).count("not a known size") == 1
+    assert "--set transformer.num_heads=" in r.stderr
+    run_cli("repair", tmp_path / "p", "--backup", "none", "--set", "transformer.num_heads=4")
+    assert json.loads((folder / "config.json").read_text())["num_attention_heads"] == 4
+    assert run_cli("inspect", folder, "--json").json()["healthy"]
+
+
+# --- 24. small ones ---------------------------------------------------------------------------------
+
+def test_an_index_naming_a_missing_file_says_so(tmp_path):
+    import shutil
+
+    from test_hostile_input import INDEX, T2V_FILES
+
+    src = tmp_path / "t2v"
+    src.mkdir()
+    for name in T2V_FILES:
+        shutil.copy(FIXTURES / "t2v" / name, src / name)
+    data = json.loads((src / INDEX).read_text())
+    key = next(iter(data["weight_map"]))
+    data["weight_map"][key] = "diffusion_pytorch_model-00009-of-00009.safetensors"
+    (src / INDEX).write_text(json.dumps(data))
+    report = run_cli("inspect", src, "--json").json()
+    problems = [f["message"] for c in report["components"] for f in c["findings"]]
+    assert any("00009-of-00009.safetensors, which does not exist here" in p for p in problems)
+    assert not any("wrong shard" in p for p in problems)
+
+
+def test_a_value_beyond_the_integer_range_is_named_with_the_range(tmp_path):
+    r = run_cli("convert", FIXTURES / "t2v", tmp_path / "o", "--set", "transformer.num_heads=4000000000", ok=False)
+    one_error(r, "4000000000", "up to 2147483647")
+
+
+def test_repair_inside_the_folder_it_swaps_is_refused_before_any_change(tmp_path):
+    out = tmp_path / "r"
+    run_cli("convert", FIXTURES / "t2v", out, "--only", "transformer", "--max-shard-size", "400KB")
+    index = out / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"].popitem()
+    index.write_text(json.dumps(data))
+    before = index.read_bytes()
+    r = run_in(out / "transformer", "repair", ".")
+    assert r.returncode == 1 and "current folder is inside it" in r.stderr and "busy" not in r.stderr
+    assert index.read_bytes() == before
+    assert run_in(out, "repair", "transformer").returncode == 0
+
+
+def test_a_misaligned_gguf_tensor_is_not_healthy(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "bad.gguf"
+    run_cli("convert", FIXTURES / "t2v", path, "--to", "gguf", "--quantize", "F32")
+    reader = gguf.GGUFReader(str(path))
+    t = reader.tensors[1]
+    raw = bytearray(path.read_bytes())
+    # the tensor info's offset field (uint64 after name, dims, type) moved off the 32-byte alignment
+    off_field = t.field.parts[-1]
+    pos = off_field.ctypes.data - reader.data.ctypes.data
+    value = int(np.frombuffer(bytes(raw[pos:pos + 8]), dtype=np.uint64)[0])
+    raw[pos:pos + 8] = np.array([value + 4], dtype=np.uint64).tobytes()
+    path.write_bytes(bytes(raw))
+    report = run_cli("inspect", path, "--json").json()
+    assert not report["healthy"] and any("not aligned" in n for n in report["notes"])
+
+
+def test_a_gguf_folder_with_a_readme_is_a_gguf_folder(tmp_path):
+    from repos import make_original_repo
+
+    src = make_original_repo(tmp_path / "src", "t2v_a14b")
+    out = tmp_path / "g"
+    run_cli("convert", src, out, "--to", "gguf", "--quantize", "Q8_0", "--only", "transformer")
+    (out / "README.md").write_text("# my files\n")
+    report = run_cli("inspect", out, "--json").json()
+    assert report["kind"] == "folder of gguf files" and report["healthy"]
+
+
+def test_a_log_file_gets_a_line_per_file_written(tmp_path):
+    r = run_in(tmp_path, "convert", EXAMPLE, tmp_path / "p")
+    assert r.returncode == 0
+    for component in ("transformer", "vae", "text_encoder"):
+        assert f"writing {component}: wrote" in r.stdout  # beside the report (the bars go to stderr)

@@ -120,7 +120,7 @@ def plan_components(src: Path, only, dtype, overrides, clip_heads, override_conf
         say(f"{instance}:")
         say(f"  source:   {cp.source.path} ({describe(cp)['source_layout']}, {len(cp.source.files)} file(s), "
             f"{len(cp.source.tensors)} tensors, {human_size(cp.source.total_bytes)})")
-        say(f"  detected: {det.variant}{', size ' + det.size if det.size else ''} -> {cp.plan.target.class_name}")
+        say(f"  detected: {det.says}{', size ' + det.size if det.size else ''} -> {cp.plan.target.class_name}")
         for note in det.notes:
             say(f"  note:     {note}")
         require_coverage(cp)

@@ -59,6 +59,8 @@ def run_publish(out, repo_id, revision, private, commit_message, base_model, sou
         measure_note = "skipped (--no-measure)"
     else:
         measurements, measure_note = _measure(folder, fixtures, say)
+        if not measurements:  # never silent: the card says "Not measured", and so does the console
+            say(f"note: the fixture error was not measured: {measure_note} (the card says so)")
 
     inputs = CardInputs(folder, repo_id, base_model, card_meta, measurements, measure_note, __version__, notes)
     card = build_card(inputs)

@@ -8,7 +8,8 @@ from pathlib import Path
 from .common import human_size, silent
 
 
-def run_quantize(src, out, weights, max_shard_size, overwrite, dry_run, say=silent, backend=None) -> dict:
+def run_quantize(src, out, weights, max_shard_size, overwrite, dry_run, say=silent, backend=None,
+                 progress: bool = True) -> dict:
     """Every quantizable component of SRC (both experts of a Wan 2.2 A14B pipeline) planned,
     proven, quantized; the rest of a pipeline folder hard-linked unchanged."""
     from ..component import require_coverage
@@ -43,7 +44,7 @@ def run_quantize(src, out, weights, max_shard_size, overwrite, dry_run, say=sile
     if dry_run:
         say(f"dry run: would write {out}; nothing written")
         return report
-    write_quantized(plans, infos, src, out, weights, max_shard_size, overwrite, pipeline, report, say)
+    write_quantized(plans, infos, src, out, weights, max_shard_size, overwrite, pipeline, report, say, progress)
     elapsed = time.perf_counter() - started
     report["output"] = str(out.resolve())
     report["seconds"] = round(elapsed, 3)
@@ -54,18 +55,24 @@ def run_quantize(src, out, weights, max_shard_size, overwrite, dry_run, say=sile
     return report
 
 
-def write_quantized(plans, infos, src: Path, out: Path, weights, max_shard_size, overwrite, pipeline, report, say):
+def write_quantized(plans, infos, src: Path, out: Path, weights, max_shard_size, overwrite, pipeline, report, say,
+                    progress: bool = True):
     from ..component import verify_written, write_component
     from ..quantization.diffusers_folder import link_or_copy
     from ..write.atomic import atomic_output_dir, clean_stale
 
+    from ..publishing.provenance import RECORD_NAME, read_record
+
+    record_folder = src if pipeline else src.parent
+    if (record_folder / RECORD_NAME).is_file():
+        read_record(record_folder / RECORD_NAME)  # a broken record is refused before anything is written
     report["notes"] = clean_stale(out, say)
     keep, left = report["unchanged"], report["left_out"]
     with atomic_output_dir(out, overwrite) as work:
         for cp, info in zip(plans, infos):
             folder = work / cp.folder if pipeline else work
             t0 = time.perf_counter()
-            layout = write_component(cp, folder, max_shard_size)
+            layout = write_component(cp, folder, max_shard_size, progress)
             verify_written(cp, folder, layout)
             info["write_seconds"] = round(time.perf_counter() - t0, 3)
             info["files"] = sorted(p.name for p in folder.iterdir())

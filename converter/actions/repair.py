@@ -12,28 +12,36 @@ from .common import silent
 
 
 def run_repair(path: Path, source: Path | None, backup: str | None, overrides: dict, max_shard_size: str,
-               dry_run: bool, say=silent) -> dict:
+               dry_run: bool, say=silent, progress: bool = True) -> dict:
     """Every component of PATH repaired (SIGTERM handled as Ctrl-C: a work folder is removed)."""
     from ..write.atomic import sigterm_as_interrupt
 
     with sigterm_as_interrupt():
-        return _run_repair(path, source, backup, overrides, max_shard_size, dry_run, say)
+        return _run_repair(path, source, backup, overrides, max_shard_size, dry_run, say, progress)
 
 
 def _run_repair(path: Path, source: Path | None, backup: str | None, overrides: dict, max_shard_size: str,
-                dry_run: bool, say=silent) -> dict:
+                dry_run: bool, say=silent, progress: bool = True) -> dict:
     from ..diagnose.repairs import apply, plan_repairs
     from ..diagnose.report import inspect_path
+    from ..write.atomic import absolute
 
-    path = Path(path)
+    path = absolute(path)  # "." names the folder, not a work folder beside an empty name
     if source is not None and not Path(source).exists():
         raise ConversionError(f"{source}: no such file or folder (--source)")
     backups = Backups(path, backup)
     notes = [] if dry_run else set_aside_stale_work(path, backups)
     for note in notes:
         say(f"note: {note}")
-    found, diags, _ = inspect_path(path)
+    found, diags, _ = inspect_path(path, overrides)
     plans = plan_repairs(diags, source)
+    cwd = Path.cwd().resolve()
+    for rp in plans if not dry_run else []:  # before any change: a folder repair swaps may not hold the cwd
+        where = rp.diagnosis.unit.path.resolve()
+        if rp.repairs and not rp.refused and (cwd == where or where in cwd.parents):
+            raise ConversionError(f"{rp.diagnosis.unit.path}: the current folder is inside it, and repair swaps the "
+                                  f"whole folder; run repair from outside it (cd {where.parent} && wan2diffusers "
+                                  f"repair {where.name}); nothing was changed")
     components = []
     said_refused = None
     for rp in plans:
@@ -45,9 +53,7 @@ def _run_repair(path: Path, source: Path | None, backup: str | None, overrides: 
             if rp.refused == said_refused:  # the whole folder refused once (an original repo folder)
                 say(f"{rp.component}: refused (the same reason)")
                 continue
-            say(f"{rp.component}: refused ({unit.path})")
-            for r in rp.refused:
-                say(f"  cannot: {r}")
+            say(f"{rp.component}: refused ({unit.path}; the reason follows the report)")  # said once, at the end
             said_refused = rp.refused
             continue
         if not rp.repairs:
@@ -57,7 +63,7 @@ def _run_repair(path: Path, source: Path | None, backup: str | None, overrides: 
             say(f"{rp.component}: would apply {', '.join(rp.repairs)}")
             continue
         dest = backups.for_unit(unit.path)
-        apply(rp, dest, source, overrides.get(unit.component), max_shard_size)
+        apply(rp, dest, source, overrides.get(unit.component), max_shard_size, progress)
         info["done"] = rp.done
         info["backed_up" if dest else "deleted"] = rp.backed_up
         say(f"{rp.component}: repaired ({unit.path})")

@@ -62,7 +62,7 @@ def run_gguf(src: Path, out: Path, qtype: str | None, overwrite: bool, dry_run: 
     report["notes"] += clean_stale(out, say)
     if one:
         with atomic_output_file(out, overwrite) as work:
-            write_gguf(files[0][2], work, qtype, progress)
+            write_gguf(files[0][2], work, qtype, progress, out.name)
     else:
         with atomic_output_dir(out, overwrite) as work:
             for name, _, tensors, _ in files:

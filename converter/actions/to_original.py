@@ -355,6 +355,7 @@ def write_original(r: Reversed, folder: Path, max_shard_size, progress: bool = T
     from tqdm import tqdm
 
     from ..component import check_written, produce, verify_written, write_weights
+    from ..progress import file_done
     from ..read.pth_file import read_pth_index
     from ..write.pth_writer import write_pth
 
@@ -365,6 +366,7 @@ def write_original(r: Reversed, folder: Path, max_shard_size, progress: bool = T
                   disable=None if progress else True, leave=False) as bar:
             write_pth(folder / r.file_name, [(pt.key, pt.dtype, tuple(pt.shape), pt.nbytes) for pt in pts],
                       lambda i: byte_chunks(produce(pts[i])), bar.update)
+        file_done(f"writing {r.instance}", r.file_name, sum(pt.nbytes for pt in pts), progress)
         check_written(r.cp, folder / r.file_name,
                       {k: (ref.dtype, tuple(ref.shape)) for k, ref in read_pth_index(folder / r.file_name).items()})
     else:

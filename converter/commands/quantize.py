@@ -35,6 +35,7 @@ def quantize(src: Path, out: Path, weights: str, max_shard_size: str, backend: s
     `from_pretrained(OUT)` loads them quantized with no extra argument."""
     def action():
         return api.quantize(src, out, weights=weights, overwrite=overwrite, max_shard_size=max_shard_size,
-                            dry_run=dry_run, log=None if as_json else click.echo, backend=backend)
+                            dry_run=dry_run, log=None if as_json else click.echo, backend=backend,
+                            progress=not as_json)
 
     run_reporting(action, as_json, out, "nothing was written", "; nothing was written")

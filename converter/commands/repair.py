@@ -35,7 +35,8 @@ def repair(path: Path, source: Path | None, backup: str | None, settings: tuple[
     (exit 1)."""
     def action():
         return api.repair(path, source=source, backup=backup, settings=parse_settings(settings),
-                          max_shard_size=max_shard_size, dry_run=dry_run, log=None if as_json else click.echo)
+                          max_shard_size=max_shard_size, dry_run=dry_run, log=None if as_json else click.echo,
+                          progress=not as_json)
 
     report = run_reporting(action, as_json, path, "the folder was not changed")
     if not report["ok"]:

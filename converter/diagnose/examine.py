@@ -223,7 +223,8 @@ def settle_config(d: Diagnosis) -> None:
     d.detection, d.derived_config, d.derived_target = det, merged, target
 
 
-def diagnose(unit: Unit) -> Diagnosis:
+def diagnose(unit: Unit, overrides: dict | None = None) -> Diagnosis:
+    """`overrides`: facts given with --set for this component (repair converts in place with them)."""
     d = Diagnosis(unit)
     ws = unit.weights
     if ws is None:
@@ -241,12 +242,14 @@ def diagnose(unit: Unit) -> Diagnosis:
     if unit.layout == "mixed":
         _diagnose_mixed(d)
     elif unit.layout == "original" or ws.kind == "pth file":
-        _diagnose_original(d)
+        _diagnose_original(d, overrides)
     elif unit.layout == "diffusers":
         _diagnose_diffusers(d)
     else:
         d.findings.append(Finding("unknown-keys", f"{unit.path}: no key is a Wan {unit.component} key "
                                   f"(e.g. {', '.join(sorted(unit.keys)[:3])})", "none: not a Wan checkpoint"))
+    if unit.layout == "diffusers" and not unit.comfy:
+        _judge_quantization(d)
     if unit.comfy:
         _judge_comfy(d)
     if unit.leftovers:
@@ -257,6 +260,87 @@ def diagnose(unit: Unit) -> Diagnosis:
                                   "move them into the backup", REMOVE_LEFTOVERS,
                                   [p.name for p in unit.leftovers]))
     return d
+
+
+# the stored dtype of the values each backend's weight type holds (what its loader reads back)
+DATA_DTYPES = {("torchao", "int8"): "I8", ("torchao", "float8"): "F8_E4M3", ("quanto", "int8"): "I8",
+               ("quanto", "float8"): "F8_E4M3", ("quanto", "int4"): "U8"}
+
+
+def _judge_quantization(d: Diagnosis) -> None:
+    """"Healthy" means "loads as written": the weights' quantized format, the config's
+    quantization_config and the modules the backend's loader will quantize must agree (a config
+    edited to another backend leaves weights unused; a config naming an unknown torchao class fails
+    to load; a float folder with a quantization_config is re-quantized or fails)."""
+    unit = d.unit
+    qc = (unit.config or {}).get("quantization_config")
+    said = describe_config(qc)
+    stored = unit.key_format.backend if unit.key_format is not None and unit.quantized else None
+    fix = "convert or quantize again from the float folder (wan2diffusers quantize FLOAT OUT)"
+
+    def problem(text: str) -> None:
+        d.findings.append(Finding("quantization", text, fix))
+
+    if qc is None:
+        if stored:
+            problem(f"the weights are quantized ({stored} format) but config.json has no quantization_config: "
+                    f"from_pretrained would not load them")
+        return
+    if said is None:
+        method = qc.get("quant_method") if isinstance(qc, dict) else None
+        problem(f"config.json's quantization_config ({str(method)[:40]!r}) is not a torchao or quanto config "
+                f"this tool can check; from_pretrained may not load it as written")
+        return
+    backend, weights = said
+    if stored is None:
+        problem(f"config.json says the weights are quantized with {backend} ({weights}), but they are float: "
+                f"from_pretrained would fail or quantize them again")
+        return
+    if backend != stored:
+        problem(f"the weights are stored in the {stored} format, but config.json's quantization_config says "
+                f"{backend}: from_pretrained would leave them unused")
+        return
+    if backend == "torchao" and weights not in ("int8", "float8") and not _torchao_has(weights):
+        problem(f"quantization_config names the torchao config {weights[:60]!r}, which torchao does not have: "
+                f"from_pretrained fails")
+        return
+    want = DATA_DTYPES.get((backend, weights))
+    data = {unit.weights.tensors[k].dtype for parts in unit.quantized.values() for k in parts
+            if k in unit.weights.tensors and unit.key_format.by_role([k]).get("data") in (k,)}
+    if want is None or (data and data != {want}):
+        problem(f"quantization_config says {backend} {weights}, but the quantized values are stored as "
+                f"{', '.join(sorted(data)) or '?'}")
+        return
+    if d.target is None or not isinstance(qc.get("modules_to_not_convert", []), (list, type(None))):
+        return
+    from ..quantization.backend import get_backend
+
+    keep = list(qc.get("modules_to_not_convert") or [])
+    try:
+        expected = set(get_backend(backend).quantized_modules(d.target.model, keep))
+    except ConversionError:
+        return  # the backend is not installed: inspect says what it can
+    have = {k.removesuffix(".weight") for k in unit.quantized}
+    if expected != have:
+        extra, lacking = sorted(expected - have), sorted(have - expected)
+        problem(f"{backend}'s loader would quantize other modules than the ones stored quantized (with this "
+                f"config's modules_to_not_convert): "
+                + "; ".join(x for x in (f"{len(extra)} it expects quantized are float (e.g. {extra[0]})" if extra
+                                         else "", f"{len(lacking)} stored quantized it would not expect (e.g. "
+                                         f"{lacking[0]})" if lacking else "") if x))
+
+
+def _torchao_has(name: str) -> bool:
+    """Whether torchao (quietly imported) has a quantization config class of that name."""
+    from ..quiet import quiet_imports
+
+    try:
+        with quiet_imports():
+            import torchao.quantization as q
+    except ImportError:
+        return False
+    cls = getattr(q, str(name), None)
+    return isinstance(cls, type) and "Config" in cls.__name__
 
 
 def _judge_comfy(d: Diagnosis) -> None:
@@ -297,11 +381,11 @@ def _diagnose_mixed(d: Diagnosis) -> None:
         "convert again from the original checkpoint (wan2diffusers convert SRC OUT)", None, orig))
 
 
-def _diagnose_original(d: Diagnosis) -> None:
+def _diagnose_original(d: Diagnosis, overrides: dict | None = None) -> None:
     unit = d.unit
     try:
         src = source_of(unit)
-        d.detection = detect(unit.table, src)
+        d.detection = detect(unit.table, src, overrides)
         d.derived_target = build_target(d.detection.target_class, d.detection.config)
         d.plan = build_plan(unit.table, src, d.detection, d.derived_target)
     except ConversionError as e:

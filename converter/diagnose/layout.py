@@ -318,7 +318,14 @@ def _check_index(ws: WeightSet) -> None:
             ws.problems.append(f"{ws.index.name} is unreadable: {e}")
         else:
             actual = {k: r.file.name for k, r in ws.tensors.items()}
-            wrong = sorted(k for k, f in weight_map.items() if k in actual and actual[k] != f)
+            here = {p.name for p in ws.files}
+            gone = sorted({f for f in weight_map.values() if isinstance(f, str) and f not in here})
+            if gone:  # the file it names is not there: say so, not "the wrong shard"
+                keys = sorted(k for k, f in weight_map.items() if f in gone)
+                ws.problems.append(f"{ws.index.name} names {gone[0]}" + (f" (and {len(gone) - 1} more files)" if
+                                   len(gone) > 1 else "") + f", which does not exist here, for {keys[0]}"
+                                   + (f" (and {len(keys) - 1} more keys)" if len(keys) > 1 else ""))
+            wrong = sorted(k for k, f in weight_map.items() if k in actual and actual[k] != f and f not in gone)
             absent = sorted(k for k in weight_map if k not in actual)
             unlisted = sorted(k for k in actual if k not in weight_map)
             for what, keys in (("points to the wrong shard for", wrong), ("names keys no shard holds:", absent),

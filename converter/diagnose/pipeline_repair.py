@@ -81,14 +81,18 @@ def model_index_fixes(found: Found, diags: list[Diagnosis]) -> dict:
     if found.kind != "pipeline folder" or found.model_index is None:
         return {}
     spec = expected_pipeline(diags)
-    if spec is None or found.model_index.get("_class_name") != spec.class_name:
-        return {}
     index = found.model_index
-    fixes = {k: (index.get(k, "absent"), v) for k, v in spec.config.items() if index.get(k) != v}
-    for d in diags:  # a converted component the index does not list is never loaded
+    if spec is None:
+        return {}
+    fixes = {}
+    if index.get("_class_name") != spec.class_name:  # from_pretrained would build another pipeline
+        fixes["_class_name"] = (index.get("_class_name", "absent"), spec.class_name)
+    fixes.update({k: (index.get(k, "absent"), v) for k, v in spec.config.items() if index.get(k) != v})
+    for d in diags:  # a converted component the index does not list is never loaded; a wrong class fails
         name = d.unit.path.name
-        if d.target is not None and name in spec.components and index.get(name) in (None, [None, None]):
-            fixes[name] = (index.get(name, "absent"), [d.target.library, d.target.class_name])
+        want = [d.target.library, d.target.class_name] if d.target is not None else None
+        if want is not None and name in spec.components and index.get(name) != want:
+            fixes[name] = (index.get(name, "absent"), want)
     return fixes
 
 

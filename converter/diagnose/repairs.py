@@ -90,7 +90,7 @@ def plan_repairs(diags: list[Diagnosis], source: Path | None) -> list[RepairPlan
 
 
 def apply(rp: RepairPlan, backup: Callable[[], Path] | None, source: Path | None, overrides: dict | None = None,
-          max_shard_size: str = "5GB") -> None:
+          max_shard_size: str = "5GB", progress: bool = True) -> None:
     """`backup()`: the folder (made on first use) where what the repair replaces goes; None: deleted."""
     d = rp.diagnosis
     unit = d.unit
@@ -98,7 +98,7 @@ def apply(rp: RepairPlan, backup: Callable[[], Path] | None, source: Path | None
     work = make_work_dir(folder, REPAIR)
     try:
         if CONVERT_IN_PLACE in rp.repairs:
-            _convert(rp, work, overrides, max_shard_size)
+            _convert(rp, work, overrides, max_shard_size, progress)
         else:
             _patch(rp, work, source)
         check = folder_units(work, unit.component)
@@ -167,11 +167,11 @@ def _same_device(a: Path, b: Path) -> bool:
     return os.lstat(a).st_dev == os.stat(b).st_dev
 
 
-def _convert(rp: RepairPlan, work: Path, overrides: dict | None, max_shard_size: str) -> None:
+def _convert(rp: RepairPlan, work: Path, overrides: dict | None, max_shard_size: str, progress: bool = True) -> None:
     unit = rp.diagnosis.unit
     cp = plan_component(unit.component, unit.path, "keep", overrides)
     require_coverage(cp)
-    layout = write_component(cp, work, max_shard_size)
+    layout = write_component(cp, work, max_shard_size, progress)
     verify_written(cp, work, layout)
     weights = {p for ws in unit.candidates for p in ws.all_files} | {unit.path / "config.json"}
     _link_rest(unit.path, work, weights | set(unit.leftovers))

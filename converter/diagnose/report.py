@@ -15,9 +15,10 @@ from .pipeline_repair import model_index_fixes
 SHOW = 5  # keys listed per kind in the text report
 
 
-def inspect_path(path: Path) -> tuple[Found, list[Diagnosis], dict]:
+def inspect_path(path: Path, overrides: dict | None = None) -> tuple[Found, list[Diagnosis], dict]:
+    """`overrides`: {component: {fact: value}} given with --set (repair)."""
     found = find(path)
-    diags = [diagnose(u) for u in found.units]
+    diags = [diagnose(u, (overrides or {}).get(u.component)) for u in found.units]
     return found, diags, as_dict(found, diags)
 
 

@@ -42,8 +42,10 @@ def verify_path(out: Path, source: Path | None = None, progress: bool = True) ->
     components, differences = [], []
     backwards = _reversed_source(found, source)  # OUT written by --to original/comfyui from a Diffusers SRC
     units = list(found.units) + (_unlisted(out, found, backwards) if backwards else [])
+    diags = []
     for unit in units:
         d = diagnose(unit)
+        diags.append(d)
         diffs = structural(d) if not backwards else [
             {"key": None, "problem": f"{f.message} (fix: {f.fix})"} for f in d.findings if f.code not in AS_DIFFUSERS]
         if backwards:
@@ -70,6 +72,12 @@ def verify_path(out: Path, source: Path | None = None, progress: bool = True) ->
                 diffs.extend(tdiffs)
         components.append(info)
         differences += [{**x, "component": unit.name} for x in diffs]
+    if not backwards:  # what DiffusionPipeline.from_pretrained reads first
+        from .pipeline_repair import model_index_fixes
+
+        for k, (have, want) in model_index_fixes(found, diags).items():
+            differences.append({"component": "model_index.json", "key": k,
+                                "problem": f"is {have!r}, the pipeline needs {want!r} (repair rewrites it)"})
     for item in leftovers_of(out, model_root(out)):
         differences.append({"component": "folder", "key": None, "problem": item})
     files = [p for p in sorted(out.rglob("*") if out.is_dir() else [out]) if p.is_file()

@@ -33,6 +33,15 @@ class Variant(Strict):
     file_name: str | None = None  # .pth components: this variant's file in the original repos (--to original)
 
 
+class Kind(Strict):
+    """A kind of model a variant's weights can be, told by its facts (Wan 2.2 I2V-A14B: T2V's
+    blocks with in_dim 36): what convert says it detected, and the model_type its config.json holds."""
+    variant: str
+    model_type: str
+    facts: dict[str, Any]
+    label: str
+
+
 class Size(Strict):
     name: str
     dim: int
@@ -186,6 +195,7 @@ class Table(Strict):
     output: OutputSpec
     variants: list[Variant] = Field(min_length=1)
     sizes: list[Size] = []
+    kinds: list[Kind] = []
     facts: dict[str, Fact] = {}
     config: dict[str, Union[str, ConfigEntry, list[ConfigEntry]]] = {}
     # the original config.json (`convert --to original`), field by field in this order, from facts

@@ -25,6 +25,11 @@ class Detection:
     facts: dict[str, Any]
     config: dict[str, Any]
     notes: list[str]
+    label: str = ""  # what the weights are, in words (the variant, or the table's `kinds:` label)
+
+    @property
+    def says(self) -> str:
+        return self.label or self.variant
 
 
 def detect(table: Table, src: SourceCheckpoint, overrides: dict[str, Any] | None = None,
@@ -45,9 +50,6 @@ def detect(table: Table, src: SourceCheckpoint, overrides: dict[str, Any] | None
     variant = next(v for v in table.variants if all(k in keys for k in v.when_present))
     notes: list[str] = []
     cfg = src.original_config or {}
-    model_type = cfg.get("model_type")
-    if model_type and model_type != variant.name:
-        notes.append(f"config.json says model_type={model_type!r}; the weights say {variant.name} (trusted)")
 
     facts: dict[str, Any] = {}
     for name, fact in table.facts.items():
@@ -73,16 +75,27 @@ def detect(table: Table, src: SourceCheckpoint, overrides: dict[str, Any] | None
     if "dim" in facts and table.sizes:
         size = next((s.name for s in table.sizes if s.dim == facts["dim"]), f"custom (dim {facts['dim']})")
 
+    # what the weights are: a kind of the variant the table names by its facts (Wan 2.2 I2V-A14B and
+    # TI2V-5B keep T2V's blocks), else the variant; config.json's model_type is compared with that
+    kind = next((k for k in table.kinds if k.variant == variant.name
+                 and all(facts.get(f) == v for f, v in k.facts.items())), None)
+    model_type = cfg.get("model_type")
+    says = kind.model_type if kind is not None else variant.name
+    if model_type and model_type != says:
+        notes.append(f"config.json says model_type={model_type!r}; the weights say {says} (trusted)")
+
     config: dict[str, Any] = {}
     for field, entry in table.config.items():
         chosen = config_entry(entry, variant.name)
         if chosen is not None:
             config[field] = facts[chosen.fact] if chosen.fact else chosen.const
-    return Detection(table.component, variant.name, size, variant.target_class, facts, config, notes)
+    return Detection(table.component, variant.name, size, variant.target_class, facts, config, notes,
+                     kind.label if kind is not None else "")
 
 
 MAX_INT = 2**31 - 1
-TYPE_WORDS = {"int": "a positive integer", "float": "a positive number", "indices": "a list of block indices (integers >= 0)"}
+TYPE_WORDS = {"int": f"a positive integer up to {MAX_INT}", "float": "a positive number below 1e6",
+              "indices": f"a list of block indices (integers from 0 to {MAX_INT})"}
 
 
 def _whole(x) -> bool:
