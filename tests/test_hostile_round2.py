@@ -715,3 +715,16 @@ def test_a_log_file_gets_a_line_per_file_written(tmp_path):
     assert r.returncode == 0
     for component in ("transformer", "vae", "text_encoder"):
         assert f"writing {component}: wrote" in r.stdout  # beside the report (the bars go to stderr)
+
+
+@pytest.mark.parametrize("text", ["[" * 5000 + "]" * 5000, '{"weight_map": ' + "[" * 60 + "]" * 60 + "}",
+                                  '{"weight_map": {"a": 1}, "metadata": []}', "null"])
+@pytest.mark.parametrize("command", ["repair", "inspect", "verify", "convert"])
+def test_a_broken_index_is_one_line_or_a_finding_never_a_traceback(tmp_path, text, command):
+    out = tmp_path / "r"
+    run_cli("convert", FIXTURES / "t2v", out, "--only", "transformer", "--max-shard-size", "400KB")
+    (out / "transformer" / "diffusion_pytorch_model.safetensors.index.json").write_text(text)
+    args = {"repair": ["repair", out, "--backup", "none"], "inspect": ["inspect", out],
+            "verify": ["verify", out], "convert": ["convert", out, tmp_path / "o", "--to", "original"]}[command]
+    r = run_cli(*args, ok=None)
+    assert "Traceback" not in r.stderr and (r.exception is None or isinstance(r.exception, SystemExit)), r.exception
