@@ -728,3 +728,15 @@ def test_a_broken_index_is_one_line_or_a_finding_never_a_traceback(tmp_path, tex
             "verify": ["verify", out], "convert": ["convert", out, tmp_path / "o", "--to", "original"]}[command]
     r = run_cli(*args, ok=None)
     assert "Traceback" not in r.stderr and (r.exception is None or isinstance(r.exception, SystemExit)), r.exception
+
+
+# --- 3. GGUF without the gguf package: one line with the install command ------------------------------
+
+def test_gguf_without_the_gguf_package_is_one_line(tmp_path):
+    patch = "sys.modules['gguf'] = None  # as if it were not installed"
+    r = subprocess.run([sys.executable, "-c", PROBE.format(patch=patch), "convert", str(FIXTURES / "t2v"),
+                        str(tmp_path / "o.gguf"), "--to", "gguf", "--quantize", "Q8_0"],
+                       capture_output=True, text=True, timeout=120)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and "pip install 'gguf" in lines[0], r.stderr
+    assert list(tmp_path.iterdir()) == []
