@@ -12,10 +12,23 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ConversionError
 from .mapping.tables import parse_yaml, tables_root
+
+
+class FirstN(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    n: int
+    to: str
+
+
+class Raise(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    match: list[str]
+    to: dict[str, str] = {}
+    first: dict[str, FirstN] = {}
 
 
 class GGUFPolicy(BaseModel):
@@ -24,10 +37,19 @@ class GGUFPolicy(BaseModel):
     description: str
     architecture: str
     types: list[str]
+    base_types: dict[str, str] = {}
+    raise_: list[Raise] = Field(default=[], alias="raise")
+    k_types: list[str] = []
+    k_row: int = 256
+    k_fallback: str = "F16"
     f32_max_params: int
     keep_f32: list[str]
     keep_unquantized: list[str]
     diffusers_single_file_lacks: list[str] = []
+
+    def base(self, file_type: str) -> str:
+        """The ggml type a file type quantizes with by default (Q4_K_M -> Q4_K)."""
+        return self.base_types.get(file_type, file_type)
 
 
 def gguf_module():
@@ -60,34 +82,57 @@ class GGUFTensor:
     nbytes: int
 
 
-def tensor_type(key: str, shape: tuple[int, ...], source_dtype: str, target: str) -> str:
-    """The GGUF type of one tensor for a file of type `target` (mappings/gguf.yaml)."""
+def tensor_type(key: str, shape: tuple[int, ...], source_dtype: str, target: str, seen: dict | None = None) -> str:
+    """The GGUF type of one tensor for a file of type `target` (mappings/gguf.yaml), in two steps as
+    ComfyUI-GGUF makes a file: convert.py's F16/BF16 file (1-D, tiny and `.modulation` tensors F32
+    when the source is float32 or bf16; 5-D F32, as fix_5d_tensors.py adds it back), then
+    llama-quantize with lcpp.patch (2-D `*weight` tensors not kept unquantized get the file's type,
+    raised for some names; a K type on rows not a multiple of 256 values falls back to F16).
+    `seen`: per raise rule, how many tensors it matched so far in file order (updated)."""
     gguf = gguf_module()
 
     p = load_gguf_policy()
     n = math.prod(shape)
-    if len(shape) == 1 or n <= p.f32_max_params or any(s in key for s in p.keep_f32) or len(shape) > 4:
+    if len(shape) > 4:
         return "F32"
+    plain = "BF16" if source_dtype == "BF16" else "F16"  # what ComfyUI-GGUF's convert.py writes
+    if source_dtype in ("F32", "BF16") and (len(shape) == 1 or n <= p.f32_max_params
+                                            or any(s in key for s in p.keep_f32)):
+        plain = "F32"
     if target in ("F32", "F16", "BF16"):
-        return target
-    plain = "BF16" if source_dtype == "BF16" else "F16"  # what ComfyUI-GGUF's convert.py keeps them in
-    if len(shape) != 2 or any(s in key for s in p.keep_unquantized):
+        return "F32" if plain == "F32" else target
+    quantize = (key.endswith("weight") and len(shape) == 2 and plain != "F32"
+                and not any(s in key for s in p.keep_unquantized))
+    if not quantize:
         return plain
-    block, _ = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[target]]
-    return target if shape[-1] % block == 0 else "F16"
+    chosen = p.base(target)
+    for i, rule in enumerate(p.raise_):
+        if any(m in key for m in rule.match):
+            count = (seen or {}).get(i, 0)
+            first = rule.first.get(target)
+            chosen = first.to if first is not None and count < first.n else rule.to.get(target, chosen)
+            if seen is not None:
+                seen[i] = count + 1
+            break
+    if chosen in p.k_types:
+        return chosen if shape[-1] % p.k_row == 0 else p.k_fallback
+    block, _ = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[chosen]]
+    return chosen if shape[-1] % block == 0 else "F16"
 
 
 def plan_gguf(tensors: dict, target: str) -> list[GGUFTensor]:
-    """`tensors`: original key -> TensorRef of the transformer (actions/to_gguf.transformer_sources)."""
+    """`tensors`: original key -> TensorRef of the transformer (actions/to_gguf.transformer_sources).
+    Planned and written in name order, the order ComfyUI-GGUF's convert.py gives llama-quantize."""
     gguf = gguf_module()
 
     p = load_gguf_policy()
     if target not in p.types:
         raise ConversionError(f"--quantize {target}: a GGUF file takes {', '.join(p.types)}")
-    out = []
-    for key, ref in tensors.items():
+    out, seen = [], {}
+    for key in sorted(tensors):
+        ref = tensors[key]
         shape = tuple(ref.shape)
-        q = tensor_type(key, shape, ref.dtype, target)
+        q = tensor_type(key, shape, ref.dtype, target, seen)
         qt = gguf.GGMLQuantizationType[q]
         byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qt) if q not in ("F32", "F16") else shape
         item = {"F32": 4, "F16": 2}.get(q, 1)
@@ -99,21 +144,23 @@ SLICE_ELEMENTS = 1024 * 1024  # float values quantized at once (4 MB in float32:
 
 
 def quantized_values(t: GGUFTensor):
-    """The tensor's bytes as gguf.quants.quantize makes them from its float32 values, a slice of
-    rows at a time (every GGUF type quantizes blocks along a row, so slices give the same bytes)."""
+    """The tensor's bytes from its float32 values, a slice of rows at a time (every GGUF type
+    quantizes blocks along a row, so slices give the same bytes): quantized types by ggml's own
+    ggml_quantize_chunk (quantization/ggml_lib.py), float types by gguf-py's gguf.quants."""
     gguf = gguf_module()
     import numpy as np
-
-    from .read.safetensors_file import LazyRows, read_tensor
-
     import torch
 
-    from .read.safetensors_file import check_overflow
+    from .quantization import ggml_lib
+    from .read.safetensors_file import LazyRows, check_overflow, read_tensor
 
     qt = gguf.GGMLQuantizationType[t.qtype]
     ref = t.source
+    block, type_size = gguf.GGML_QUANT_SIZES[qt]
 
     def quantize(values: np.ndarray) -> np.ndarray:
+        if t.qtype not in ("F32", "F16", "BF16"):  # ggml's own quantizer (quantization/ggml_lib.py)
+            return ggml_lib.quantize(values.reshape(-1, values.shape[-1]), int(qt), block, type_size)
         with np.errstate(over="ignore"):  # an overflow is named below, not warned about by numpy
             out = gguf.quants.quantize(values, qt)
         if t.qtype in ("F16", "BF16"):  # a float type that may not hold every float32 value

@@ -17,12 +17,12 @@ def run_gguf(src: Path, out: Path, qtype: str | None, overwrite: bool, dry_run: 
     """One transformer: OUT is a .gguf file.  Two (Wan 2.2 A14B): OUT is a folder that gets one
     .gguf per expert, named after the expert's folder in the original repo (high_noise_model.gguf,
     low_noise_model.gguf), written into a work folder and renamed to OUT when both are complete."""
-    from ..gguf_out import plan_gguf, single_file_gaps, write_gguf
+    from ..gguf_out import load_gguf_policy, plan_gguf, single_file_gaps, write_gguf
     from ..write.atomic import atomic_output_dir, atomic_output_file, check_output, clean_stale
 
     src, out = Path(src), Path(out)
     if qtype is None:
-        raise ConversionError("--to gguf needs --quantize TYPE (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, BF16, F16, F32)")
+        raise ConversionError(f"--to gguf needs --quantize TYPE ({', '.join(load_gguf_policy().types)})")
     started = time.perf_counter()
     plans = transformer_sources(src, overrides, say)
     one = len(plans) == 1

@@ -8,6 +8,7 @@ import click
 
 from .. import api
 from ..actions.common import parse_settings
+from ..gguf_out import load_gguf_policy
 from .common import backend_option, run_reporting
 
 
@@ -34,12 +35,11 @@ from .common import backend_option, run_reporting
                    "original key names, for ComfyUI-GGUF and diffusers' GGUF loader (needs --quantize TYPE); "
                    "(original) a Diffusers SRC back in the layout of the original Wan-AI repo; (comfyui) a "
                    "Diffusers SRC as ComfyUI's single files (diffusion_models/, vae/, text_encoders/, clip_vision/).")
-@click.option("--quantize", type=click.Choice(["int8", "float8", "int4", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0",
-                                               "BF16", "F16", "F32"]), default=None,
+@click.option("--quantize", type=click.Choice(["int8", "float8", "int4", *load_gguf_policy().types]), default=None,
               help="Write the transformer quantized: int8, float8, int4 in a Diffusers folder (see --backend; "
                    "from_pretrained loads it with no extra argument; the other components stay float; which "
                    "modules stay float: mappings/quantization.yaml); with --to gguf, a GGUF type "
-                   "(Q8_0 ... F32; mappings/gguf.yaml).")
+                   "(Q8_0, the K-quants Q6_K ... Q2_K, ... F32; mappings/gguf.yaml).")
 @click.option("--override-config", is_flag=True,
               help="Let --set values replace what the source's config.json says (otherwise a contradiction "
                    "is refused).")
