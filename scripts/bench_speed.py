@@ -12,7 +12,7 @@ by round, --repeat rounds (default 3), medians reported.  Paths (default all fiv
     bf16    convert --dtype bf16
     int8    convert --quantize int8   (the default backend, torchao)
     quanto8 convert --quantize int8 --backend quanto
-    Q8_0    convert --to gguf --quantize Q8_0
+    Q8_0    convert --to gguf --quantize Q8_0   (Q4_0, and the K-quants Q6_K, Q4_K_M, Q2_K likewise)
     original  convert DIFFUSERS --to original (the transformer folder convert made, untimed, back)
     comfyui   convert DIFFUSERS --to comfyui
 
@@ -50,11 +50,15 @@ PATHS = {
     "int8": ["--quantize", "int8"],
     "quanto8": ["--quantize", "int8", "--backend", "quanto"],
     "Q8_0": ["--to", "gguf", "--quantize", "Q8_0"],
+    "Q4_0": ["--to", "gguf", "--quantize", "Q4_0"],
+    "Q6_K": ["--to", "gguf", "--quantize", "Q6_K"],
+    "Q4_K_M": ["--to", "gguf", "--quantize", "Q4_K_M"],
+    "Q2_K": ["--to", "gguf", "--quantize", "Q2_K"],
     "original": ["--to", "original"],  # the way back: from the Diffusers folder convert made (untimed)
     "comfyui": ["--to", "comfyui"],
 }
 BACKWARDS = ("original", "comfyui")  # these read the Diffusers folder; their cp copies that folder
-TARGETS = {"bf16": 1.2, "int8": 1.5, "Q8_0": 2.5}
+TARGETS = {"bf16": 1.2, "int8": 1.5, "Q8_0": 1.5, "Q4_0": 1.5, "Q6_K": 3.0, "Q4_K_M": 3.0, "Q2_K": 3.0}
 
 
 def read_through(folder: Path) -> None:
@@ -126,7 +130,7 @@ def main() -> None:
         cps: dict[str, list[dict]] = {p: [] for p in args.paths}
         for rnd in range(1, args.repeat + 1):
             for path in args.paths:
-                out = work / ("out.gguf" if path == "Q8_0" else "out")
+                out = work / ("out.gguf" if "gguf" in PATHS[path] else "out")
                 source = diffusers / "transformer" if path in BACKWARDS else src
                 for kind in ("cp", path):  # alternating: cp, then the path, every round
                     read_through(source)
