@@ -192,10 +192,12 @@ def test_a_diffusers_folder_becomes_the_same_gguf_as_its_original(tmp_path):
     assert run_cli("verify", tmp_path / "back.gguf", "--source", tmp_path / "d", "--json").json()["ok"]
     src = make_original_repo(tmp_path / "src", "t2v_a14b", with_tokenizer=False)
     run_cli("convert", src, tmp_path / "d2", "--only", "transformer")
-    run_cli("convert", src, tmp_path / "orig2", "--to", "gguf", "--quantize", "Q4_0")
-    run_cli("convert", tmp_path / "d2", tmp_path / "back2", "--to", "gguf", "--quantize", "Q4_0")
-    for name in ("high_noise_model.gguf", "low_noise_model.gguf"):
-        assert same_gguf(tmp_path / "back2" / name, tmp_path / "orig2" / name), name
+    for qtype in ("Q4_0", "Q4_K_M"):  # a legacy type and a K-quant mixture (its first-N rules per file)
+        run_cli("convert", src, tmp_path / f"orig2-{qtype}", "--to", "gguf", "--quantize", qtype)
+        run_cli("convert", tmp_path / "d2", tmp_path / f"back2-{qtype}", "--to", "gguf", "--quantize", qtype)
+        for name in ("high_noise_model.gguf", "low_noise_model.gguf"):
+            a, b = tmp_path / f"back2-{qtype}" / name, tmp_path / f"orig2-{qtype}" / name
+            assert same_gguf(a, b) and a.read_bytes() == b.read_bytes(), (qtype, name)
 
 
 def same_gguf(a, b) -> bool:
