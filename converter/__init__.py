@@ -4,9 +4,8 @@ The Python API (the CLI `wan2diffusers` is a thin layer over it): `convert`, `qu
 `inspect`, `verify`, `repair`, `publish` return the report `--json` prints (a `Report`);
 expected failures raise `ConversionError` with the one-line message the CLI prints."""
 
-__version__ = "0.1.0"
-
-from .api import ConversionError, Report, convert, inspect, publish, quantize, repair, verify  # noqa: E402
+from .version import __version__
+from .api import ConversionError, Report, convert, inspect, publish, quantize, repair, verify
 
 __all__ = ["__version__", "ConversionError", "Report", "convert", "inspect", "publish", "quantize", "repair",
            "verify"]

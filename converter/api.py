@@ -133,14 +133,18 @@ def verify(path: PathArg, source: PathArg | None = None, *, progress: bool = Tru
     if source is not None and not Path(source).exists():
         raise ConversionError(f"{source}: no such file or folder (--source)")
     with os_errors(path), bypassed():  # the judge builds every model itself: no cache can sway it
-        from .gguf_out import gguf_folder, verify_gguf, verify_gguf_folder
+        from .actions.to_gguf import verify_gguf, verify_gguf_folder
+        from .gguf_out import gguf_folder
 
         src = Path(source) if source is not None else None
         if Path(path).suffix == ".gguf":
             return Report(verify_gguf(Path(path), src, progress))
         if files := gguf_folder(Path(path)):
             return Report(verify_gguf_folder(Path(path), files, src, progress))
-        return Report(verify_path(Path(path), Path(source) if source is not None else None, progress=progress))
+        from .actions.to_original import plan_reversed
+
+        return Report(verify_path(Path(path), Path(source) if source is not None else None, progress=progress,
+                                  plan_reversed=plan_reversed))
 
 
 def repair(path: PathArg, *, source: PathArg | None = None, backup: PathArg | Literal["none"] | None = None,

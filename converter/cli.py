@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import __version__
+from .version import __version__
 from .commands.convert import convert
 from .commands.inspect import inspect_cmd
 from .commands.publish import publish

@@ -38,13 +38,6 @@ def check_size(size: str) -> None:
         raise ConversionError(f"--max-shard-size {size!r}: expected a size such as 5GB or 500MB") from None
 
 
-def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-
-
 @contextmanager
 def os_errors(where, after: str = ""):
     """An OS error (disk full, permission denied) becomes one line naming its file."""

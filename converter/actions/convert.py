@@ -6,7 +6,8 @@ import time
 from pathlib import Path
 
 from ..errors import ConversionError
-from .common import human_size, silent
+from ..sizes import human_size
+from .common import silent
 
 
 # The options each output honours (`--to`); any other option given is refused in one line, never ignored.

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ConversionError
-from .common import human_size, silent
+from ..sizes import human_size
+from .common import silent
 
 
 def run_publish(out, repo_id, revision, private, commit_message, base_model, source, record, hash_sources,
                 fixtures, no_measure, dry_run, say=silent, progress: bool = True) -> dict:
-    from .. import __version__
+    from ..version import __version__
     from ..hub import REPO_ID
     from ..publishing.card import CardInputs, build_card, is_ours, write_card
     from ..publishing.folder import left_out, read_folder, upload_files

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .common import human_size, silent
+from ..sizes import human_size
+from .common import silent
 
 
 def run_quantize(src, out, weights, max_shard_size, overwrite, dry_run, say=silent, backend=None,

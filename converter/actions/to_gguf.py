@@ -9,7 +9,8 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import ConversionError
-from .common import human_size, silent
+from ..sizes import human_size
+from .common import silent
 
 
 def run_gguf(src: Path, out: Path, qtype: str | None, overwrite: bool, dry_run: bool, overrides: dict,
@@ -124,3 +125,71 @@ def _diffusers(src: Path):
         return None
     units = [u for u in found.units if u.component == "transformer"]
     return found if units and all(u.layout == "diffusers" and not u.comfy for u in units) else None
+
+
+def verify_gguf(path: Path, source: Path | None, progress: bool = True) -> dict:
+    """A GGUF file checked: readable, a Wan transformer in the original key names; with `source`
+    (the original checkpoint), every tensor the source's tensor quantized again, in the file's own
+    type for it, byte for byte, and every source tensor present with its shape."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from ..gguf_out import GGUFTensor, gguf_module, inspect_gguf, quantized_values
+    from ..read.files import file_sha256
+
+    gguf = gguf_module()
+    report = inspect_gguf(path)
+    diffs = [{"key": None, "problem": n} for n in report["notes"]] if not report["healthy"] else []
+    compared = 0
+    if source is not None:
+        plans = transformer_sources(Path(source), {}, lambda *a, **k: None)
+        if len(plans) != 1:
+            raise ConversionError(f"{source}: --source holds {len(plans)} transformers; give the expert folder")
+        ((_, refs, _),) = plans
+        reader = gguf.GGUFReader(str(path))
+        stored = {t.name: t for t in reader.tensors}
+        for key in sorted(set(refs) - set(stored)):
+            diffs.append({"key": key, "problem": "in the source; the GGUF file lacks it"})
+        for key in sorted(set(stored) - set(refs)):
+            diffs.append({"key": key, "problem": "in the GGUF file; the source does not have it"})
+        todo = [k for k in stored if k in refs]
+        with tqdm(total=len(todo), desc="comparing gguf", disable=None if progress else True, leave=False) as bar:
+            for key in todo:
+                t, ref = stored[key], refs[key]
+                shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+                if shape != tuple(ref.shape):
+                    diffs.append({"key": key, "problem": f"shape {list(shape)}, the source has {list(ref.shape)}"})
+                else:
+                    want = GGUFTensor(key, shape, t.tensor_type.name, ref, int(t.n_bytes))
+                    got = np.asarray(t.data).tobytes()
+                    if got != b"".join(part.tobytes() for part in quantized_values(want)):
+                        diffs.append({"key": key, "problem": f"not the source quantized to {t.tensor_type.name}"})
+                compared += 1
+                bar.update(1)
+    comp = {"component": "transformer", "path": str(path), "layout": f"GGUF ({report['architecture']})",
+            "class": "ggml / gguf.quants", "tensors": report["tensors"], "compared": compared,
+            "differences": list(diffs)}
+    return {"ok": not diffs, "path": str(path), "kind": "gguf file", "source": str(source) if source else None,
+            "components": [comp], "differences": [{**d, "component": "transformer"} for d in diffs],
+            "files": [{"file": Path(path).name, "bytes": Path(path).stat().st_size, "sha256": file_sha256(Path(path))}]}
+
+
+def verify_gguf_folder(path: Path, files: list[Path], source: Path | None, progress: bool = True) -> dict:
+    """Each file verified; with `source`, against the expert folder of its name (SRC/high_noise_model
+    for high_noise_model.gguf), or SRC itself when the folder holds one file."""
+    out = {"ok": True, "path": str(path), "kind": "folder of gguf files", "source": str(source) if source else None,
+           "components": [], "differences": [], "files": []}
+    for f in files:
+        src = None
+        if source is not None:
+            src = Path(source) / f.stem if (Path(source) / f.stem).is_dir() else Path(source)
+            if src == Path(source) and len(files) > 1:
+                raise ConversionError(f"{source}: has no folder {f.stem}/ for {f.name} (--source: the original "
+                                      f"repo folder with one folder per expert)")
+        r = verify_gguf(f, src, progress)
+        for c in r["components"]:
+            out["components"].append({**c, "component": f.name})
+        out["differences"] += [{**d, "component": f.name} for d in r["differences"]]
+        out["files"] += r["files"]
+        out["ok"] = out["ok"] and r["ok"]
+    return out

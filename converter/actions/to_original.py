@@ -20,7 +20,8 @@ from pathlib import Path
 from ..errors import ConversionError
 from ..plan.plan import BACKWARD, SAME, build_plan
 from ..write.copying import copy_folder
-from .common import human_size, silent
+from ..sizes import human_size
+from .common import silent
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ..errors import ConversionError
-from ..actions.common import human_size
+from ..sizes import human_size
 from .common import MAX_DETAILS, fail
 
 

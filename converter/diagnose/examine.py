@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import ConversionError
 from ..mapping.rules import resolve_layouts, template_for
 from ..mapping.schema import Fixed, Nested
-from ..plan.detect import Detection, detect
+from ..plan.detect import Detection, detect, within_limits
 from ..plan.plan import Plan, active_rules, build_plan
 from ..plan.target import TargetModel, build_target, class_signature, model_class
 from ..quantization.formats import describe_config
@@ -128,18 +128,6 @@ def source_of(unit: Unit) -> SourceCheckpoint:
     layout = {"sharded": "sharded folder", "single file": "folder" if unit.where != "single file" else "single file",
               "pth file": "pth file"}[ws.kind]
     return SourceCheckpoint(unit.path, layout, ws.files, dict(ws.tensors), cfg, ws.prefix)
-
-
-def within_limits(table, cfg: dict, where) -> None:
-    """Refuse a config from disk whose module counts no real model has (the table's `limits:`),
-    before any model is built from it."""
-    for field, most in table.limits.items():
-        value = cfg.get(field)
-        n = len(value) if isinstance(value, list) else value
-        if isinstance(n, int) and not isinstance(n, bool) and n > most:
-            shown = f"a list of {n}" if isinstance(value, list) else repr(value)
-            raise ConversionError(f"{where}: {field}={shown}: no real {table.component} has more than {most}; "
-                                  f"not building a model from it")
 
 
 def init_config(class_name: str, cfg: dict) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..actions.common import human_size
+from ..sizes import human_size
 from .examine import Diagnosis, diagnose, summary
 from ..write.workfiles import leftovers_of
 from .layout import Found, find, model_root

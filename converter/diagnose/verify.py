@@ -4,7 +4,6 @@ makes of the source tensors (one tensor at a time); the sha256 of every output f
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ from tqdm import tqdm
 from ..discover import component_of, discover
 from ..errors import ConversionError
 from ..mapping import transforms
+from ..read.files import file_sha256
 from ..read.safetensors_file import read_tensor
 from .examine import Diagnosis, diagnose
 from ..quantization.formats import describe_config
@@ -20,27 +20,20 @@ from ..write.workfiles import excluded, leftovers_of
 from .layout import Unit, find, model_root
 from .sourceplan import plan_from_source
 
-HASH_CHUNK = 1 << 20
 # what inspect finds about loading a folder as Diffusers: beside the point for the original-layout
 # or ComfyUI files the way back writes, whose keys compare_backwards checks one by one
 AS_DIFFUSERS = ("original-layout", "config", "missing-keys", "unexpected-keys", "mismatched-shapes")
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(HASH_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
-
-def verify_path(out: Path, source: Path | None = None, progress: bool = True) -> dict:
+def verify_path(out: Path, source: Path | None = None, progress: bool = True, plan_reversed=None) -> dict:
+    """`plan_reversed`: the way back's planner (actions/to_original.py), handed down by the caller
+    so that verify can compare original-layout or ComfyUI files with a Diffusers SRC run backwards
+    (this layer does not import the commands' actions)."""
     out = Path(out)
     found = find(out)
     components, differences = [], []
-    backwards = _reversed_source(found, source)  # OUT written by --to original/comfyui from a Diffusers SRC
+    backwards = _reversed_source(found, source, plan_reversed)  # OUT written by --to original/comfyui from a Diffusers SRC
     units = list(found.units) + (_unlisted(out, found, backwards) if backwards else [])
     diags = []
     for unit in units:
@@ -87,18 +80,16 @@ def verify_path(out: Path, source: Path | None = None, progress: bool = True) ->
               disable=None if progress else True, leave=False) as bar:
         for p in files:
             hashes.append({"file": str(p.relative_to(out)) if p != out else p.name, "bytes": p.stat().st_size,
-                           "sha256": sha256(p)})
+                           "sha256": file_sha256(p)})
             bar.update(p.stat().st_size)
     return {"ok": not differences, "path": str(out), "kind": found.kind, "source": str(source) if source else None,
             "components": components, "differences": differences, "files": hashes}
 
 
-def _reversed_source(found, source: Path | None):
+def _reversed_source(found, source: Path | None, plan_reversed):
     """When OUT holds original-layout or ComfyUI files and SRC is a Diffusers folder: SRC's
     components planned backwards ({"original": [...], "comfyui": [...]}, as --to wrote them)."""
-    from ..actions.to_original import plan_reversed
-
-    if source is None or not found.units or any(u.layout == "diffusers" and not u.comfy for u in found.units):
+    if source is None or plan_reversed is None or not found.units or any(u.layout == "diffusers" and not u.comfy for u in found.units):
         return None
     to = "comfyui" if any(u.comfy for u in found.units) else "original"
     try:

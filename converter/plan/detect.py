@@ -274,3 +274,15 @@ def _every_divide(name: str, f: Fact, src: SourceCheckpoint, facts: dict, value:
             raise ConversionError(f"{src.path}: {name}: {value!r} is not divisible by {d}")
         value = [v // d for v in items] if isinstance(value, list) else value // d
     return value
+
+
+def within_limits(table, cfg: dict, where) -> None:
+    """Refuse a config from disk whose module counts no real model has (the table's `limits:`),
+    before any model is built from it."""
+    for field, most in table.limits.items():
+        value = cfg.get(field)
+        n = len(value) if isinstance(value, list) else value
+        if isinstance(n, int) and not isinstance(n, bool) and n > most:
+            shown = f"a list of {n}" if isinstance(value, list) else repr(value)
+            raise ConversionError(f"{where}: {field}={shown}: no real {table.component} has more than {most}; "
+                                  f"not building a model from it")

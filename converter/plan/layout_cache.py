@@ -65,7 +65,7 @@ def _version(lib: str) -> str:
 
 
 def _key(class_name: str, config: dict[str, Any]) -> str:
-    from .. import __version__
+    from ..version import __version__
 
     blob = json.dumps({"class": class_name, "config": config, "tool": __version__,
                        "versions": {lib: _version(lib) for lib in LIBRARIES}}, sort_keys=True, default=list)

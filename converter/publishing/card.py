@@ -90,7 +90,7 @@ def is_ours(readme: Path) -> bool:
 # ---- the body ------------------------------------------------------------------------------
 
 def _size(n: int) -> str:
-    from ..actions.common import human_size
+    from ..sizes import human_size
 
     return human_size(n)
 

@@ -45,15 +45,12 @@ def library_versions() -> dict[str, str | None]:
 
 
 def file_sha256(path: Path, progress: bool = True) -> str:
-    """Streamed (1 MiB at a time): never more than a buffer of the file in memory."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
-                                     disable=None if progress else True, leave=False) as bar:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            bar.update(len(chunk))
-    return h.hexdigest()
+    """Streamed (read/files.file_sha256), with a progress bar on a terminal."""
+    from ..read.files import file_sha256 as streamed
+
+    with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
+              disable=None if progress else True, leave=False) as bar:
+        return streamed(path, bar.update)
 
 
 def hub_cache_sha256(path: Path) -> str | None:
@@ -105,7 +102,7 @@ def table_versions(components: list[str], with_pipeline: bool) -> dict[str, dict
 def build_record(src: Path, hub_repo: str | None, dtype: str, plans, report: dict) -> dict:
     """`src`: the local source (a Hub snapshot folder when `hub_repo` is set); `plans`: the
     ComponentPlans written; `report`: convert's report (describe() of each, pipeline)."""
-    from .. import __version__
+    from ..version import __version__
 
     src = Path(os.path.abspath(src))  # not resolved: a Hub snapshot's files are links into blobs/
     root = src if src.is_dir() else src.parent

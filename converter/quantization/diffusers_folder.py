@@ -14,7 +14,7 @@ from ..component import ComponentPlan
 from ..errors import ConversionError
 from ..mapping.schema import Rule
 from ..mapping.tables import load_table, table_names
-from ..plan.detect import Detection
+from ..plan.detect import Detection, within_limits
 from ..plan.plan import FLOAT_TAGS, Plan, PlannedTensor
 from ..plan.target import build_target
 from ..read.files import load_json
@@ -106,8 +106,6 @@ def plan_folder(src: DiffusersSource) -> ComponentPlan:
     class_name = config["_class_name"]
     init = {k: v for k, v in config.items() if not k.startswith("_")}
     source = open_safetensors_source(src.folder, table.output.weights_name, [])
-    from ..diagnose.examine import within_limits
-
     within_limits(table, config, src.folder / "config.json")
     target = build_target(class_name, init)
     problems = []

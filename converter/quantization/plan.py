@@ -249,7 +249,7 @@ def attach(cp, weights: str, backend: str | None = None) -> QuantizedPlan:
 def quantize_plans(plans: list, infos: list[dict], weights: str, say, backend: str | None = None) -> None:
     """`convert --quantize`: the quantizable components of `plans` (those the policy names: the
     transformer) planned quantized; their report entries (describe()) updated in place."""
-    from ..actions.common import human_size
+    from ..sizes import human_size
 
     backend = choose_backend(weights, backend)
     policy = load_policy(backend)

@@ -107,3 +107,23 @@ def load_json(path: Path, what: str = "JSON", max_bytes: int = MAX_JSON_BYTES) -
     except OSError as e:
         raise ConversionError(f"{path}: cannot read: {e.strerror or e}") from None
     return parse_json(data, path, what)
+
+
+HASH_CHUNK = 8 * 1024 * 1024
+
+
+def file_sha256(path: Path, on_bytes=None) -> str:
+    """The sha256 of a file, streamed through one reused buffer (never the whole file in memory);
+    `on_bytes(n)` is told each chunk's size (a progress bar)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            if on_bytes is not None:
+                on_bytes(n)
+    return h.hexdigest()
+

@@ -1,0 +1,1 @@
+"""What each command does (convert, quantize, repair, publish, the way back, GGUF), free of click."""
