@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_convert import (CLI, FIXTURE, TIME, checkpoint_bytes, human, log, make_pool,  # noqa: E402
+from bench_convert import (CLI, TIME, checkpoint_bytes, human, log, make_pool,  # noqa: E402
                            parse_time_v, write_checkpoint)
 
 PATHS = {

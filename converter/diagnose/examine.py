@@ -18,7 +18,7 @@ from ..mapping.rules import resolve_layouts, template_for
 from ..mapping.schema import Fixed, Nested
 from ..plan.detect import Detection, detect, within_limits
 from ..plan.plan import Plan, active_rules, build_plan
-from ..plan.target import TargetModel, build_target, class_signature, model_class
+from ..plan.target import TargetModel, build_target, class_signature
 from ..quantization.formats import describe_config
 from ..read.source import SourceCheckpoint
 from .keys import original_view

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import ConversionError
 from ..mapping.tables import load_table, table_names
-from ..plan.target import class_signature, model_class
+from ..plan.target import class_signature
 from ..read.files import what_is
 from ..read.pth_file import read_pth_index
 from ..read.safetensors_file import TensorRef, read_header

@@ -103,8 +103,7 @@ def fix_model_index(folder: Path, fixes: dict, backup) -> None:
     if not isinstance(data, dict):
         raise ConversionError(f"{path}: not a JSON object")
     data.update({k: want for k, (_, want) in fixes.items()})
-    tmp = path.with_name(f".{MODEL_INDEX}.{REPAIR}-{os.getpid()}")
-    tmp.write_text(json.dumps(dict(sorted(data.items())), indent=2) + "\n", encoding="utf-8")
-    if backup is not None:
-        shutil.copy2(path, backup() / MODEL_INDEX)
-    os.replace(tmp, path)
+    from ..write.atomic import replace_file
+
+    replace_file(path, json.dumps(dict(sorted(data.items())), indent=2) + "\n",
+                 (lambda: shutil.copy2(path, backup() / MODEL_INDEX)) if backup is not None else None)

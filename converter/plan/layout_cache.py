@@ -21,7 +21,6 @@ import hmac
 import json
 import os
 import stat
-import tempfile
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -129,27 +128,17 @@ def _read(folder: Path, path: Path) -> dict | None:
 
 
 def _write(folder: Path, path: Path, entry: dict) -> None:
-    """Signed, into a new file renamed over `path`; a cache that cannot be written is skipped
-    silently (and leaves no temporary file behind)."""
-    tmp = None
+    """Signed, into a new file renamed over `path` (write/atomic.replace_file); a cache that cannot
+    be written is skipped silently, and leaves no temporary file behind."""
+    from ..write.atomic import replace_file
+
     try:
         secret = _secret(folder, create=True)
         if secret is None:
             return
-        entry = {**entry, "mac": _mac(secret, entry)}
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(entry, f)
-        os.replace(tmp, path)
-        tmp = None
+        replace_file(path, json.dumps({**entry, "mac": _mac(secret, entry)}))
     except OSError:
         pass
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 def _agrees(payload: dict, class_name: str, config: dict[str, Any]) -> bool:

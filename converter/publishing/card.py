@@ -73,10 +73,10 @@ def build_card(inputs: CardInputs):
 
 
 def write_card(card, out: Path) -> Path:
+    from ..write.atomic import replace_file
+
     path = Path(out) / "README.md"
-    tmp = path.with_name(".README.md.partial")
-    tmp.write_text(str(card), encoding="utf-8")
-    tmp.replace(path)
+    replace_file(path, str(card))
     return path
 
 

@@ -4,7 +4,6 @@ record, and the files an upload would send with their sizes."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 

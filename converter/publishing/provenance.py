@@ -143,10 +143,10 @@ def build_record(src: Path, hub_repo: str | None, dtype: str, plans, report: dic
 
 def write_record(folder: Path, record: dict, path: Path | None = None) -> None:
     """Into a new file renamed over the old one: never through a link another folder shares."""
+    from ..write.atomic import replace_file
+
     path = Path(path) if path is not None else Path(folder) / RECORD_NAME
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    replace_file(path, json.dumps(record, indent=2) + "\n")
 
 
 MAX_RECORD_BYTES = 16 * 1024 * 1024  # a record of a whole pipeline is a few KB

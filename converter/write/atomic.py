@@ -169,3 +169,25 @@ def atomic_output_file(out: Path, overwrite: bool):
             if work is not None:
                 work.unlink(missing_ok=True)
             raise
+
+
+def replace_file(path: Path, text: str, before_swap=None) -> None:
+    """Write `text` into a new hidden file beside PATH (`.NAME.partial-<pid>-*`) and rename it over
+    PATH: a reader sees the old file or the new one, never half of one, and a link PATH was (a file
+    another folder shares) is replaced, not written through. `before_swap()` runs once the new file
+    is complete, before the rename (a backup of the old file). The one way every in-place file
+    rewrite is done (the record, the model card, model_index.json, layout cache entries)."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{PARTIAL}-{os.getpid()}-", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        if before_swap is not None:
+            before_swap()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
