@@ -105,10 +105,10 @@ def transformer_sources(src: Path, overrides: dict, say=silent) -> list[tuple]:
             refs = {}
             for pt in r.cp.plan.tensors:
                 ref = pt.sources[0]
-                if pt.rule.op != "rename" or len(pt.sources) != 1 or ref.stride is not None:
-                    raise ConversionError(f"{ref.file}: {ref.key} becomes {pt.key} by a {pt.rule.op}, not a rename: "
-                                          f"GGUF from a Diffusers folder reads renamed tensors only")
-                refs[pt.key] = replace(ref, key=pt.key)
+                if not pt.is_byte_copy:  # a view op (rename, reshape, squeeze): the source's bytes, renamed
+                    raise ConversionError(f"{ref.file}: {ref.key} becomes {pt.key} by a {pt.rule.op}, which moves "
+                                          f"or casts values: GGUF from a Diffusers folder reads them in place only")
+                refs[pt.key] = replace(ref, key=pt.key, shape=tuple(pt.shape))
             out.append((r.cp, refs, r.dest or r.instance))
         return out
     plans = plan_components(src, ["transformer"], "keep", overrides, None, False, say)

@@ -7,7 +7,9 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-OPS = ("rename", "chunk", "concat", "transpose", "reshape", "squeeze", "unsqueeze", "drop")
+from .ops import OPS as _REGISTRY
+
+OPS = tuple(_REGISTRY)  # the closed set of ops: mapping/ops.py
 
 
 class Strict(BaseModel):
@@ -137,17 +139,13 @@ class Rule(Strict):
     def op_arguments(self):
         sources = [self.from_] if isinstance(self.from_, str) else self.from_
         targets = [] if self.to is None else [self.to] if isinstance(self.to, str) else self.to
-        need = {
-            "rename": (1, 1, ()), "transpose": (1, 1, ("dims",)), "reshape": (1, 1, ("shape", "undo_shape")),
-            "squeeze": (1, 1, ("dim",)), "unsqueeze": (1, 1, ("dim",)),
-            "chunk": (1, None, ("dim",)), "concat": (None, 1, ("dim",)), "drop": (1, 0, ("reason",)),
-        }[self.op]
-        n_src, n_dst, args = need
+        op = _REGISTRY[self.op]
+        n_src, n_dst, args = op.sources, op.targets, op.needs
         if n_src is not None and len(sources) != n_src:
             raise ValueError(f"op {self.op} takes {n_src} source key(s), got {len(sources)}")
         if n_dst is not None and len(targets) != n_dst:
             raise ValueError(f"op {self.op} makes {n_dst} target key(s), got {len(targets)}")
-        if self.op == "chunk" and len(targets) < 2 or self.op == "concat" and len(sources) < 2:
+        if n_dst is None and len(targets) < 2 or n_src is None and len(sources) < 2:
             raise ValueError(f"op {self.op} needs at least two keys on its many side")
         for a in args:
             if getattr(self, a) in (None, ""):

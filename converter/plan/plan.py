@@ -35,14 +35,13 @@ class PlannedTensor:
     def is_elementwise(self) -> bool:
         """Only the name, the view or the dtype changes: values keep their order, so a cast can
         stream chunk by chunk."""
-        return self.rule.op in ("rename", "squeeze", "unsqueeze", "reshape") and self.sources[0].stride is None
+        return transforms.is_view(self.rule) and self.sources[0].stride is None
 
     @property
     def is_byte_copy(self) -> bool:
         """The output is the source's bytes unchanged: the kernel can copy it."""
         src = self.sources[0]
-        return (self.rule.op in ("rename", "squeeze", "unsqueeze", "reshape") and self.dtype == src.dtype
-                and src.stride is None)
+        return transforms.is_view(self.rule) and self.dtype == src.dtype and src.stride is None
 
 
 @dataclass
