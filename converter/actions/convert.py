@@ -3,71 +3,122 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ..errors import ConversionError
 from ..sizes import human_size
 from .common import silent
 
 
-# The options each output honours (`--to`); any other option given is refused in one line, never ignored.
-HONOURS = {
-    "diffusers": {"only", "dtype", "max_shard_size", "clip_heads", "flow_shift", "settings", "override_config",
-                  "quantize", "backend", "check_finite"},
-    "gguf": {"only", "quantize", "settings", "override_config", "check_finite"},
-    "original": {"only", "dtype", "max_shard_size", "check_finite"},
-    "comfyui": {"only", "dtype", "check_finite"},
-}
 OPTION_NAMES = {"only": "--only", "dtype": "--dtype", "max_shard_size": "--max-shard-size", "clip_heads": "--clip-heads",
                 "flow_shift": "--flow-shift", "settings": "--set", "override_config": "--override-config",
                 "quantize": "--quantize", "backend": "--backend", "check_finite": "--check-finite"}
-WHY_NOT = {
-    ("gguf", "dtype"): "a GGUF file's types come from --quantize (mappings/gguf.yaml)",
-    ("gguf", "max_shard_size"): "a GGUF file is one file per transformer",
-    ("gguf", "clip_heads"): "a GGUF file holds the transformer only",
-    ("gguf", "flow_shift"): "a GGUF file holds no scheduler",
-    ("gguf", "backend"): "--backend picks torchao or quanto for a Diffusers folder",
-    ("comfyui", "max_shard_size"): "ComfyUI's files are one file per component",
-}
 
 
-def check_options(to: str, given: dict) -> None:
-    """Refuse, in one line, every option given that the output `to` does not honour."""
-    if to not in HONOURS:
-        raise ConversionError(f"--to {to!r}: choose from {', '.join(HONOURS)}")
-    for name, value in given.items():
-        if value in (None, False, {}, [], "keep") or name in HONOURS[to]:
-            continue
-        why = WHY_NOT.get((to, name)) or (
-            "the way back writes the float weights of a Diffusers SRC, whose config.json already holds every fact"
-            if to in ("original", "comfyui") else "it does not apply to this output")
-        raise ConversionError(f"{OPTION_NAMES[name]} does not apply to --to {to}: {why}")
-    only = given.get("only")
-    if to == "gguf" and only and list(only) != ["transformer"]:
-        raise ConversionError(f"--only {','.join(only)}: --to gguf writes the transformer only (--only transformer)")
+@dataclass(frozen=True)
+class Options:
+    """Everything `convert` was given besides SRC and OUT; None/False/"keep": not given."""
+
+    only: list | None = None
+    dtype: str = "keep"
+    max_shard_size: str | None = None
+    clip_heads: int | None = None
+    flow_shift: float | None = None
+    settings: dict = field(default_factory=dict)
+    override_config: bool = False
+    quantize: str | None = None
+    backend: str | None = None
+    check_finite: bool = False
+    overwrite: bool = False
+    dry_run: bool = False
+
+    @property
+    def shard_size(self) -> str:
+        return self.max_shard_size or "5GB"
+
+    def given(self) -> dict:
+        return {k: getattr(self, k) for k in OPTION_NAMES if getattr(self, k) not in (None, False, {}, [], "keep")}
+
+
+@dataclass(frozen=True)
+class Output:
+    """One kind of output `--to` names: the options it honours (any other one given is refused in
+    one line, never ignored; `why_not` says why for some), and what writes it."""
+
+    name: str
+    honours: frozenset[str]
+    write: Callable[..., dict]  # (src, out, options, say, warn, progress, check_values) -> report
+    why_not: dict[str, str] = field(default_factory=dict)
+    only: tuple[str, ...] | None = None  # the only components it writes, if it is restricted
+
+    def check(self, options: Options) -> None:
+        for name in options.given():
+            if name not in self.honours:
+                why = self.why_not.get(name) or self.why_not.get("*", "it does not apply to this output")
+                raise ConversionError(f"{OPTION_NAMES[name]} does not apply to --to {self.name}: {why}")
+        if self.only is not None and options.only and list(options.only) != list(self.only):
+            raise ConversionError(f"--only {','.join(options.only)}: --to {self.name} writes the "
+                                  f"{', '.join(self.only)} only (--only {','.join(self.only)})")
+
+
+def _write_gguf(src, out, o: Options, say, warn, progress, check):
+    from .to_gguf import run_gguf
+
+    return run_gguf(src, out, o.quantize, o.overwrite, o.dry_run, o.settings, say, progress, check)
+
+
+def _write_back(to: str):
+    def write(src, out, o: Options, say, warn, progress, check):
+        from .to_original import run_to_original
+
+        return run_to_original(src, out, o.only, o.dtype, o.shard_size, o.overwrite, o.dry_run, say, progress, to,
+                               check)
+    return write
+
+
+BACK = "the way back writes the float weights of a Diffusers SRC, whose config.json already holds every fact"
+OUTPUTS = {o.name: o for o in (
+    Output("diffusers", frozenset({"only", "dtype", "max_shard_size", "clip_heads", "flow_shift", "settings",
+                                   "override_config", "quantize", "backend", "check_finite"}),
+           lambda *a: write_diffusers(*a)),
+    Output("gguf", frozenset({"only", "quantize", "settings", "override_config", "check_finite"}), _write_gguf,
+           {"dtype": "a GGUF file's types come from --quantize (mappings/gguf.yaml)",
+            "max_shard_size": "a GGUF file is one file per transformer",
+            "clip_heads": "a GGUF file holds the transformer only", "flow_shift": "a GGUF file holds no scheduler",
+            "backend": "--backend picks torchao or quanto for a Diffusers folder"}, ("transformer",)),
+    Output("original", frozenset({"only", "dtype", "max_shard_size", "check_finite"}), _write_back("original"),
+           {"*": BACK}),
+    Output("comfyui", frozenset({"only", "dtype", "check_finite"}), _write_back("comfyui"),
+           {"max_shard_size": "ComfyUI's files are one file per component", "*": BACK}),
+)}
 
 
 def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, flow_shift, overwrite, dry_run,
                 say=silent, warn=silent, progress: bool = True, quantize=None, check_finite=False,
                 override_config=False, backend=None, to="diffusers") -> dict:
-    """read -> plan (coverage proven) -> [check values] -> [quantize plan] -> pipeline plan -> write."""
-    check_options(to, {"only": only, "dtype": dtype, "max_shard_size": max_shard_size, "clip_heads": clip_heads,
-                       "flow_shift": flow_shift, "settings": overrides, "override_config": override_config,
-                       "quantize": quantize, "backend": backend,
-                       "check_finite": check_finite})
+    """`--to` picks an output (OUTPUTS), which refuses what it does not honour and writes."""
+    if to not in OUTPUTS:
+        raise ConversionError(f"--to {to!r}: choose from {', '.join(OUTPUTS)}")
+    o = Options(only, dtype, max_shard_size, clip_heads, flow_shift, overrides or {}, override_config, quantize,
+                backend, check_finite, overwrite, dry_run)
+    output = OUTPUTS[to]
+    output.check(o)
     if override_config and not overrides:
         raise ConversionError("--override-config lets --set replace config.json values: give --set too")
-    max_shard_size = max_shard_size or "5GB"
-    if to == "gguf":  # one file, the transformer in its original key names
-        from .to_gguf import run_gguf
 
-        return run_gguf(src, out, quantize, overwrite, dry_run, overrides, say, progress,
-                        lambda cps, infos, report: check_values(cps, infos, report, check_finite, progress, say, warn))
-    if to in ("original", "comfyui"):  # the tables run backwards: Diffusers -> the original Wan keys
-        from .to_original import run_to_original
+    def check(cps, infos, report):  # --check-finite, wherever the output reads its source
+        check_values(cps, infos, report, check_finite, progress, say, warn)
 
-        return run_to_original(src, out, only, dtype, max_shard_size, overwrite, dry_run, say, progress, to,
-                               lambda cps, infos, report: check_values(cps, infos, report, check_finite, progress, say, warn))
+    return output.write(src, out, o, say, warn, progress, check)
+
+
+def write_diffusers(src, out, o: Options, say, warn, progress, check) -> dict:
+    """read -> plan (coverage proven) -> [check values] -> [quantize plan] -> pipeline plan -> write."""
+    only, dtype, overrides, clip_heads, flow_shift = o.only, o.dtype, o.settings, o.clip_heads, o.flow_shift
+    overwrite, dry_run, quantize, backend, override_config = o.overwrite, o.dry_run, o.quantize, o.backend, o.override_config
+    max_shard_size = o.shard_size
     from ..component import describe
     from ..hub import download, looks_like_repo_id
     from ..write.atomic import check_output
@@ -81,7 +132,7 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, fl
         hub_repo, src = str(src), download(str(src), only)
     plans = plan_components(src, only, dtype, overrides, clip_heads, override_config, say)
     report = {"ok": True, "dry_run": dry_run, "components": [describe(cp) for cp in plans]}
-    check_values(plans, report["components"], report, check_finite, progress, say, warn)
+    check(plans, report["components"], report)
     if quantize:  # the transformer written quantized (converter/quantization)
         from ..quantization.plan import quantize_plans
 
