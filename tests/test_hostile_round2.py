@@ -739,3 +739,32 @@ def test_gguf_without_the_gguf_package_is_one_line(tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 1 and len(lines) == 1 and "pip install 'gguf" in lines[0], r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_source_listed_under_another_name_than_its_ref_is_still_planned(tmp_path, monkeypatch):
+    """The planner follows the key a source lists a tensor under, not the TensorRef's own name: a
+    tensor read from another key (the untied umT5 embedding) is planned and written, never lost
+    while coverage says proven."""
+    from dataclasses import replace
+
+    import torch
+    from safetensors.torch import save_file
+
+    from wan2diffusers.actions import to_original
+    from wan2diffusers.read.pth_file import read_pth_index
+
+    def untied_keeping_the_refs_name(weights, target, name, say, notes):
+        a, b = weights.tensors["encoder.embed_tokens.weight"], weights.tensors["shared.weight"]
+        weights.tensors["shared.weight"] = replace(a)  # its own key stays encoder.embed_tokens.weight
+        notes.append("read shared.weight from encoder.embed_tokens.weight")
+
+    run_cli("convert", FIXTURES / "t5" / "models_t5_umt5-xxl-enc-bf16.pth", tmp_path / "d")
+    path = tmp_path / "d" / "text_encoder" / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors["encoder.embed_tokens.weight"] = tensors["shared.weight"] * 2
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    monkeypatch.setattr(to_original, "_untied", untied_keeping_the_refs_name)
+    run_cli("convert", tmp_path / "d", tmp_path / "o", "--to", "original")
+    (pth,) = (tmp_path / "o").glob("*.pth")
+    assert "token_embedding.weight" in read_pth_index(pth)
+    assert len(read_pth_index(pth)) == len(read_pth_index(FIXTURES / "t5" / "models_t5_umt5-xxl-enc-bf16.pth"))

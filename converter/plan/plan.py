@@ -156,9 +156,9 @@ def build_plan(table: Table, src: SourceCheckpoint, det: Detection, target: Targ
             continue
         op = direction.op(rule)
         if op is None:  # each input is written as it is, under its own name
-            for r in refs:
-                produced[r.key] = PlannedTensor(r.key, tuple(r.shape), "", [r], KEEP, 0)
-                made_from.setdefault(r.key, []).append(r.key)
+            for s_, r in enumerate(refs):
+                produced[slots[s_]] = PlannedTensor(slots[s_], tuple(r.shape), "", [r], KEEP, 0)
+                made_from.setdefault(slots[s_], []).append(slots[s_])
             continue
         try:
             shapes = transforms.output_shapes(op, [r.shape for r in refs])
@@ -171,8 +171,8 @@ def build_plan(table: Table, src: SourceCheckpoint, det: Detection, target: Targ
                 problems.append(f"{out_key} would be produced twice (from {slots[0]} and {produced[out_key].sources[0].key})")
                 continue
             produced[out_key] = PlannedTensor(out_key, shape, "", refs, op, part)
-            for r in refs:
-                made_from.setdefault(r.key, []).append(out_key)
+            for s_ in range(len(inputs)):  # by the key the source lists it under
+                made_from.setdefault(slots[s_], []).append(out_key)
 
     # 2. the Diffusers side is exactly the class's keys with its shapes: forward the keys written,
     # backward the keys read
@@ -203,6 +203,11 @@ def build_plan(table: Table, src: SourceCheckpoint, det: Detection, target: Targ
             for out_key in made_from.get(key, []):
                 seen.setdefault(out_key, produced[out_key])
         order = list(seen.values())
+    placed = {pt.key for pt in order}
+    for key, pt in produced.items():  # every tensor planned is written: never a silent loss
+        if key not in placed:
+            problems.append(f"{_where(src, pt.sources[0].key)}: {key} is planned from {pt.sources[0].key} but "
+                            f"placed in no output (the planner would lose it)")
     ordered = []
     for pt in order:
         src_tag = pt.sources[0].dtype
