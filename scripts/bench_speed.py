@@ -13,6 +13,7 @@ by round, --repeat rounds (default 3), medians reported.  Paths (default all fiv
     int8    convert --quantize int8   (the default backend, torchao)
     quanto8 convert --quantize int8 --backend quanto
     Q8_0    convert --to gguf --quantize Q8_0   (Q4_0, and the K-quants Q6_K, Q4_K_M, Q2_K likewise)
+    verify    verify DIFFUSERS --source SRC (the folder convert made, untimed; every tensor compared)
     original  convert DIFFUSERS --to original (the transformer folder convert made, untimed, back)
     comfyui   convert DIFFUSERS --to comfyui
 
@@ -54,11 +55,12 @@ PATHS = {
     "Q6_K": ["--to", "gguf", "--quantize", "Q6_K"],
     "Q4_K_M": ["--to", "gguf", "--quantize", "Q4_K_M"],
     "Q2_K": ["--to", "gguf", "--quantize", "Q2_K"],
+    "verify": ["--source"],  # verify DIFFUSERS --source SRC: every tensor compared (its cp copies SRC)
     "original": ["--to", "original"],  # the way back: from the Diffusers folder convert made (untimed)
     "comfyui": ["--to", "comfyui"],
 }
 BACKWARDS = ("original", "comfyui")  # these read the Diffusers folder; their cp copies that folder
-TARGETS = {"bf16": 1.2, "int8": 1.5, "Q8_0": 1.5, "Q4_0": 1.5, "Q6_K": 3.0, "Q4_K_M": 3.0, "Q2_K": 3.0}
+TARGETS = {"verify": 1.5, "bf16": 1.2, "int8": 1.5, "Q8_0": 1.5, "Q4_0": 1.5, "Q6_K": 3.0, "Q4_K_M": 3.0, "Q2_K": 3.0}
 
 
 def read_through(folder: Path) -> None:
@@ -120,7 +122,7 @@ def main() -> None:
         subprocess.run([str(CLI), "convert", str(src), str(work / "dry"), "--only", "transformer", "--dry-run"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         diffusers = work / "diffusers"
-        if any(p in BACKWARDS for p in args.paths):
+        if any(p in BACKWARDS or p == "verify" for p in args.paths):
             subprocess.run([str(CLI), "convert", str(src), str(diffusers), "--only", "transformer"],
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             subprocess.run([str(CLI), "convert", str(diffusers / "transformer"), str(work / "dry-back"), "--to",
@@ -138,6 +140,9 @@ def main() -> None:
                         r = timed(["cp", "-r", str(source), str(work / "copy")], logs, f"{rnd}-{path}-cp")
                         remove(work / "copy")
                         cps[path].append(r)
+                    elif path == "verify":
+                        r = timed([str(CLI), "verify", str(diffusers), "--source", str(src)], logs, f"{rnd}-{path}")
+                        runs[path].append(r)
                     else:
                         only = [] if path in BACKWARDS else ["--only", "transformer"]
                         r = timed([str(CLI), "convert", str(source), str(out), *only, *PATHS[path]],
