@@ -341,7 +341,7 @@ def _judge_comfy(d: Diagnosis) -> None:
     if unit.layout != unit.comfy:
         d.findings.append(Finding("comfyui-keys", f"{unit.path}: ComfyUI's loader reads {unit.comfy} keys for a "
                                   f"{unit.component}; this file has {unit.layout} keys",
-                                  f"wan2diffusers convert <the Diffusers folder> OUT --to comfyui"))
+                                  "wan2diffusers convert <the Diffusers folder> OUT --to comfyui"))
     elif unit.comfy == "original" and d.plan is not None and not d.plan.ok:
         d.findings.append(Finding("comfyui-keys", f"{unit.path}: incomplete: {d.plan.problems[0]}",
                                   "convert it again from a complete checkpoint"))
