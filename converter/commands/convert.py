@@ -8,6 +8,7 @@ import click
 
 from .. import api
 from ..actions.common import parse_settings
+from ..actions.convert import OUTPUTS
 from ..gguf_out import load_gguf_policy
 from .common import backend_option, run_reporting
 
@@ -30,7 +31,7 @@ from .common import backend_option, run_reporting
 @click.option("--set", "settings", multiple=True, metavar="COMPONENT.FACT=VALUE",
               help="Give a fact the weights cannot tell, e.g. transformer.num_heads=12 for a single "
                    "file of an unknown size (value parsed as YAML). Repeatable.")
-@click.option("--to", "to", type=click.Choice(["diffusers", "gguf", "original", "comfyui"]), default="diffusers", show_default=True,
+@click.option("--to", "to", type=click.Choice(list(OUTPUTS)), default="diffusers", show_default=True,
               help="Output layout: a Diffusers folder; (gguf) the transformer as one .gguf file in its "
                    "original key names, for ComfyUI-GGUF and diffusers' GGUF loader (needs --quantize TYPE); "
                    "(original) a Diffusers SRC back in the layout of the original Wan-AI repo; (comfyui) a "
