@@ -127,7 +127,6 @@ def verify(path: PathArg, source: PathArg | None = None, *, progress: bool = Tru
     tensor compared through the mapping (`wan2diffusers verify`). Differences do not raise:
     `report.ok` is False and `report.differences` names them."""
     from .diagnose.verify import verify_path
-
     from .plan.layout_cache import bypassed
 
     if source is not None and not Path(source).exists():

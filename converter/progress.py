@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import sys
 
+from .sizes import human_size
+
 
 def file_done(what: str, path, nbytes: int, enabled: bool = True) -> None:
     """`what` wrote `path` (`nbytes`): one report line (stdout) when stderr, where the bars go, is not a terminal."""
     if not enabled or sys.stderr.isatty():
         return
-    size = float(nbytes)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            break
-        size /= 1000
-    print(f"{what}: wrote {getattr(path, 'name', path)} ({size:.1f} {unit})", flush=True)  # with the report
+    print(f"{what}: wrote {getattr(path, 'name', path)} ({human_size(nbytes)})", flush=True)  # with the report

@@ -747,14 +747,13 @@ def test_a_source_listed_under_another_name_than_its_ref_is_still_planned(tmp_pa
     while coverage says proven."""
     from dataclasses import replace
 
-    import torch
     from safetensors.torch import save_file
 
     from wan2diffusers.actions import to_original
     from wan2diffusers.read.pth_file import read_pth_index
 
-    def untied_keeping_the_refs_name(weights, target, name, say, notes):
-        a, b = weights.tensors["encoder.embed_tokens.weight"], weights.tensors["shared.weight"]
+    def untied_keeping_the_refs_name(weights, target, name, notes):
+        a = weights.tensors["encoder.embed_tokens.weight"]
         weights.tensors["shared.weight"] = replace(a)  # its own key stays encoder.embed_tokens.weight
         notes.append("read shared.weight from encoder.embed_tokens.weight")
 

@@ -59,10 +59,9 @@ def run_quantize(src, out, weights, max_shard_size, overwrite, dry_run, say=sile
 def write_quantized(plans, infos, src: Path, out: Path, weights, max_shard_size, overwrite, pipeline, report, say,
                     progress: bool = True):
     from ..component import verify_written, write_component
+    from ..publishing.provenance import RECORD_NAME, read_record
     from ..quantization.diffusers_folder import link_or_copy
     from ..write.atomic import atomic_output_dir, clean_stale
-
-    from ..publishing.provenance import RECORD_NAME, read_record
 
     record_folder = src if pipeline else src.parent
     if (record_folder / RECORD_NAME).is_file():

@@ -24,7 +24,7 @@ def _run_repair(path: Path, source: Path | None, backup: str | None, overrides: 
                 dry_run: bool, say=silent, progress: bool = True) -> dict:
     from ..diagnose.repairs import apply, plan_repairs
     from ..diagnose.report import inspect_path
-    from ..write.atomic import absolute
+    from ..write.atomic import absolute, holds_cwd
 
     path = absolute(path)  # "." names the folder, not a work folder beside an empty name
     if source is not None and not Path(source).exists():
@@ -35,10 +35,9 @@ def _run_repair(path: Path, source: Path | None, backup: str | None, overrides: 
         say(f"note: {note}")
     found, diags, _ = inspect_path(path, overrides)
     plans = plan_repairs(diags, source)
-    cwd = Path.cwd().resolve()
     for rp in plans if not dry_run else []:  # before any change: a folder repair swaps may not hold the cwd
         where = rp.diagnosis.unit.path.resolve()
-        if rp.repairs and not rp.refused and (cwd == where or where in cwd.parents):
+        if rp.repairs and not rp.refused and holds_cwd(where):
             raise ConversionError(f"{rp.diagnosis.unit.path}: the current folder is inside it, and repair swaps the "
                                   f"whole folder; run repair from outside it (cd {where.parent} && wan2diffusers "
                                   f"repair {where.name}); nothing was changed")

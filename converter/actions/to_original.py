@@ -130,7 +130,7 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
                                   f"(wan2diffusers inspect {unit.path})")
         det = d.detection if d.detection is not None else derive(unit)  # diagnose settled it already
         weights = SourceCheckpoint(unit.path, "diffusers", unit.weights.files, dict(unit.weights.tensors), None)
-        _untied(weights, d.target, name, say, untied_notes)
+        _untied(weights, d.target, name, untied_notes)
         direction = layout.direction(unit.component)
         plan = build_plan(unit.table, weights, det, d.target, dtype, direction)
         cp = ComponentPlan(unit.component, weights, plan, "", name)
@@ -140,9 +140,9 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
             f"coverage proven")
         out.append(Reversed(name, cp, "", ""))
     notes = untied_notes + layout.place(out, src, model_name or Path(src).resolve().name)
-    for r in out:  # what a .pth can hold (torch.save's typed storages), checked before anything is written
-        from ..write.pth_writer import STORAGE_TYPES
+    from ..write.pth_writer import STORAGE_TYPES
 
+    for r in out:  # what a .pth can hold (torch.save's typed storages), checked before anything is written
         bad = [pt for pt in r.cp.plan.tensors if r.is_pth and pt.dtype not in STORAGE_TYPES]
         if bad:
             raise ConversionError(f"{r.cp.source.path}: {bad[0].sources[0].key} is {bad[0].dtype}, which the original "
@@ -151,7 +151,7 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
     return out, notes
 
 
-def _untied(weights, target, name: str, say, notes: list[str]) -> None:
+def _untied(weights, target, name: str, notes: list[str]) -> None:
     """A folder that stores a tied copy (transformers' encoder.embed_tokens.weight beside shared.weight)
     with other values than the key it is tied to: transformers then does not tie them, and the model
     runs on the copy. The original layout has one tensor for both: the copy's values are written
@@ -246,13 +246,12 @@ VERSION = re.compile(r"[0-9]+(\.[0-9]+){0,3}([.+-]?[0-9A-Za-z]+){0,3}")
 
 def _kept_value(kind: str, value, where: str):
     """A value the record may give (ConfigEntry.kept), checked like a config.json value."""
-    from ..plan.detect import MAX_INT
+    from ..plan.detect import MAX_INT, short_repr
 
     ok = (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_INT if kind == "int"
           else isinstance(value, str) and len(value) <= 40 and VERSION.fullmatch(value) is not None)
     if not ok:
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-        raise ConversionError(f"{where}={shown}: expected {'a positive integer' if kind == 'int' else 'a version'}"
+        raise ConversionError(f"{where}={short_repr(value)}: expected {'a positive integer' if kind == 'int' else 'a version'}"
                               f" (fix or remove the conversion record)")
     return value
 
@@ -265,6 +264,7 @@ def original_config(table, det, pipeline_fields: dict, kept: dict | None, record
     record holds must agree with what the weights and tables give, else the record is refused.
     Returns (config, field -> where a value not from the weights came from)."""
     from ..mapping.schema import config_entry
+    from ..plan.detect import short_repr
 
     cfg, origin = {}, {}
     kept = kept if isinstance(kept, dict) else {}
@@ -283,8 +283,7 @@ def original_config(table, det, pipeline_fields: dict, kept: dict | None, record
         else:
             cfg[name], origin[name] = e.const, f"mappings/{table.component}.yaml (default)"
         if name in kept and e.kept is None and kept[name] != cfg[name]:
-            shown = repr(kept[name]) if len(repr(kept[name])) <= 60 else repr(kept[name])[:57] + "..."
-            raise ConversionError(f"{where}={shown} contradicts the weights and tables ({cfg[name]!r}); "
+            raise ConversionError(f"{where}={short_repr(kept[name])} contradicts the weights and tables ({cfg[name]!r}); "
                                   f"fix or remove the conversion record")
     return cfg, origin
 

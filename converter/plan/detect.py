@@ -102,6 +102,12 @@ def _whole(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def short_repr(value, most: int = 60) -> str:
+    """A value as an error message shows it: its repr, cut to `most` characters."""
+    text = repr(value)
+    return text if len(text) <= most else text[:most - 3] + "..."
+
+
 def check_value(f: Fact, value: Any, where: str) -> None:
     """A value from outside (config.json, --set) must be what the table says the fact is."""
     if f.type is None:
@@ -114,8 +120,7 @@ def check_value(f: Fact, value: Any, where: str) -> None:
     else:
         ok = isinstance(value, list) and all(_whole(v) and 0 <= v <= MAX_INT for v in value)
     if not ok:
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-        raise ConversionError(f"{where}={shown}: expected {TYPE_WORDS[f.type]}")
+        raise ConversionError(f"{where}={short_repr(value)}: expected {TYPE_WORDS[f.type]}")
 
 
 def _evaluate(name: str, f: Fact, table: Table, src: SourceCheckpoint, variant: str, facts: dict) -> Any:

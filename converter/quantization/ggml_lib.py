@@ -59,7 +59,7 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(THREADS, thread_name_prefix="ggml-quantize")
 
 
-def row_bytes(type_id: int, block: int, type_size: int, n_per_row: int) -> int:
+def row_bytes(block: int, type_size: int, n_per_row: int) -> int:
     if n_per_row % block:
         raise ConversionError(f"a row of {n_per_row} values is not a whole number of {block}-value blocks")
     return n_per_row // block * type_size
@@ -75,7 +75,7 @@ def quantize(values, type_id: int, block: int, type_size: int):
         raise ConversionError(f"ggml type {type_id} needs an importance matrix, which is not offered")
     values = np.ascontiguousarray(values, dtype=np.float32)
     rows, n = values.shape
-    per_row = row_bytes(type_id, block, type_size, n)
+    per_row = row_bytes(block, type_size, n)
     out = np.empty((rows, per_row), dtype=np.uint8)
     if rows == 0:
         return out

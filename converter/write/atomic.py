@@ -59,18 +59,23 @@ def check_destination(out: Path, overwrite: bool, kind: str = "folder") -> None:
         raise ConversionError(f"{out}: exists and is not a {kind}")
 
 
+def holds_cwd(path: Path) -> bool:
+    """Whether PATH is the folder this process runs in, or one that holds it."""
+    cwd, p = Path.cwd().resolve(), Path(path).resolve()
+    return p == cwd or p in cwd.parents
+
+
 def check_output(src: Path, out: Path, overwrite: bool, kind: str = "folder") -> None:
     """OUT must be a new (or, with --overwrite, replaceable) folder or file that neither holds nor
     lies inside the source (replacing it would delete the source, or part of it), nor holds the
     folder the command runs in (the shell would be left in a deleted folder)."""
     text = str(out).strip()
-    cwd = Path.cwd().resolve()
-    o = Path(text).resolve() if text else cwd
-    if text in ("", ".", "..") or o == cwd:
+    o = Path(text or ".").resolve()
+    if text in ("", ".", "..") or o == Path.cwd().resolve():
         raise ConversionError(f"OUT {str(out)!r}: give a new folder for the output, not the current one")
-    if o in cwd.parents:
-        raise ConversionError(f"OUT {str(out)!r}: holds the current folder {cwd}; replacing it would pull the "
-                              f"folder you are in away; run from outside it or give another OUT")
+    if holds_cwd(o):
+        raise ConversionError(f"OUT {str(out)!r}: holds the current folder {Path.cwd().resolve()}; replacing it "
+                              f"would pull the folder you are in away; run from outside it or give another OUT")
     if os.path.lexists(src):
         s = Path(src).resolve()
         if o == s or o in s.parents:
