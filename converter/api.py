@@ -19,8 +19,8 @@ from .errors import ConversionError
 
 PathArg = Union[str, "PathLike[str]"]
 Log = Callable[[str], None]
-Dtype = Literal["keep", "fp32", "bf16", "fp16"]
-Weights = str  # int8, float8, int4 (quanto/torchao); Q8_0 ... F32 with to="gguf"
+Dtype = Literal["keep", "fp32", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2"]  # fp8: to="comfyui" only
+Weights = str  # int8, float8, int4 (quanto/torchao); Q8_0 ... F32 with to="gguf"; fp8_scaled with to="comfyui"
 Backend = Literal["quanto", "torchao"]
 
 __all__ = ["Report", "ConversionError", "convert", "quantize", "inspect", "verify", "repair", "publish"]

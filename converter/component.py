@@ -10,6 +10,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from . import fp8
 from .errors import ConversionError
 from .progress import file_done
 from .mapping import transforms
@@ -37,7 +38,8 @@ class ComponentPlan:
 def open_source(component: str, src_path: Path) -> SourceCheckpoint:
     table = load_table(component)
     if table.source.weights_name:
-        return open_safetensors_source(src_path, table.source.weights_name, table.source.strip_prefixes)
+        src = open_safetensors_source(src_path, table.source.weights_name, table.source.strip_prefixes)
+        return fp8.resolve(src, table.source.strip_prefixes)
     return open_pth_source(src_path, table.source.file_names, table.source.strip_prefixes)
 
 
@@ -160,7 +162,8 @@ def describe(cp: ComponentPlan) -> dict:
         "component": cp.component,
         "instance": cp.folder,  # the output folder: transformer_2 is the second transformer instance
         "source": str(src.path),
-        "source_layout": src.layout + (f" (prefix {src.prefix!r} removed)" if src.prefix else ""),
+        "source_layout": src.layout + (f" (prefix {src.prefix!r} removed)" if src.prefix else "")
+        + (f", {src.fp8.says()}" if src.fp8 else ""),
         "source_files": [str(f) for f in src.files],
         "variant": p.detection.variant,
         "detected": p.detection.says,

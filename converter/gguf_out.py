@@ -132,7 +132,7 @@ def plan_gguf(tensors: dict, target: str) -> list[GGUFTensor]:
     for key in sorted(tensors):
         ref = tensors[key]
         shape = tuple(ref.shape)
-        q = tensor_type(key, shape, ref.dtype, target, seen)
+        q = tensor_type(key, shape, ref.value_dtype, target, seen)
         qt = gguf.GGMLQuantizationType[q]
         byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qt) if q not in ("F32", "F16") else shape
         item = {"F32": 4, "F16": 2}.get(q, 1)

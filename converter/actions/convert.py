@@ -52,12 +52,17 @@ class Output:
     write: Callable[..., dict]  # (src, out, options, say, warn, progress, check_values) -> report
     why_not: dict[str, str] = field(default_factory=dict)
     only: tuple[str, ...] | None = None  # the only components it writes, if it is restricted
+    accepts: dict[str, tuple[str, ...]] = field(default_factory=dict)  # option -> the values it takes
 
     def check(self, options: Options) -> None:
-        for name in options.given():
+        for name, value in options.given().items():
             if name not in self.honours:
                 why = self.why_not.get(name) or self.why_not.get("*", "it does not apply to this output")
                 raise ConversionError(f"{OPTION_NAMES[name]} does not apply to --to {self.name}: {why}")
+            if name in self.accepts and value not in self.accepts[name]:
+                why = self.why_not.get(f"{name}={value}", "")
+                raise ConversionError(f"{OPTION_NAMES[name]} {value}: --to {self.name} takes "
+                                      f"{', '.join(self.accepts[name])}" + (f" ({why})" if why else ""))
         if self.only is not None and options.only and list(options.only) != list(self.only):
             raise ConversionError(f"--only {','.join(options.only)}: --to {self.name} writes the "
                                   f"{', '.join(self.only)} only (--only {','.join(self.only)})")
@@ -73,25 +78,33 @@ def _write_back(to: str):
     def write(src, out, o: Options, say, warn, progress, check):
         from .to_original import run_to_original
 
-        return run_to_original(src, out, o.only, o.dtype, o.shard_size, o.overwrite, o.dry_run, say, progress, to,
-                               check)
+        plain = o.dtype in PLAIN_FP8  # --dtype fp8_e4m3fn: ComfyUI's plain fp8 transformer file
+        return run_to_original(src, out, o.only, "keep" if plain else o.dtype, o.shard_size, o.overwrite, o.dry_run,
+                               say, progress, to, check, fp8=o.dtype if plain else o.quantize)
     return write
 
 
 BACK = "the way back writes the float weights of a Diffusers SRC, whose config.json already holds every fact"
+FLOAT_DTYPES = ("fp32", "bf16", "fp16")
+PLAIN_FP8 = ("fp8_e4m3fn", "fp8_e5m2")  # mappings/fp8.yaml write.plain_formats
+FP8_WHY = {"quantize=fp8_scaled": "fp8_scaled is ComfyUI's file format: --to comfyui --quantize fp8_scaled",
+           "dtype=fp8_e4m3fn": "plain fp8 is ComfyUI's file format: --to comfyui --dtype fp8_e4m3fn",
+           "dtype=fp8_e5m2": "plain fp8 is ComfyUI's file format: --to comfyui --dtype fp8_e5m2"}
 OUTPUTS = {o.name: o for o in (
     Output("diffusers", frozenset({"only", "dtype", "max_shard_size", "clip_heads", "flow_shift", "settings",
                                    "override_config", "quantize", "backend", "check_finite"}),
-           lambda *a: write_diffusers(*a)),
+           lambda *a: write_diffusers(*a), FP8_WHY,
+           accepts={"dtype": FLOAT_DTYPES, "quantize": ("int8", "float8", "int4")}),
     Output("gguf", frozenset({"only", "quantize", "settings", "override_config", "check_finite"}), _write_gguf,
            {"dtype": "a GGUF file's types come from --quantize (mappings/gguf.yaml)",
             "max_shard_size": "a GGUF file is one file per transformer",
             "clip_heads": "a GGUF file holds the transformer only", "flow_shift": "a GGUF file holds no scheduler",
             "backend": "--backend picks torchao or quanto for a Diffusers folder"}, ("transformer",)),
     Output("original", frozenset({"only", "dtype", "max_shard_size", "check_finite"}), _write_back("original"),
-           {"*": BACK}),
-    Output("comfyui", frozenset({"only", "dtype", "check_finite"}), _write_back("comfyui"),
-           {"max_shard_size": "ComfyUI's files are one file per component", "*": BACK}),
+           {"*": BACK, **FP8_WHY}, accepts={"dtype": FLOAT_DTYPES}),
+    Output("comfyui", frozenset({"only", "dtype", "quantize", "check_finite"}), _write_back("comfyui"),
+           {"max_shard_size": "ComfyUI's files are one file per component", "*": BACK},
+           accepts={"dtype": FLOAT_DTYPES + PLAIN_FP8, "quantize": ("fp8_scaled",)}),
 )}
 
 
@@ -131,6 +144,11 @@ def write_diffusers(src, out, o: Options, say, warn, progress, check) -> dict:
         say(f"downloading from the Hub: {src} (only what the components need)")
         hub_repo, src = str(src), download(str(src), only)
     plans = plan_components(src, only, dtype, overrides, clip_heads, override_config, say)
+    fp8 = next((cp for cp in plans if cp.source.fp8 is not None), None)
+    if fp8 is not None and dtype == "keep" and not quantize:
+        raise ConversionError(f"{fp8.source.path}: holds fp8 weights ({fp8.source.fp8.scheme}), which Diffusers "
+                              f"does not load as they are: choose --dtype bf16, fp16 or fp32 (the values "
+                              f"dequantized as ComfyUI does), or --quantize float8 (torchao)")
     report = {"ok": True, "dry_run": dry_run, "components": [describe(cp) for cp in plans]}
     check(plans, report["components"], report)
     if quantize:  # the transformer written quantized (converter/quantization)

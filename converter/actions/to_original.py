@@ -95,11 +95,13 @@ LAYOUTS = {"original": OriginalLayout(), "comfyui": ComfyLayout()}
 
 
 def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
-                  to: str = "original", model_name: str | None = None, found=None) -> tuple[list[Reversed], list[str]]:
+                  to: str = "original", model_name: str | None = None, found=None,
+                  fp8: str | None = None) -> tuple[list[Reversed], list[str]]:
     """Every Diffusers component of SRC planned in the direction the output layout `to` (LAYOUTS)
     asks of it, its coverage proven, and placed; and notes on what cannot be written.
     `model_name`: the model's name in ComfyUI file names (default: SRC's); `found`: what
-    diagnose.layout.find made of SRC, when the caller has it already."""
+    diagnose.layout.find made of SRC, when the caller has it already; `fp8` (ComfyUI files):
+    the transformer written as fp8_scaled or plain fp8 (quantization/fp8_scaled.py)."""
     from ..component import ComponentPlan, require_coverage
     from ..diagnose.examine import derive, diagnose
     from ..diagnose.layout import find
@@ -132,9 +134,19 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
         weights = SourceCheckpoint(unit.path, "diffusers", unit.weights.files, dict(unit.weights.tensors), None)
         _untied(weights, d.target, name, untied_notes)
         direction = layout.direction(unit.component)
-        plan = build_plan(unit.table, weights, det, d.target, dtype, direction)
+        fp8_here = fp8 is not None and unit.component == "transformer"
+        if fp8 is not None and not fp8_here and fp8 != "fp8_scaled":
+            raise ConversionError(f"--dtype {fp8} is for the transformer's file: add --only transformer (the other "
+                                  f"components' files take --dtype fp32, bf16 or fp16)")
+        plan = build_plan(unit.table, weights, det, d.target, _fp8_keep_dtype(dtype) if fp8_here else dtype, direction)
         cp = ComponentPlan(unit.component, weights, plan, "", name)
         require_coverage(cp)
+        if fp8_here:
+            from ..quantization.fp8_scaled import plan_fp8
+
+            cp.quantized = plan_fp8(cp, fp8)
+            say(f"{name}: {cp.quantized.quantized} Linear weights as {fp8} (ComfyUI's formula, mappings/fp8.yaml), the "
+                f"other tensors {', '.join(sorted({pt.dtype for pt in plan.tensors}))}")
         say(f"{name}: {len(weights.tensors)} Diffusers tensors ({det.variant}{', ' + det.size if det.size else ''}) "
             f"-> {len(plan.tensors)} {'original' if direction is BACKWARD else 'Diffusers'}-named tensors; "
             f"coverage proven")
@@ -149,6 +161,16 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
                                   f"{r.file_name} (torch.save's typed storages) does not hold; convert back a folder "
                                   f"with float32/bf16/fp16 weights")
     return out, notes
+
+
+def _fp8_keep_dtype(dtype: str) -> str:
+    """The dtype of what an fp8 transformer file keeps unquantized: --dtype, else Comfy-Org's (F16)."""
+    from ..fp8 import load_fp8_spec
+    from ..plan.plan import DTYPE_CHOICES
+
+    if dtype != "keep":
+        return dtype
+    return next(name for name, tag in DTYPE_CHOICES.items() if tag == load_fp8_spec().write.keep_dtype)
 
 
 def _untied(weights, target, name: str, notes: list[str]) -> None:
@@ -188,8 +210,9 @@ def _place_comfy(parts: list[Reversed], model_name: str) -> None:
         if r.instance in experts:
             name += "_" + spec.experts.get(experts[r.instance], experts[r.instance])
         r.dest = spec.folder
+        kind = getattr(r.cp.quantized, "kind", None)  # an fp8 file is named by its kind, as Comfy-Org's are
         r.file_name = spec.file.format(name=name, variant=r.cp.plan.detection.variant,
-                                       dtype="_".join(DTYPE_NAMES[d] for d in dtypes) or "mixed")
+                                       dtype=kind or "_".join(DTYPE_NAMES[d] for d in dtypes) or "mixed")
 
 
 def _place(parts: list[Reversed], src: Path) -> None:
@@ -289,8 +312,11 @@ def original_config(table, det, pipeline_fields: dict, kept: dict | None, record
 
 
 def run_to_original(src: Path, out: Path, only, dtype: str, max_shard_size, overwrite: bool, dry_run: bool,
-                    say=silent, progress: bool = True, to: str = "original", check_values=None) -> dict:
-    """`to`: original (the Wan-AI repo layout) or comfyui (one file per component, unsharded)."""
+                    say=silent, progress: bool = True, to: str = "original", check_values=None,
+                    fp8: str | None = None) -> dict:
+    """`to`: original (the Wan-AI repo layout) or comfyui (one file per component, unsharded);
+    `fp8`: (comfyui) the transformer as fp8_scaled or plain fp8 (plan_reversed)."""
+    from ..component import written_tensors
     from ..hub import diffusers_patterns, download, looks_like_repo_id
     from ..write.atomic import atomic_output_dir, check_output, clean_stale
 
@@ -302,14 +328,15 @@ def run_to_original(src: Path, out: Path, only, dtype: str, max_shard_size, over
         say(f"downloading from the Hub: {src} (only what the components need)")
         name = Path(str(src)).name
         src = download(str(src), only, patterns=diffusers_patterns(only))
-    parts, notes = plan_reversed(src, only, dtype, say, to, name)
+    parts, notes = plan_reversed(src, only, dtype, say, to, name, fp8=fp8)
     tokenizer = LAYOUTS[to].tokenizer(src, parts)
     if not LAYOUTS[to].sharded:
         max_shard_size = 1 << 62  # one file per component
     report = {"ok": True, "dry_run": dry_run, "to": to, "source": str(src), "components": [
         {"instance": r.instance, "component": r.cp.component, "variant": r.cp.plan.detection.variant,
-         "file": "/".join(x for x in (r.dest, r.file_name) if x), "tensors": len(r.cp.plan.tensors),
-         "bytes": sum(pt.nbytes for pt in r.cp.plan.tensors), "dropped": [d.key for d in r.cp.plan.dropped],
+         "file": "/".join(x for x in (r.dest, r.file_name) if x), "tensors": len(written_tensors(r.cp)),
+         "bytes": sum(pt.nbytes for pt in written_tensors(r.cp)), "dropped": [d.key for d in r.cp.plan.dropped],
+         "fp8": getattr(r.cp.quantized, "kind", None),
          "config": r.config, "config_from": r.config_from} for r in parts],
         "tokenizer": tokenizer[1] if tokenizer else None, "notes": notes}
     if check_values is not None:  # --check-finite: the source tensors read once more

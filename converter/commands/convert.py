@@ -20,9 +20,11 @@ from .common import backend_option, run_reporting
               help="Comma-separated components to convert: transformer,vae,text_encoder,image_encoder.")
 @click.option("--max-shard-size", default=None,
               help="Largest output shard (e.g. 5GB, 500MB), as save_pretrained splits.  [default: 5GB]")
-@click.option("--dtype", type=click.Choice(["keep", "fp32", "bf16", "fp16"]), default="keep", show_default=True,
+@click.option("--dtype", type=click.Choice(["keep", "fp32", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2"]), default="keep",
+              show_default=True,
               help="Output dtype of floating tensors. In bf16/fp16 the modules diffusers keeps in "
-                   "float32 (_keep_in_fp32_modules) stay float32.")
+                   "float32 (_keep_in_fp32_modules) stay float32. fp8_e4m3fn/fp8_e5m2: with --to comfyui "
+                   "--only transformer, ComfyUI's plain fp8 file (Linear weights cast, no scales).")
 @click.option("--clip-heads", type=int, default=None,
               help="Attention heads of the CLIP vision tower, which the weights cannot tell "
                    "(default: from the table of known towers; ViT-H/14: 16).")
@@ -36,11 +38,13 @@ from .common import backend_option, run_reporting
                    "original key names, for ComfyUI-GGUF and diffusers' GGUF loader (needs --quantize TYPE); "
                    "(original) a Diffusers SRC back in the layout of the original Wan-AI repo; (comfyui) a "
                    "Diffusers SRC as ComfyUI's single files (diffusion_models/, vae/, text_encoders/, clip_vision/).")
-@click.option("--quantize", type=click.Choice(["int8", "float8", "int4", *load_gguf_policy().types]), default=None,
+@click.option("--quantize", type=click.Choice(["int8", "float8", "int4", *load_gguf_policy().types, "fp8_scaled"]),
+              default=None,
               help="Write the transformer quantized: int8, float8, int4 in a Diffusers folder (see --backend; "
                    "from_pretrained loads it with no extra argument; the other components stay float; which "
                    "modules stay float: mappings/quantization.yaml); with --to gguf, a GGUF type "
-                   "(Q8_0, the K-quants Q6_K ... Q2_K, ... F32; mappings/gguf.yaml).")
+                   "(Q8_0, the K-quants Q6_K ... Q2_K, ... F32; mappings/gguf.yaml); with --to comfyui, "
+                   "fp8_scaled (ComfyUI's fp8 with per-tensor scales, as Comfy-Org's files; mappings/fp8.yaml).")
 @click.option("--override-config", is_flag=True,
               help="Let --set values replace what the source's config.json says (otherwise a contradiction "
                    "is refused).")

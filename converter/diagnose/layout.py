@@ -17,7 +17,8 @@ from ..read.files import what_is
 from ..read.pth_file import read_pth_index
 from ..read.safetensors_file import TensorRef, read_header
 from ..read.files import load_json
-from ..read.source import common_prefix
+from ..read.source import SourceCheckpoint, common_prefix
+from .. import fp8
 from ..write.workfiles import RECORD_NAME
 from ..write.naming import MODEL_INDEX, SHARD, index_name, shard_name
 from ..quantization.keyformats import KeyFormat, fold_quantized
@@ -65,6 +66,7 @@ class Unit:
     keys: dict[str, TensorRef] = field(default_factory=dict)  # quantized keys folded onto base keys
     loads: str = ""  # which weight files from_pretrained would pick
     comfy: str = ""  # a ComfyUI file: the key layout ComfyUI's loader reads (original, diffusers)
+    fp8: object = None  # a converter.fp8.Fp8Source: the file stores fp8 weights (scales folded in)
 
     @property
     def folder(self) -> Path | None:
@@ -201,8 +203,10 @@ def _has_weights(folder: Path) -> bool:
 
 
 def single_file_unit(path: Path) -> Unit:
+    metadata: dict = {}
     if path.suffix == ".safetensors":
-        ws = WeightSet("single file", path.name, [path], dict(read_header(path).tensors))  # corrupt: one line
+        header = read_header(path)  # corrupt: one line
+        ws, metadata = WeightSet("single file", path.name, [path], dict(header.tensors)), header.metadata
     elif path.suffix in (".pth", ".pt", ".bin"):
         ws = WeightSet("pth file", path.name, [path], read_pth_index(path))
     else:
@@ -210,13 +214,15 @@ def single_file_unit(path: Path) -> Unit:
     prefixes = sorted({p for c in table_names() for p in load_table(c).source.strip_prefixes})
     ws.prefix = common_prefix(ws.tensors, prefixes)
     ws.tensors = {k[len(ws.prefix):]: r for k, r in ws.tensors.items()}
+    found = fp8.resolve(SourceCheckpoint(path, ws.kind, [path], ws.tensors, None, ws.prefix, metadata), prefixes)
+    ws.tensors, ws.prefix = found.tensors, found.prefix  # ComfyUI's fp8 scales folded into their weights
     keys, quantized, fmt = fold_quantized(ws.tensors)
     sides = best_component(keys)
     if sides is None:
         raise ConversionError(f"{path}: not a Wan checkpoint: its keys match no table "
                               f"(e.g. {', '.join(sorted(ws.tensors)[:3]) or 'no tensors'})")
     return Unit(sides.component, path, "single file", ws, [ws], sides=sides, quantized=quantized, key_format=fmt, keys=keys,
-                loads=path.name)
+                loads=path.name, fp8=found.fp8)
 
 
 def _single(path: Path, name: str) -> WeightSet:

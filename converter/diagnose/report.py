@@ -51,6 +51,9 @@ def component_dict(d: Diagnosis) -> dict:
         "notes": (det.notes if det else []) + d.notes,
         "healthy": d.healthy,
         "comfyui": u.comfy or None,  # a ComfyUI file: the key layout ComfyUI reads
+        "fp8": None if u.fp8 is None else {"scheme": u.fp8.scheme, "scaled": u.fp8.scaled, "plain": u.fp8.plain,
+                                           "input_scales_left_out": u.fp8.dropped_input_scales,
+                                           "says": u.fp8.says()},
     }
     if ws is not None:
         out.update(summary(d))
@@ -127,6 +130,8 @@ def render(report: dict) -> list[str]:
             lines.append(f"  tensors:  {c['tensors']} ({c['parameters']:,} parameters, {human_size(c['bytes'])}; "
                          + ", ".join(f"{k} x{n}" for k, n in c["dtypes"].items()) + ")")
             lines.append("  shards:   " + ("ok" if not w["problems"] else "; ".join(w["problems"])))
+        if c.get("fp8"):
+            lines.append(f"  fp8:      {c['fp8']['says']}")
         if c.get("comfyui"):  # read by ComfyUI's loaders: no config.json, no from_pretrained
             lines.append(f"  ComfyUI:  {c['comfyui']} keys, as ComfyUI's loader reads them")
         else:

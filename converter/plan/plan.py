@@ -15,6 +15,7 @@ from .detect import Detection
 from .target import TargetModel
 
 FLOAT_TAGS = {"F64", "F32", "F16", "BF16"}
+FP8_TAGS = {"F8_E4M3", "F8_E5M2"}  # read as values (dequantized when scaled), cast by --dtype
 DTYPE_CHOICES = {"keep": None, "fp32": "F32", "bf16": "BF16", "fp16": "F16"}
 
 
@@ -41,7 +42,7 @@ class PlannedTensor:
     def is_byte_copy(self) -> bool:
         """The output is the source's bytes unchanged: the kernel can copy it."""
         src = self.sources[0]
-        return transforms.is_view(self.rule) and self.dtype == src.dtype and src.stride is None
+        return transforms.is_view(self.rule) and self.dtype == src.dtype and src.stride is None and src.scale is None
 
 
 @dataclass
@@ -210,8 +211,10 @@ def build_plan(table: Table, src: SourceCheckpoint, det: Detection, target: Targ
                             f"placed in no output (the planner would lose it)")
     ordered = []
     for pt in order:
-        src_tag = pt.sources[0].dtype
-        if out_tag and src_tag in FLOAT_TAGS and not (direction.forward and _keep_fp32(pt.key, target.keep_in_fp32, out_tag)):
+        src_tag = pt.sources[0].value_dtype
+        if out_tag and src_tag in FP8_TAGS:
+            pt.dtype = out_tag  # fp8 only widens: no float32-only module loses anything
+        elif out_tag and src_tag in FLOAT_TAGS and not (direction.forward and _keep_fp32(pt.key, target.keep_in_fp32, out_tag)):
             pt.dtype = out_tag
         elif out_tag and src_tag in FLOAT_TAGS:
             pt.dtype = "F32"

@@ -51,6 +51,14 @@ class TensorRef:
     offset: int  # absolute offset in the file of the first byte this tensor uses
     nbytes: int  # bytes from `offset` that hold the tensor (its span, when strided)
     stride: tuple[int, ...] | None = None  # None: contiguous (always for safetensors)
+    # fp8 stored with a per-tensor scale (ComfyUI's fp8_scaled files, converter/fp8.py): the values
+    # are the stored ones times `scale`, computed in float32; None: the stored values themselves
+    scale: float | None = None
+
+    @property
+    def value_dtype(self) -> str:
+        """The dtype tag of the values this ref reads as: F32 for a scaled fp8 weight."""
+        return "F32" if self.scale is not None else self.dtype
 
 
 @dataclass(frozen=True)
@@ -144,16 +152,26 @@ def read_tensor(ref: TensorRef):
     if got != ref.nbytes:
         raise ConversionError(f"{ref.file}: truncated while reading {ref.key}")
     if ref.nbytes == 0:
-        return torch.empty(ref.shape, dtype=dtype)
+        return torch.empty(ref.shape, dtype=__getattr__("DTYPES")[ref.value_dtype])
     flat = torch.frombuffer(buf, dtype=dtype)
     if ref.stride is not None:
-        return flat.as_strided(ref.shape, ref.stride).contiguous()
-    return flat.reshape(ref.shape)
+        return scaled(flat.as_strided(ref.shape, ref.stride).contiguous(), ref.scale)
+    return scaled(flat.reshape(ref.shape), ref.scale)
+
+
+def scaled(values, scale: float | None):
+    """Stored fp8 values times their per-tensor scale, in float32 (as ComfyUI's TensorCoreFP8Layout
+    dequantizes: qdata.to(float32) * scale, comfy/quant_ops.py); unchanged when there is no scale."""
+    import torch
+
+    if scale is None:
+        return values
+    return values.to(torch.float32) * torch.tensor(scale, dtype=torch.float32)
 
 
 def same_values(a: TensorRef, b: TensorRef, chunk: int = 16 * 1024 * 1024) -> bool:
     """Whether two contiguous tensors hold the same dtype, shape and bytes (read a chunk at a time)."""
-    if (a.dtype, tuple(a.shape), a.nbytes) != (b.dtype, tuple(b.shape), b.nbytes) or a.stride or b.stride:
+    if (a.dtype, tuple(a.shape), a.nbytes, a.scale) != (b.dtype, tuple(b.shape), b.nbytes, b.scale) or a.stride or b.stride:
         return False
     with open(a.file, "rb", buffering=0) as fa, open(b.file, "rb", buffering=0) as fb:
         for off in range(0, a.nbytes, chunk):
@@ -167,8 +185,8 @@ def same_values(a: TensorRef, b: TensorRef, chunk: int = 16 * 1024 * 1024) -> bo
 
 def copy_bytes(ref: TensorRef, out, chunk: int = 64 * 1024 * 1024) -> None:
     """Append a tensor's bytes to the open file `out`, kernel-side when the OS allows it
-    (os.copy_file_range: the bytes never enter this process).  Contiguous tensors only."""
-    assert ref.stride is None, ref.key
+    (os.copy_file_range: the bytes never enter this process).  Contiguous, unscaled tensors only."""
+    assert ref.stride is None and ref.scale is None, ref.key
     with open(ref.file, "rb", buffering=0) as src:
         out.flush()
         remaining, src_off = ref.nbytes, ref.offset
@@ -200,7 +218,7 @@ def iter_chunks(ref: TensorRef, chunk: int = 64 * 1024 * 1024):
     if ref.stride is not None:
         yield read_tensor(ref).reshape(-1)
         return
-    src_dtype = __getattr__("DTYPES")[ref.dtype]
+    src_dtype = __getattr__("DTYPES")[ref.dtype]  # a scaled ref yields float32 values (read_tensor's)
     item = ITEMSIZE[ref.dtype]
     step = max(item, chunk - chunk % item)
     with open(ref.file, "rb", buffering=0) as f:
@@ -212,7 +230,7 @@ def iter_chunks(ref: TensorRef, chunk: int = 64 * 1024 * 1024):
             got = f.readinto(buf)
             if got != n:
                 raise ConversionError(f"{ref.file}: truncated while reading {ref.key}")
-            yield torch.frombuffer(buf, dtype=src_dtype)
+            yield scaled(torch.frombuffer(buf, dtype=src_dtype), ref.scale)
             done += n
 
 
@@ -285,7 +303,10 @@ def iter_cast(ref: TensorRef, dtype, chunk: int = CAST_CHUNK):
 
 def _cast_steps(ref: TensorRef, spans, item: int, src_dtype, inputs, outputs):
     import torch
+
     from concurrent.futures import ThreadPoolExecutor
+
+    scale = ref.scale  # a scaled fp8 ref: its float32 values (stored x scale) cast once to the target
 
     with open(ref.file, "rb", buffering=0) as f, ThreadPoolExecutor(1) as reader:
         def read(i: int):
@@ -303,7 +324,7 @@ def _cast_steps(ref: TensorRef, spans, item: int, src_dtype, inputs, outputs):
                 pending = reader.submit(read, i + 1)
             count = n // item
             out = outputs[i % 2][:count]
-            src = torch.frombuffer(inputs[i % 2], dtype=src_dtype, count=count)
+            src = scaled(torch.frombuffer(inputs[i % 2], dtype=src_dtype, count=count), scale)
             out.copy_(src)
             check_overflow(src, out, f"{ref.file}: {ref.key}")
             yield memoryview(out.view(torch.uint8).numpy())
@@ -320,7 +341,7 @@ def count_nonfinite(ref: TensorRef) -> int:
 
     if not ref.dtype.startswith(("F", "BF")):
         return 0
-    wide = ref.dtype.startswith("F8")  # isfinite has no float8 kernel
+    wide = ref.value_dtype.startswith("F8")  # isfinite has no float8 kernel
     return sum(int((~torch.isfinite(part.float() if wide else part)).sum()) for part in iter_chunks(ref))
 
 
@@ -347,5 +368,5 @@ class LazyRows:
         item = ITEMSIZE[self.ref.dtype]
         row_bytes = self.shape[1] * item
         part = TensorRef(self.ref.file, self.ref.key, self.ref.dtype, (b - a, self.shape[1]),
-                         self.ref.offset + a * row_bytes, (b - a) * row_bytes)
+                         self.ref.offset + a * row_bytes, (b - a) * row_bytes, scale=self.ref.scale)
         return cast_checked(read_tensor(part), self.dtype, f"{self.ref.file}: {self.ref.key}")

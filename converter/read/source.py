@@ -22,6 +22,7 @@ class SourceCheckpoint:
     original_config: dict | None = None
     prefix: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
+    fp8: object = None  # a converter.fp8.Fp8Source when the file holds fp8 weights (their scales folded in)
 
     @property
     def total_bytes(self) -> int:
