@@ -16,6 +16,8 @@ by round, --repeat rounds (default 3), medians reported.  Paths (default all fiv
     verify    verify DIFFUSERS --source SRC (the folder convert made, untimed; every tensor compared)
     original  convert DIFFUSERS --to original (the transformer folder convert made, untimed, back)
     comfyui   convert DIFFUSERS --to comfyui
+    fp8_out   convert DIFFUSERS --to comfyui --quantize fp8_scaled
+    fp8_in    convert FP8_SCALED_FILE --dtype bf16 (the file fp8_out writes, made once, untimed)
 
 For each: median wall (s), median of the matching cp runs, the ratio, peak RSS (/usr/bin/time -v,
 mapped pages count), and user+sys CPU seconds.  Targets (issue 13): bf16 <= 1.2x cp, int8 <= 1.5x,
@@ -58,14 +60,17 @@ PATHS = {
     "verify": ["--source"],  # verify DIFFUSERS --source SRC: every tensor compared (its cp copies SRC)
     "original": ["--to", "original"],  # the way back: from the Diffusers folder convert made (untimed)
     "comfyui": ["--to", "comfyui"],
+    "fp8_out": ["--to", "comfyui", "--quantize", "fp8_scaled"],  # ComfyUI's fp8_scaled file from the Diffusers folder
+    "fp8_in": ["--dtype", "bf16"],  # that fp8_scaled file (made once, untimed) -> Diffusers bf16
 }
-BACKWARDS = ("original", "comfyui")  # these read the Diffusers folder; their cp copies that folder
-TARGETS = {"verify": 1.5, "bf16": 1.2, "int8": 1.5, "Q8_0": 1.5, "Q4_0": 1.5, "Q6_K": 3.0, "Q4_K_M": 3.0, "Q2_K": 3.0}
+BACKWARDS = ("original", "comfyui", "fp8_out")  # these read the Diffusers folder; their cp copies that folder
+FP8_SOURCE = ("fp8_in",)  # reads the fp8_scaled file fp8_out writes; its cp copies that file
+TARGETS = {"fp8_out": 1.5, "fp8_in": 1.5, "verify": 1.5, "bf16": 1.2, "int8": 1.5, "Q8_0": 1.5, "Q4_0": 1.5, "Q6_K": 3.0, "Q4_K_M": 3.0, "Q2_K": 3.0}
 
 
 def read_through(folder: Path) -> None:
-    """The source into the page cache."""
-    for f in sorted(folder.iterdir()):
+    """The source (a folder, or one file) into the page cache."""
+    for f in [folder] if folder.is_file() else sorted(folder.iterdir()):
         with open(f, "rb", buffering=0) as fh:
             while fh.read(64 << 20):
                 pass
@@ -122,18 +127,23 @@ def main() -> None:
         subprocess.run([str(CLI), "convert", str(src), str(work / "dry"), "--only", "transformer", "--dry-run"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         diffusers = work / "diffusers"
-        if any(p in BACKWARDS or p == "verify" for p in args.paths):
+        if any(p in BACKWARDS or p in FP8_SOURCE or p == "verify" for p in args.paths):
             subprocess.run([str(CLI), "convert", str(src), str(diffusers), "--only", "transformer"],
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             subprocess.run([str(CLI), "convert", str(diffusers / "transformer"), str(work / "dry-back"), "--to",
                             "original", "--dry-run"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        fp8_file = None
+        if any(p in FP8_SOURCE for p in args.paths):
+            subprocess.run([str(CLI), "convert", str(diffusers / "transformer"), str(work / "fp8"), *PATHS["fp8_out"]],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            (fp8_file,) = (work / "fp8" / "diffusion_models").glob("*.safetensors")
 
         runs: dict[str, list[dict]] = {p: [] for p in args.paths}
         cps: dict[str, list[dict]] = {p: [] for p in args.paths}
         for rnd in range(1, args.repeat + 1):
             for path in args.paths:
                 out = work / ("out.gguf" if "gguf" in PATHS[path] else "out")
-                source = diffusers / "transformer" if path in BACKWARDS else src
+                source = diffusers / "transformer" if path in BACKWARDS else fp8_file if path in FP8_SOURCE else src
                 for kind in ("cp", path):  # alternating: cp, then the path, every round
                     read_through(source)
                     if kind == "cp":
@@ -144,7 +154,7 @@ def main() -> None:
                         r = timed([str(CLI), "verify", str(diffusers), "--source", str(src)], logs, f"{rnd}-{path}")
                         runs[path].append(r)
                     else:
-                        only = [] if path in BACKWARDS else ["--only", "transformer"]
+                        only = [] if path in BACKWARDS or path in FP8_SOURCE else ["--only", "transformer"]
                         r = timed([str(CLI), "convert", str(source), str(out), *only, *PATHS[path]],
                                   logs, f"{rnd}-{path}")
                         remove(out)

@@ -135,3 +135,61 @@ def test_keep_is_refused_for_an_fp8_source(tmp_path):
     src = make_fp8_file(FIXTURES / "t2v", tmp_path / "m.safetensors")
     r = run_cli("convert", src, tmp_path / "out", *HEADS, ok=False)
     assert "--dtype bf16, fp16 or fp32" in r.stderr
+
+
+def test_float8_keeps_the_fp8_values_as_stored_and_runs_in_bf16(tmp_path):
+    """--quantize float8 (torchao) from fp8_scaled: `_weight_qdata` is the stored fp8 bytes and each
+    row's scale the tensor's; diffusers loads it in bf16 and torchao's Float8Tensor dequantizes to
+    exactly ComfyUI's values (no second rounding); verify --source agrees; the model runs."""
+    import diffusers
+
+    src = make_fp8_file(FIXTURES / "t2v", tmp_path / "m.safetensors")
+    run_cli("convert", src, tmp_path / "q", "--quantize", "float8", *HEADS)
+    stored = load_file(str(src))
+    model = diffusers.WanTransformer3DModel.from_pretrained(str(tmp_path / "q" / "transformer"),
+                                                            torch_dtype=torch.bfloat16)
+    pairs = {"blocks.0.attn1.to_q": "blocks.0.self_attn.q", "blocks.1.ffn.net.2": "blocks.1.ffn.2",
+             "blocks.1.attn2.to_out.0": "blocks.1.cross_attn.o"}
+    for ours, theirs in pairs.items():
+        w = model.get_submodule(ours).weight
+        q, scale = stored[f"{theirs}.weight"], stored[f"{theirs}.scale_weight"]
+        assert torch.equal(w.qdata.view(torch.uint8), q.view(torch.uint8)), ours
+        assert torch.equal(w.dequantize(), (q.to(torch.float32) * scale).to(torch.bfloat16)), ours
+    assert "identical to the source" in run_cli("verify", tmp_path / "q", "--source", src).stdout
+    out, expected = run_official_call(model, "t2v", torch.bfloat16)
+    assert torch.isfinite(out).all() and rel_err(out.float(), expected) < 0.2
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "F16", "BF16"])
+def test_gguf_from_fp8_quantizes_the_dequantized_values(tmp_path, qtype):
+    """gguf-py's own quantizer on ComfyUI's dequantized float32 values is the reference."""
+    import gguf
+    import numpy as np
+
+    src = make_fp8_file(FIXTURES / "t2v", tmp_path / "m.safetensors")
+    run_cli("convert", src, tmp_path / "m.gguf", "--to", "gguf", "--quantize", qtype, *HEADS)
+    deq = dequantized(src)
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    checked = 0
+    for t in reader.tensors:
+        if t.name.endswith(".weight") and len(deq[t.name].shape) == 2:
+            want = gguf.quants.quantize(deq[t.name].numpy(), t.tensor_type)  # the type the policy chose
+            assert np.array_equal(np.asarray(t.data).view(np.uint8).reshape(-1), want.view(np.uint8).reshape(-1)), t.name
+            checked += t.tensor_type == gguf.GGMLQuantizationType[qtype]
+    assert checked >= 20
+
+
+@pytest.mark.parametrize("fixture", ["i2v", "flf2v", "vace", "ti2v_5b", "i2v_a14b/high_noise_model"])
+def test_every_variant_reads_as_its_dequantized_float32_file(tmp_path, fixture):
+    """The other variants (img_emb, emb_pos, vace_blocks, the 5B's 48 channels): the fp8 file converts
+    to exactly what the float32 file of ComfyUI's dequantized values converts to (that path is proven
+    against the official outputs by test_transformer.py / test_wan22.py)."""
+    src = make_fp8_file(FIXTURES / fixture, tmp_path / "m.safetensors")
+    save_file(dequantized(src), str(tmp_path / "f32.safetensors"))
+    facts = ["--set", "transformer.vace_layers=[0, 3]"] if fixture == "vace" else []  # no config.json: give it
+    for name in ("m", "f32"):
+        run_cli("convert", tmp_path / f"{name}.safetensors", tmp_path / name, "--dtype", "fp32", *HEADS, *facts)
+    a = load_file(str(next((tmp_path / "m" / "transformer").glob("*.safetensors"))))
+    b = load_file(str(next((tmp_path / "f32" / "transformer").glob("*.safetensors"))))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sum(1 for k in load_file(str(src)) if k.endswith(".scale_weight")) >= 20

@@ -181,7 +181,7 @@ def compare_planned(unit: Unit, pts: list, ignore, progress: bool) -> tuple[int,
                 continue
             expected = transforms.apply(pt.rule, [read_tensor(r) for r in pt.sources])[pt.part]
             if pt.key in unit.quantized:
-                problem = _check_quantized(unit, pt.key, expected)
+                problem = _check_quantized(unit, pt.key, expected, pt)
             else:
                 problem = _check_equal(read_tensor(tensors[pt.key]), expected)
             del expected
@@ -240,14 +240,14 @@ def _check_equal(got: torch.Tensor, expected: torch.Tensor) -> str:
     return f"differs from the source in {int((got != exp).sum())} of {got.numel()} values"
 
 
-def _check_quantized(unit: Unit, key: str, expected: torch.Tensor) -> str:
+def _check_quantized(unit: Unit, key: str, expected: torch.Tensor, pt=None) -> str:
     """quanto int8: data * scale must be the source within half a quantization step (any int8
     quantizer passes); float8, int4 and torchao: see _check_requantized."""
     fmt = unit.key_format
     roles = fmt.by_role(unit.quantized[key]) if fmt is not None else {}
     refs = unit.weights.tensors
     if fmt is None or fmt.backend != "quanto" or set(roles) != {"data", "scale"} or refs[roles["data"]].dtype != "I8":
-        return _check_requantized(unit, key, expected)
+        return _check_requantized(unit, key, expected, pt)
     data, scale = read_tensor(refs[roles["data"]]).float(), read_tensor(refs[roles["scale"]]).float()
     if tuple(data.shape) != tuple(expected.shape):
         return f"shape {list(data.shape)}, the source gives {list(expected.shape)}"
@@ -258,10 +258,11 @@ def _check_quantized(unit: Unit, key: str, expected: torch.Tensor) -> str:
     return f"quantized values are not the source's (max error {float(err.max()):.3g}, beyond half a step)"
 
 
-def _check_requantized(unit: Unit, key: str, expected: torch.Tensor) -> str:
+def _check_requantized(unit: Unit, key: str, expected: torch.Tensor, pt=None) -> str:
     """The source weight quantized again by the backend that wrote the folder (exactly what
     diffusers' path writes; quanto float8/int4, torchao int8/float8) must give the very same
-    stored tensors."""
+    stored tensors -- or, from a ComfyUI fp8_scaled source, the fp8 values as stored with their
+    scale on every row, when the backend keeps them (QuantBackend.from_scaled_fp8)."""
     from ..quantization.backend import get_backend
     from ..read.safetensors_file import DTYPES
 
@@ -271,7 +272,12 @@ def _check_requantized(unit: Unit, key: str, expected: torch.Tensor) -> str:
     scale = (fmt.by_role(unit.quantized[key]) if fmt is not None and fmt.backend == backend else {}).get("scale")
     if (backend == "quanto" and weights not in ("float8", "int4")) or scale is None:
         return f"cannot check a {backend} {weights!r} weight against the source"
-    parts = get_backend(backend).quantize(weights, expected.to(DTYPES[refs[scale].dtype]))
+    ref = pt.sources[0] if pt is not None and len(pt.sources) == 1 else None
+    parts = None
+    if ref is not None and ref.scale is not None and transforms.is_view(pt.rule):
+        parts = get_backend(backend).from_scaled_fp8(weights, ref, tuple(pt.shape))
+    if parts is None:
+        parts = get_backend(backend).quantize(weights, expected.to(DTYPES[refs[scale].dtype]))
     prefix = key.rsplit(".", 1)[0]
     for part, want in parts.items():
         out_key = f"{prefix}.{part}"

@@ -112,6 +112,28 @@ class TorchaoBackend(QuantBackend):
                 out[name][a:b] = v
         return out
 
+    def from_scaled_fp8(self, weights, ref, shape):
+        """float8 from a ComfyUI fp8_scaled weight: the stored fp8 values as `_weight_qdata`, the
+        per-tensor scale as every row's PerRow scale -- Float8Tensor dequantizes qdata x scale
+        (torchao float8/float8_tensor.py), so the output holds exactly the source's values and
+        nothing is rounded a second time."""
+        from dataclasses import replace
+
+        from ..read.safetensors_file import read_tensor
+
+        if weights != "float8" or ref.scale is None or DTYPES[ref.dtype] != ao_config(weights).weight_dtype:
+            return None
+        parts, _ = _layout(weights, shape[1], hp_dtype(weights, "F32"))
+        out = {}
+        for name, tag, rest in parts:
+            if tag == ref.dtype and rest == (shape[1],):
+                out[name] = read_tensor(replace(ref, scale=None)).reshape(shape)
+            elif tag == "F32" and rest in ((1,), ()):
+                out[name] = torch.full((shape[0], *rest), ref.scale, dtype=torch.float32)
+            else:
+                return None  # a layout this does not know: quantize the values instead
+        return out
+
     def config(self, weights, keep_float, keep_in_fp32):
         """What diffusers' TorchAoConfig.to_dict() writes (modules_to_not_convert extended in place
         with _keep_in_fp32_modules by the quantizer before saving, as for quanto)."""

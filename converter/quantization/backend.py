@@ -51,6 +51,12 @@ class QuantBackend(ABC):
     def quantize(self, weights: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         """The values of the module's entries that are not its float tensors, for one weight."""
 
+    def from_scaled_fp8(self, weights: str, ref, shape: tuple[int, ...]) -> dict[str, torch.Tensor] | None:
+        """The entries of a weight stored as fp8 with a per-tensor scale (a ComfyUI fp8_scaled source,
+        `ref.scale`), written without quantizing again when the format can hold those values as
+        they are; None: quantize the dequantized values like any float weight."""
+        return None
+
     @abstractmethod
     def config(self, weights: str, keep_float: list[str], keep_in_fp32: list[str]) -> dict[str, Any]:
         """The `quantization_config` written into config.json, as the loader reads it back."""

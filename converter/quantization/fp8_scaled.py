@@ -76,23 +76,52 @@ class Fp8Plan:
         return value
 
     def _quantize(self, pt: PlannedTensor, fp8_dtype) -> dict:
+        """One weight's entries, computed a slice of rows at a time (each value alone: the slices give
+        the bytes the whole tensor would; memory: one float32 slice and the fp8 weight)."""
         where = f"{pt.sources[0].file}: {pt.sources[0].key}"
-        w = source_values(pt)
+        slices = list(row_slices(pt))
+        q = torch.empty(tuple(pt.shape), dtype=fp8_dtype)
         if self.kind != "fp8_scaled":  # plain: the values cast as they are
-            q = w.to(fp8_dtype)
-            bad = int(torch.isnan(q.float()).sum()) - int(torch.isnan(w).sum())
-            if bad > 0:
-                raise ConversionError(f"{where}: {bad} value(s) beyond the {self.kind} range (|x| > "
-                                      f"{torch.finfo(fp8_dtype).max:g}); --quantize fp8_scaled scales them into it")
+            for rows, w in slices:
+                values = w()
+                q[rows] = values.to(fp8_dtype)
+                bad = int(torch.isnan(q[rows].float()).sum()) - int(torch.isnan(values).sum())
+                if bad > 0:
+                    raise ConversionError(f"{where}: {bad} value(s) beyond the {self.kind} range (|x| > "
+                                          f"{torch.finfo(fp8_dtype).max:g}); --quantize fp8_scaled scales them into it")
             return {"weight": q}
-        amax = torch.amax(w.abs())
+        amax = torch.zeros((), dtype=torch.float32)
+        for _, w in slices:  # the first pass: amax (exact, in any order)
+            amax = torch.maximum(amax, torch.amax(w().abs()))
         if not torch.isfinite(amax):
             raise ConversionError(f"{where}: holds NaN or Inf; an fp8 scale cannot be computed")
         scale = (amax / torch.finfo(fp8_dtype).max).to(torch.float32)
         if float(scale) == 0:  # an all-zero weight: ComfyUI's formula would divide by zero
             scale = torch.tensor(1.0, dtype=torch.float32)
-        q = (w * (1.0 / scale).to(w.dtype)).to(fp8_dtype, memory_format=torch.contiguous_format)
+        inverse = (1.0 / scale).to(torch.float32)
+        for rows, w in slices:  # the second pass: ComfyUI's (w * (1 / scale)).to(fp8), slice by slice
+            q[rows] = (w() * inverse).to(fp8_dtype)
         return {"weight": q, "scale": scale}
+
+
+SLICE_ELEMENTS = 4 * 1024 * 1024  # float32 values per slice (16 MB)
+
+
+def row_slices(pt: PlannedTensor):
+    """(rows, a function giving those rows' float32 values) covering a 2-D planned weight: read from
+    the source a slice at a time when only its name changes (LazyRows), else computed whole once."""
+    from ..read.safetensors_file import LazyRows
+
+    n, c = pt.shape
+    if not (pt.is_elementwise and len(pt.sources[0].shape) == 2 and tuple(pt.sources[0].shape) == tuple(pt.shape)):
+        whole = source_values(pt)
+        yield slice(0, n), lambda: whole
+        return
+    lazy = LazyRows(pt.sources[0], (n, c), torch.float32)
+    per = max(1, SLICE_ELEMENTS // max(c, 1))
+    for a in range(0, n, per):
+        rows = slice(a, min(n, a + per))
+        yield rows, (lambda rows=rows: lazy[rows])
 
 
 def source_values(pt: PlannedTensor) -> torch.Tensor:

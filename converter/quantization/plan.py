@@ -72,6 +72,11 @@ class QuantizedPlan:
         self._next = {a.key: b for a, b in zip(weights, weights[1:])}  # weight key -> the weight after it
 
     def _quantize(self, weight: PlannedTensor) -> dict[str, torch.Tensor]:
+        ref = weight.sources[0]
+        if ref.scale is not None and weight.is_elementwise:  # a ComfyUI fp8_scaled weight: kept as stored?
+            parts = self.backend.from_scaled_fp8(self.weights, ref, tuple(weight.shape))
+            if parts is not None:
+                return parts
         w = float_weight(weight)
         parts = self.backend.quantize(self.weights, w)
         del w
