@@ -23,7 +23,7 @@ Dtype = Literal["keep", "fp32", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2"]  # fp8
 Weights = str  # int8, float8, int4 (quanto/torchao); Q8_0 ... F32 with to="gguf"; fp8_scaled with to="comfyui"
 Backend = Literal["quanto", "torchao"]
 
-__all__ = ["Report", "ConversionError", "convert", "quantize", "inspect", "verify", "repair", "publish"]
+__all__ = ["Report", "ConversionError", "convert", "convert_lora", "quantize", "inspect", "verify", "repair", "publish"]
 
 
 class Report(dict):
@@ -73,7 +73,9 @@ def convert(source: PathArg, output: PathArg, *, dtype: Dtype = "keep", quantize
             settings: Union[Mapping[str, Mapping], Iterable[str], None] = None, override_config: bool = False,
             clip_heads: int | None = None, flow_shift: float | None = None, check_finite: bool = False,
             dry_run: bool = False, log: Log | None = None, warn: Log | None = None,
-            progress: bool = True, backend: Backend | None = None, to: Literal["diffusers", "gguf", "original", "comfyui"] = "diffusers") -> Report:
+            progress: bool = True, backend: Backend | None = None,
+            to: Literal["diffusers", "gguf", "original", "comfyui", "kohya"] = "diffusers",
+            drop_unsupported: bool = False) -> Report:
     """Convert the original Wan weights at `source` (a repo folder, one file, or a Hub repo id)
     into a Diffusers folder `output` (`wan2diffusers convert`). `settings`: facts the weights
     cannot tell, e.g. {"transformer": {"num_heads": 12}}; a value that contradicts the source's
@@ -91,7 +93,23 @@ def convert(source: PathArg, output: PathArg, *, dtype: Dtype = "keep", quantize
                                   _settings(settings), clip_heads, flow_shift, overwrite, dry_run,
                                   say=log or silent, warn=warn or silent, progress=progress, quantize=quantize,
                                   check_finite=check_finite, override_config=override_config, backend=backend,
-                                  to=to))
+                                  to=to, drop_unsupported=drop_unsupported))
+
+
+def convert_lora(source: PathArg, output: PathArg, *, to: Literal["diffusers", "original", "kohya", "comfyui"],
+                 drop_unsupported: bool = False, overwrite: bool = False, dry_run: bool = False,
+                 log: Log | None = None) -> Report:
+    """Convert the Wan LoRA file `source` (any format mappings/lora.yaml reads: original/Kijai/
+    lightx2v, kohya/musubi, diffusers/PEFT, DiffSynth) into one LoRA file `output` in format `to`.
+    Every key is placed on a module of the Wan transformer or the conversion is refused; what `to`
+    cannot hold is refused, or with `drop_unsupported` left out and listed (report["left_out"])."""
+    from .actions.lora import is_lora_source, run_convert_lora
+
+    with os_errors(output, "; nothing was written"):
+        if not is_lora_source(Path(source)):
+            raise ConversionError(f"{source}: not a LoRA file (a .safetensors file of LoRA keys)")
+        return Report(run_convert_lora(Path(source), Path(output), to, overwrite, dry_run, drop_unsupported,
+                                       log or silent))
 
 
 def quantize(source: PathArg, output: PathArg, *, weights: Weights, overwrite: bool = False,
@@ -115,8 +133,12 @@ def inspect(path: PathArg) -> Report:
     with os_errors(path):
         from .gguf_out import gguf_folder, inspect_gguf, inspect_gguf_folder
 
+        from .actions.lora import inspect_lora, is_lora_source
+
         if Path(path).suffix == ".gguf":
             return Report(inspect_gguf(Path(path)))
+        if is_lora_source(Path(path)):
+            return Report(inspect_lora(Path(path)))
         if files := gguf_folder(Path(path)):
             return Report(inspect_gguf_folder(Path(path), files))
         return Report({"ok": True, **inspect_path(Path(path))[2]})

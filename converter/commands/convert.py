@@ -10,6 +10,7 @@ from .. import api
 from ..actions.common import parse_settings
 from ..actions.convert import OUTPUTS
 from ..gguf_out import load_gguf_policy
+from ..lora import load_lora_spec
 from .common import backend_option, run_reporting
 
 
@@ -33,11 +34,14 @@ from .common import backend_option, run_reporting
 @click.option("--set", "settings", multiple=True, metavar="COMPONENT.FACT=VALUE",
               help="Give a fact the weights cannot tell, e.g. transformer.num_heads=12 for a single "
                    "file of an unknown size (value parsed as YAML). Repeatable.")
-@click.option("--to", "to", type=click.Choice(list(OUTPUTS)), default="diffusers", show_default=True,
+@click.option("--to", "to", type=click.Choice(list(dict.fromkeys([*OUTPUTS, *load_lora_spec().formats]))),
+              default="diffusers", show_default=True,
               help="Output layout: a Diffusers folder; (gguf) the transformer as one .gguf file in its "
                    "original key names, for ComfyUI-GGUF and diffusers' GGUF loader (needs --quantize TYPE); "
                    "(original) a Diffusers SRC back in the layout of the original Wan-AI repo; (comfyui) a "
-                   "Diffusers SRC as ComfyUI's single files (diffusion_models/, vae/, text_encoders/, clip_vision/).")
+                   "Diffusers SRC as ComfyUI's single files (diffusion_models/, vae/, text_encoders/, clip_vision/). "
+                   "A LoRA file SRC goes to one LoRA file OUT in the format named: diffusers, original, "
+                   "kohya or comfyui (mappings/lora.yaml).")
 @click.option("--quantize", type=click.Choice(["int8", "float8", "int4", *load_gguf_policy().types, "fp8_scaled"]),
               default=None,
               help="Write the transformer quantized: int8, float8, int4 in a Diffusers folder (see --backend; "
@@ -51,13 +55,17 @@ from .common import backend_option, run_reporting
 @click.option("--check-finite", is_flag=True,
               help="Read every floating source tensor once more and warn, naming the keys, about NaN or Inf "
                    "values (without it, the values are not checked and the report says so).")
+@click.option("--drop-unsupported", is_flag=True,
+              help="LoRA files: leave out (and list) what the target format cannot hold (e.g. a full-weight "
+                   "diff in a diffusers file) instead of refusing the conversion.")
 @backend_option
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, when the new one is complete).")
 @click.option("--dry-run", is_flag=True, help="Read headers, detect, plan and prove coverage; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 def convert(src: Path, out: Path, only: str | None, max_shard_size: str | None, dtype: str, clip_heads: int | None,
             flow_shift: float | None, settings: tuple[str, ...], quantize: str | None, override_config: bool,
-            check_finite: bool, backend: str | None, to: str, overwrite: bool, dry_run: bool, as_json: bool):
+            check_finite: bool, backend: str | None, to: str, overwrite: bool, dry_run: bool, as_json: bool,
+            drop_unsupported: bool):
     """Convert the original-layout Wan 2.1 / Wan 2.2 weights in SRC into a Diffusers folder OUT.
 
     SRC is a Hub repo id (e.g. Wan-AI/Wan2.2-T2V-A14B: only the needed files are downloaded),
@@ -72,6 +80,7 @@ def convert(src: Path, out: Path, only: str | None, max_shard_size: str | None, 
                            max_shard_size=max_shard_size, settings=parse_settings(settings),
                            override_config=override_config, clip_heads=clip_heads, flow_shift=flow_shift,
                            check_finite=check_finite, dry_run=dry_run, log=None if as_json else click.echo,
-                           warn=lambda line: click.echo(line, err=True), progress=not as_json, backend=backend, to=to)
+                           warn=lambda line: click.echo(line, err=True), progress=not as_json, backend=backend, to=to,
+                           drop_unsupported=drop_unsupported)
 
     run_reporting(action, as_json, out, "nothing was written", "; nothing was written")

@@ -102,6 +102,16 @@ def _from_pretrained_lines(c: dict) -> list[str]:
 
 def render(report: dict) -> list[str]:
     lines = [f"{report['path']}: {report['kind']}"]
+    if report["kind"] == "LoRA file":
+        lines.append(f"  format:   {report['format']} (prefix {report['prefix']!r})")
+        lines.append(f"  modules:  {report['modules']} in blocks {report['blocks_text']}: {', '.join(report['module_kinds'])}")
+        lines.append(f"  rank:     {'/'.join(map(str, report['ranks'])) or '-'}; alpha: "
+                     f"{'/'.join(f'{a:g}' for a in report['alphas']) or 'none (scale 1)'}")
+        lines.append("  parts:    " + ", ".join(f"{r} x{n}" for r, n in report["roles"].items()))
+        lines.append(f"  fits:     {report['fits']}")
+        for to, how in report["converts"].items():
+            lines.append(f"  --to {to}: {how}")
+        return lines
     if report["kind"] == "folder of gguf files":
         for r in report["files"]:
             lines += ["  " + line for line in render(r)]

@@ -1,0 +1,207 @@
+"""LoRA files (issue 20): every format read, converted, and judged by references we did not write --
+diffusers' own LoRA loader (PEFT) on the converted Diffusers model against the official WanModel with
+the LoRA merged by the formula (tests/lora_files.py), LoRAs made by PEFT + diffusers'
+`save_lora_weights`, and ComfyUI's LoRA key rule (comfy/lora.py) kept as data."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import diffusers
+from conftest import FIXTURES, TOL, rel_err, run_cli
+from fp8_files import fixture_state_dict
+from lora_files import ALPHA, RANK, apply, make_modules, write_kohya, write_original
+from test_fp8_in import official_out
+from test_transformer import load_converted, run_official_call
+
+MODULES = ["blocks.0.self_attn.q", "blocks.0.self_attn.o", "blocks.1.cross_attn.k", "blocks.1.ffn.2",
+           "blocks.0.ffn.0", "text_embedding.0"]  # partial: some modules of some blocks
+
+
+@pytest.fixture(scope="module")
+def t2v(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    run_cli("convert", FIXTURES / "t2v", root / "d")
+    return root / "d" / "transformer", fixture_state_dict(FIXTURES / "t2v")
+
+
+def diffusers_with(folder, lora_file):
+    """diffusers' own loader: the Diffusers transformer with the LoRA file loaded as an adapter."""
+    model = load_converted(folder)
+    model.load_lora_adapter(str(lora_file), prefix="transformer", adapter_name="test")
+    return run_official_call(model, "t2v")[0][0]
+
+
+SOURCES = {  # format -> how tests/lora_files.py writes it
+    "original lora_down/up (lightx2v)": lambda p, m: write_original(p, m),
+    "original lora_A/B (Kijai)": lambda p, m: write_original(
+        p, m, names={"down": "lora_A.weight", "up": "lora_B.weight", "alpha": "alpha", "diff_b": "diff_b"}),
+    "DiffSynth (no prefix, .default.)": lambda p, m: write_original(
+        p, {k: {r: t for r, t in v.items() if r != "diff_b"} for k, v in m.items()}, prefix="",
+        names={"down": "lora_A.default.weight", "up": "lora_B.default.weight", "alpha": "alpha"}),
+    "kohya / musubi-tuner": lambda p, m: write_kohya(p, m),
+    "VideoX-Fun (lora_unet__)": lambda p, m: write_kohya(p, m, prefix="lora_unet__"),
+}
+
+
+@pytest.mark.parametrize("fmt", list(SOURCES))
+def test_every_format_to_diffusers_loads_in_diffusers_and_equals_the_official_merge(t2v, tmp_path, fmt):
+    folder, sd = t2v
+    modules = make_modules(sd, MODULES, diff_b="original" in fmt)
+    src = tmp_path / "lora.safetensors"
+    SOURCES[fmt](src, modules)
+    if "DiffSynth" in fmt or "kohya" in fmt or "Fun" in fmt:
+        modules = {k: {r: t for r, t in v.items() if r != "diff_b"} for k, v in modules.items()}
+    run_cli("convert", src, tmp_path / "d.safetensors", "--to", "diffusers")
+    got = diffusers_with(folder, tmp_path / "d.safetensors")
+    expected = official_out(apply(sd, modules), "t2v")
+    err = rel_err(got, expected)
+    print(f"\n{fmt} -> diffusers, loaded by diffusers: rel err {err:.3g} vs the official model merged by the formula")
+    assert err <= TOL
+    assert rel_err(official_out(sd, "t2v"), expected) > 1e-2  # the LoRA changes the output: the test can fail
+
+
+def _parse_original(path) -> tuple[dict, dict]:
+    """An original-format file (diffusion_model.<module>.<part>) read back by its grammar."""
+    sd, modules, extra = load_file(str(path)), {}, {}
+    roles = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "diff_b": "diff_b"}
+    for key, t in sd.items():
+        rest = key.removeprefix("diffusion_model.")
+        for part, role in roles.items():
+            if rest.endswith("." + part):
+                modules.setdefault(rest[:-len(part) - 1], {})[role] = t
+                break
+        else:
+            extra[rest] = t
+    return modules, extra
+
+
+def test_a_peft_lora_saved_by_diffusers_converts_to_original_and_merges_as_diffusers_runs_it(t2v, tmp_path):
+    """The LoRA made by PEFT on the Diffusers model and saved by diffusers' save_lora_weights: what
+    diffusers computes with it equals the official model with the original-format file merged."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    folder, sd = t2v
+    torch.manual_seed(3)
+    model = load_converted(folder)
+    model.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights=False,
+                                 target_modules=["attn1.to_q", "attn2.to_v", "to_out.0", "ffn.net.0.proj"]))
+    diffusers.WanPipeline.save_lora_weights(tmp_path / "peft", transformer_lora_layers=get_peft_model_state_dict(model))
+    (peft_file,) = (tmp_path / "peft").glob("*.safetensors")
+    with safe_open(str(peft_file), "pt") as f:
+        assert all(k.startswith("transformer.") for k in f.keys())
+    reference = run_official_call(model, "t2v")[0][0]  # PEFT computing the adapter in diffusers
+    report = run_cli("convert", peft_file, tmp_path / "o.safetensors", "--to", "original", "--json").json()
+    assert report["lora"]["format"] == "diffusers" and report["left_out"] == []
+    modules, extra = _parse_original(tmp_path / "o.safetensors")
+    assert not extra and len(modules) == 2 * 5  # self q, cross v, both o, ffn.0; in each of 2 blocks
+    err = rel_err(official_out(apply(sd, modules), "t2v"), reference)
+    print(f"\nPEFT LoRA -> original, merged into the official model: rel err {err:.3g} vs diffusers+PEFT")
+    assert err <= TOL
+
+
+COMFY_SUFFIXES = ("lora_up.weight", "lora_down.weight", "alpha", "diff", "diff_b")  # comfy/lora.py load_lora
+
+
+def comfy_lora_keys(model_keys) -> set[str]:
+    """ComfyUI's key rule, as data: comfy/lora.py model_lora_keys_unet maps, for every model key
+    `diffusion_model.<k>.weight`, the name `lora_unet_<k with . as _>`; load_lora reads COMFY_SUFFIXES."""
+    names = {"lora_unet_" + k[:-len(".weight")].replace(".", "_") for k in model_keys if k.endswith(".weight")}
+    return {f"{n}.{s}" for n in names for s in COMFY_SUFFIXES}
+
+
+def test_comfyui_keys_are_keys_comfyui_maps_and_read_back_exactly(t2v, tmp_path):
+    folder, sd = t2v
+    modules = make_modules(sd, MODULES)
+    write_original(tmp_path / "o.safetensors", modules, {"blocks.1.norm3.diff": torch.randn(128) * 0.01})
+    run_cli("convert", tmp_path / "o.safetensors", tmp_path / "c.safetensors", "--to", "comfyui")
+    keys = set(load_file(str(tmp_path / "c.safetensors")))
+    assert keys <= comfy_lora_keys(sd) and "lora_unet_blocks_1_norm3.diff" in keys
+    # and the file reads back (as kohya's grammar) into diffusers with the same effect, the norm diff left out
+    run_cli("convert", tmp_path / "c.safetensors", tmp_path / "d.safetensors", "--to", "diffusers", "--drop-unsupported")
+    got = diffusers_with(folder, tmp_path / "d.safetensors")
+    assert rel_err(got, official_out(apply(sd, modules), "t2v")) <= TOL
+
+
+def test_diffs_are_carried_where_the_format_holds_them_and_refused_elsewhere(t2v, tmp_path):
+    _, sd = t2v
+    modules = make_modules(sd, ["blocks.0.self_attn.q"])
+    extra = {"blocks.0.diff_m": torch.randn(1, 6, 128) * 0.01, "blocks.0.norm3.diff": torch.randn(128) * 0.01,
+             "head.head.diff_b": torch.randn(64) * 0.01}
+    write_original(tmp_path / "o.safetensors", modules, extra)
+    back = run_cli("convert", tmp_path / "o.safetensors", tmp_path / "o2.safetensors", "--to", "original", "--json").json()
+    assert back["left_out"] == []
+    written = load_file(str(tmp_path / "o2.safetensors"))
+    for k, v in extra.items():
+        assert torch.equal(written["diffusion_model." + k], v), k
+    r = run_cli("convert", tmp_path / "o.safetensors", tmp_path / "d.safetensors", "--to", "diffusers", ok=False)
+    assert "a diffusers LoRA file cannot hold it" in r.stderr and not (tmp_path / "d.safetensors").exists()
+    r = run_cli("convert", tmp_path / "o.safetensors", tmp_path / "c.safetensors", "--to", "comfyui", ok=False)
+    assert "diffusion_model.blocks.0.diff_m" in r.stderr  # ComfyUI maps .weight keys only
+    dropped = run_cli("convert", tmp_path / "o.safetensors", tmp_path / "d.safetensors", "--to", "diffusers",
+                      "--drop-unsupported", "--json").json()
+    assert sorted(dropped["left_out"]) == sorted(["diffusion_model.blocks.0.diff_m", "diffusion_model.blocks.0.norm3.diff",
+                                                  "diffusion_model.head.head.diff_b"])
+
+
+def test_kohya_round_trip_is_byte_exact(t2v, tmp_path):
+    _, sd = t2v
+    modules = make_modules(sd, MODULES, diff_b=False)
+    write_kohya(tmp_path / "k.safetensors", modules)
+    run_cli("convert", tmp_path / "k.safetensors", tmp_path / "o.safetensors", "--to", "original")
+    run_cli("convert", tmp_path / "o.safetensors", tmp_path / "k2.safetensors", "--to", "kohya")
+    a, b = load_file(str(tmp_path / "k.safetensors")), load_file(str(tmp_path / "k2.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_i2v_image_attention_maps_to_the_added_kv_projections(tmp_path):
+    sd = fixture_state_dict(FIXTURES / "i2v")
+    write_original(tmp_path / "o.safetensors", make_modules(sd, ["blocks.0.cross_attn.k_img", "img_emb.proj.1"]))
+    info = run_cli("inspect", tmp_path / "o.safetensors", "--json").json()
+    assert info["kind"] == "LoRA file" and "I2V" in info["fits"] and info["ranks"] == [RANK] and info["alphas"] == [ALPHA]
+    run_cli("convert", tmp_path / "o.safetensors", tmp_path / "d.safetensors", "--to", "diffusers")
+    keys = set(load_file(str(tmp_path / "d.safetensors")))
+    assert "transformer.blocks.0.attn2.add_k_proj.lora_A.weight" in keys
+    assert "transformer.condition_embedder.image_embedder.ff.net.0.proj.lora_B.bias" in keys
+
+
+@pytest.mark.parametrize("key,says", [
+    ("diffusion_model.blocks.0.self_attn.q.hada_w1_a", "a LoHa adapter, not a LoRA"),
+    ("diffusion_model.blocks.0.self_attn.q.lokr_w1", "a LoKr adapter"),
+    ("diffusion_model.blocks.0.self_attn.q.dora_scale", "a DoRA adapter"),
+    ("diffusion_model.blocks.0.self_atn.q.lora_down.weight", "no module blocks.0.self_atn.q in the Wan transformer"),
+])
+def test_other_adapters_and_unknown_modules_are_refused(t2v, tmp_path, key, says):
+    _, sd = t2v
+    write_original(tmp_path / "o.safetensors", make_modules(sd, ["blocks.0.self_attn.k"]))
+    data = load_file(str(tmp_path / "o.safetensors"))
+    data[key] = torch.zeros(4, 128)
+    save_file(data, str(tmp_path / "bad.safetensors"))
+    r = run_cli("convert", tmp_path / "bad.safetensors", tmp_path / "x.safetensors", "--to", "diffusers", ok=False)
+    assert says in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_model_options_are_refused_for_a_lora(t2v, tmp_path):
+    _, sd = t2v
+    write_original(tmp_path / "o.safetensors", make_modules(sd, ["blocks.0.self_attn.k"]))
+    r = run_cli("convert", tmp_path / "o.safetensors", tmp_path / "x.safetensors", "--dtype", "bf16", ok=False)
+    assert "--dtype does not apply to a LoRA file" in r.stderr
+    r = run_cli("convert", FIXTURES / "t2v", tmp_path / "y", "--to", "kohya", ok=False)
+    assert "kohya is a LoRA format" in r.stderr
+
+
+def test_python_api(t2v, tmp_path):
+    import wan2diffusers
+
+    _, sd = t2v
+    write_kohya(tmp_path / "k.safetensors", make_modules(sd, ["blocks.1.ffn.0"], diff_b=False))
+    report = wan2diffusers.convert_lora(tmp_path / "k.safetensors", tmp_path / "d.safetensors", to="diffusers")
+    assert report.lora["format"] == "kohya" and report.tensors == 2
+    assert re.fullmatch(r"transformer\.blocks\.1\.ffn\.net\.0\.proj\.lora_[AB]\.weight",
+                        sorted(load_file(str(tmp_path / "d.safetensors")))[0])
