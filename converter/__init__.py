@@ -5,7 +5,7 @@ The Python API (the CLI `wan2diffusers` is a thin layer over it): `convert`, `co
 expected failures raise `ConversionError` with the one-line message the CLI prints."""
 
 from .version import __version__
-from .api import ConversionError, Report, convert, convert_lora, inspect, publish, quantize, repair, verify
+from .api import ConversionError, Report, convert, convert_lora, inspect, merge, publish, quantize, repair, verify
 
-__all__ = ["__version__", "ConversionError", "Report", "convert", "convert_lora", "inspect", "publish", "quantize",
-           "repair", "verify"]
+__all__ = ["__version__", "ConversionError", "Report", "convert", "convert_lora", "inspect", "merge", "publish",
+           "quantize", "repair", "verify"]

@@ -23,7 +23,7 @@ Dtype = Literal["keep", "fp32", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2"]  # fp8
 Weights = str  # int8, float8, int4 (quanto/torchao); Q8_0 ... F32 with to="gguf"; fp8_scaled with to="comfyui"
 Backend = Literal["quanto", "torchao"]
 
-__all__ = ["Report", "ConversionError", "convert", "convert_lora", "quantize", "inspect", "verify", "repair", "publish"]
+__all__ = ["Report", "ConversionError", "convert", "convert_lora", "merge", "quantize", "inspect", "verify", "repair", "publish"]
 
 
 class Report(dict):
@@ -94,6 +94,28 @@ def convert(source: PathArg, output: PathArg, *, dtype: Dtype = "keep", quantize
                                   say=log or silent, warn=warn or silent, progress=progress, quantize=quantize,
                                   check_finite=check_finite, override_config=override_config, backend=backend,
                                   to=to, drop_unsupported=drop_unsupported))
+
+
+def merge(base: PathArg, output: PathArg, loras: Iterable[Union[str, PathArg]], *, dtype: Dtype = "keep",
+          only: Union[str, Iterable[str], None] = None, overwrite: bool = False, max_shard_size: str | None = None,
+          settings: Union[Mapping[str, Mapping], Iterable[str], None] = None, dry_run: bool = False,
+          log: Log | None = None, progress: bool = True) -> Report:
+    """Convert `base` (an original repo folder, a single file, a Hub repo id) into a Diffusers folder
+    `output` with the LoRA files `loras` merged into the transformer, streamed (`wan2diffusers merge`).
+    Each item is `[EXPERT=]FILE[:STRENGTH]` (Wan 2.2 A14B: `high=...` / `low=...`). Every module a
+    LoRA touches must exist with its shape, else nothing is written; report["loras"] lists what changed."""
+    from .actions.convert import run_convert
+    from .actions.merge import LoraArg
+
+    args = tuple(LoraArg.parse(str(x)) for x in loras)
+    if not args:
+        raise ConversionError("merge: give at least one --lora FILE")
+    with os_errors(output, "; nothing was written"):
+        if max_shard_size is not None:
+            check_size(max_shard_size)
+        return Report(run_convert(Path(base), Path(output), _components(only), max_shard_size, dtype,
+                                  _settings(settings), None, None, overwrite, dry_run, say=log or silent,
+                                  progress=progress, loras=args))
 
 
 def convert_lora(source: PathArg, output: PathArg, *, to: Literal["diffusers", "original", "kohya", "comfyui"],

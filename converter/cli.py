@@ -7,6 +7,7 @@ import click
 from .version import __version__
 from .commands.convert import convert
 from .commands.inspect import inspect_cmd
+from .commands.merge import merge
 from .commands.publish import publish
 from .commands.quantize import quantize
 from .commands.repair import repair
@@ -28,6 +29,7 @@ main.add_command(inspect_cmd)
 main.add_command(verify)
 main.add_command(repair)
 main.add_command(quantize)
+main.add_command(merge)
 
 if __name__ == "__main__":
     main()

@@ -18,6 +18,7 @@ by round, --repeat rounds (default 3), medians reported.  Paths (default all fiv
     comfyui   convert DIFFUSERS --to comfyui
     fp8_out   convert DIFFUSERS --to comfyui --quantize fp8_scaled
     fp8_in    convert FP8_SCALED_FILE --dtype bf16 (the file fp8_out writes, made once, untimed)
+    merge     merge SRC OUT --lora LORA (a rank-64 bf16 LoRA on every Linear of every block, made once)
 
 For each: median wall (s), median of the matching cp runs, the ratio, peak RSS (/usr/bin/time -v,
 mapped pages count), and user+sys CPU seconds.  Targets (issue 13): bf16 <= 1.2x cp, int8 <= 1.5x,
@@ -62,10 +63,30 @@ PATHS = {
     "comfyui": ["--to", "comfyui"],
     "fp8_out": ["--to", "comfyui", "--quantize", "fp8_scaled"],  # ComfyUI's fp8_scaled file from the Diffusers folder
     "fp8_in": ["--dtype", "bf16"],  # that fp8_scaled file (made once, untimed) -> Diffusers bf16
+    "merge": ["--lora"],  # merge SRC OUT --lora LORA: a rank-64 bf16 LoRA on every block Linear (made once)
 }
 BACKWARDS = ("original", "comfyui", "fp8_out")  # these read the Diffusers folder; their cp copies that folder
 FP8_SOURCE = ("fp8_in",)  # reads the fp8_scaled file fp8_out writes; its cp copies that file
-TARGETS = {"fp8_out": 1.5, "fp8_in": 1.5, "verify": 1.5, "bf16": 1.2, "int8": 1.5, "Q8_0": 1.5, "Q4_0": 1.5, "Q6_K": 3.0, "Q4_K_M": 3.0, "Q2_K": 3.0}
+TARGETS = {"merge": 1.5, "fp8_out": 1.5, "fp8_in": 1.5, "verify": 1.5, "bf16": 1.2, "int8": 1.5, "Q8_0": 1.5, "Q4_0": 1.5, "Q6_K": 3.0, "Q4_K_M": 3.0, "Q2_K": 3.0}
+
+
+def write_lora(path: Path, layers: int, rank: int = 64) -> None:
+    """A LoRA like lightx2v's (original names, bf16, alpha = rank) on every Linear of every block of
+    the synthetic T2V-14B."""
+    import torch
+    from safetensors.torch import save_file
+
+    dims = {"self_attn.q": (5120, 5120), "self_attn.k": (5120, 5120), "self_attn.v": (5120, 5120),
+            "self_attn.o": (5120, 5120), "cross_attn.q": (5120, 5120), "cross_attn.k": (5120, 5120),
+            "cross_attn.v": (5120, 5120), "cross_attn.o": (5120, 5120), "ffn.0": (13824, 5120), "ffn.2": (5120, 13824)}
+    sd = {}
+    for n in range(layers):
+        for m, (out_f, in_f) in dims.items():
+            name = f"diffusion_model.blocks.{n}.{m}"
+            sd[f"{name}.lora_down.weight"] = (torch.randn(rank, in_f) * 0.01).bfloat16()
+            sd[f"{name}.lora_up.weight"] = (torch.randn(out_f, rank) * 0.01).bfloat16()
+            sd[f"{name}.alpha"] = torch.tensor(float(rank))
+    save_file(sd, str(path))
 
 
 def read_through(folder: Path) -> None:
@@ -138,6 +159,9 @@ def main() -> None:
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             (fp8_file,) = (work / "fp8" / "diffusion_models").glob("*.safetensors")
 
+        lora_file = work / "lora.safetensors"
+        if "merge" in args.paths:
+            write_lora(lora_file, args.layers)
         runs: dict[str, list[dict]] = {p: [] for p in args.paths}
         cps: dict[str, list[dict]] = {p: [] for p in args.paths}
         for rnd in range(1, args.repeat + 1):
@@ -150,6 +174,11 @@ def main() -> None:
                         r = timed(["cp", "-r", str(source), str(work / "copy")], logs, f"{rnd}-{path}-cp")
                         remove(work / "copy")
                         cps[path].append(r)
+                    elif path == "merge":
+                        r = timed([str(CLI), "merge", str(src), str(out), "--only", "transformer", "--lora",
+                                   str(lora_file)], logs, f"{rnd}-{path}")
+                        remove(out)
+                        runs[path].append(r)
                     elif path == "verify":
                         r = timed([str(CLI), "verify", str(diffusers), "--source", str(src)], logs, f"{rnd}-{path}")
                         runs[path].append(r)

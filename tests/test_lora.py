@@ -205,3 +205,65 @@ def test_python_api(t2v, tmp_path):
     assert report.lora["format"] == "kohya" and report.tensors == 2
     assert re.fullmatch(r"transformer\.blocks\.1\.ffn\.net\.0\.proj\.lora_[AB]\.weight",
                         sorted(load_file(str(tmp_path / "d.safetensors")))[0])
+
+
+def test_merge_equals_the_official_model_with_the_lora_applied_and_diffusers_fuse_lora(t2v, tmp_path):
+    """merge BASE OUT --lora FILE:STRENGTH: the merged Diffusers model = the official WanModel with the LoRA
+    (matrices, diff_b, a norm diff, the modulation diff_m) applied by the formula at that strength, and
+    its weights = diffusers' own fuse_lora of the converted LoRA."""
+    import json
+
+    folder, sd = t2v
+    modules = make_modules(sd, MODULES)
+    extra = {"blocks.0.diff_m": torch.randn(1, 6, 128) * 0.05, "blocks.1.norm3.diff": torch.randn(128) * 0.05}
+    write_original(tmp_path / "o.safetensors", modules, extra)
+    strength = 0.7
+    report = run_cli("merge", FIXTURES / "t2v", tmp_path / "m", "--lora", f"{tmp_path / 'o.safetensors'}:{strength}",
+                     "--json").json()
+    assert report["loras"][0]["strength"] == strength and len(report["loras"][0]["tensors_changed"]) == 14
+    record = json.loads((tmp_path / "m" / "wan2diffusers.json").read_text())
+    assert record["merged_loras"][0]["lora"].endswith("o.safetensors")
+    scaled = {m: {**p, "up": p["up"] * strength, "diff_b": p["diff_b"] * strength} for m, p in modules.items()}
+    expected = official_out(apply(sd, scaled, {"blocks.0.modulation": extra["blocks.0.diff_m"] * strength,
+                                               "blocks.1.norm3.weight": extra["blocks.1.norm3.diff"] * strength}), "t2v")
+    got = run_official_call(load_converted(tmp_path / "m" / "transformer"), "t2v")[0][0]
+    err = rel_err(got, expected)
+    print(f"\nmerge (x{strength}, with diff_b, diff, diff_m): rel err {err:.3g} vs the official model with the LoRA applied")
+    assert err <= TOL
+    # diffusers' fuse_lora of the same LoRA (its diffusers file: the matrices and diff_b) gives the same weights
+    run_cli("convert", tmp_path / "o.safetensors", tmp_path / "d.safetensors", "--to", "diffusers", "--drop-unsupported")
+    fused = load_converted(folder)
+    fused.load_lora_adapter(str(tmp_path / "d.safetensors"), prefix="transformer", adapter_name="x")
+    fused.fuse_lora(lora_scale=strength)
+    merged = load_converted(tmp_path / "m" / "transformer").state_dict()
+    changed = 0
+    for name, value in fused.state_dict().items():
+        key = name.replace(".base_layer", "")
+        if "lora_" in name or key not in merged or key in ("blocks.0.scale_shift_table", "blocks.1.norm2.weight"):
+            continue
+        assert torch.allclose(merged[key], value, rtol=1e-5, atol=1e-6), key
+        changed += "base_layer" in name
+    assert changed == 2 * len(MODULES)  # every LoRA'd weight and bias compared
+
+
+def test_merge_into_one_a14b_expert_leaves_the_other_untouched(tmp_path):
+    from repos import make_original_repo
+
+    src = make_original_repo(tmp_path / "src", "t2v_a14b", with_tokenizer=False)
+    low = fixture_state_dict(FIXTURES / "t2v_a14b" / "low_noise_model")
+    write_original(tmp_path / "o.safetensors", make_modules(low, MODULES))
+    r = run_cli("merge", src, tmp_path / "m", "--only", "transformer", "--lora", tmp_path / "o.safetensors", ok=False)
+    assert "say which one the LoRA is for" in r.stderr
+    run_cli("merge", src, tmp_path / "m", "--only", "transformer", "--lora", f"low={tmp_path / 'o.safetensors'}")
+    run_cli("convert", src, tmp_path / "plain", "--only", "transformer")
+    name = "diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "m" / "transformer" / name).read_bytes() == (tmp_path / "plain" / "transformer" / name).read_bytes()
+    assert (tmp_path / "m" / "transformer_2" / name).read_bytes() != (tmp_path / "plain" / "transformer_2" / name).read_bytes()
+
+
+def test_a_lora_for_another_model_is_refused_not_applied_in_part(t2v, tmp_path):
+    i2v = fixture_state_dict(FIXTURES / "i2v")
+    write_original(tmp_path / "o.safetensors", make_modules(i2v, ["blocks.0.self_attn.q", "blocks.0.cross_attn.k_img"]))
+    r = run_cli("merge", FIXTURES / "t2v", tmp_path / "m", "--lora", tmp_path / "o.safetensors", ok=False)
+    assert "blocks.0.cross_attn.k_img" in r.stderr and "another variant" in r.stderr
+    assert not (tmp_path / "m").exists()

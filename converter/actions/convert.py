@@ -15,7 +15,7 @@ from .common import silent
 OPTION_NAMES = {"only": "--only", "dtype": "--dtype", "max_shard_size": "--max-shard-size", "clip_heads": "--clip-heads",
                 "flow_shift": "--flow-shift", "settings": "--set", "override_config": "--override-config",
                 "quantize": "--quantize", "backend": "--backend", "check_finite": "--check-finite",
-                "drop_unsupported": "--drop-unsupported"}
+                "drop_unsupported": "--drop-unsupported", "loras": "--lora"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class Options:
     backend: str | None = None
     check_finite: bool = False
     drop_unsupported: bool = False
+    loras: tuple = ()  # merge: actions/merge.LoraArg, merged into the transformer while it is written
     overwrite: bool = False
     dry_run: bool = False
 
@@ -41,7 +42,7 @@ class Options:
         return self.max_shard_size or "5GB"
 
     def given(self) -> dict:
-        return {k: getattr(self, k) for k in OPTION_NAMES if getattr(self, k) not in (None, False, {}, [], "keep")}
+        return {k: getattr(self, k) for k in OPTION_NAMES if getattr(self, k) not in (None, False, {}, [], (), "keep")}
 
 
 @dataclass(frozen=True)
@@ -89,37 +90,39 @@ def _write_back(to: str):
 BACK = "the way back writes the float weights of a Diffusers SRC, whose config.json already holds every fact"
 FLOAT_DTYPES = ("fp32", "bf16", "fp16")
 LORA_ONLY = "it is for LoRA files (what a LoRA format cannot hold)"
+NO_MERGE = "merging LoRAs is written into a Diffusers folder for now (merge BASE OUT, then convert OUT --to ...)"
 PLAIN_FP8 = ("fp8_e4m3fn", "fp8_e5m2")  # mappings/fp8.yaml write.plain_formats
-FP8_WHY = {"drop_unsupported": LORA_ONLY, "quantize=fp8_scaled": "fp8_scaled is ComfyUI's file format: --to comfyui --quantize fp8_scaled",
+FP8_WHY = {"drop_unsupported": LORA_ONLY, "loras": NO_MERGE, "quantize=fp8_scaled": "fp8_scaled is ComfyUI's file format: --to comfyui --quantize fp8_scaled",
            "dtype=fp8_e4m3fn": "plain fp8 is ComfyUI's file format: --to comfyui --dtype fp8_e4m3fn",
            "dtype=fp8_e5m2": "plain fp8 is ComfyUI's file format: --to comfyui --dtype fp8_e5m2"}
 OUTPUTS = {o.name: o for o in (
     Output("diffusers", frozenset({"only", "dtype", "max_shard_size", "clip_heads", "flow_shift", "settings",
-                                   "override_config", "quantize", "backend", "check_finite"}),
+                                   "override_config", "quantize", "backend", "check_finite", "loras"}),
            lambda *a: write_diffusers(*a), FP8_WHY,
            accepts={"dtype": FLOAT_DTYPES, "quantize": ("int8", "float8", "int4")}),
     Output("gguf", frozenset({"only", "quantize", "settings", "override_config", "check_finite"}), _write_gguf,
-           {"drop_unsupported": LORA_ONLY, "dtype": "a GGUF file's types come from --quantize (mappings/gguf.yaml)",
+           {"drop_unsupported": LORA_ONLY, "loras": NO_MERGE, "dtype": "a GGUF file's types come from --quantize (mappings/gguf.yaml)",
             "max_shard_size": "a GGUF file is one file per transformer",
             "clip_heads": "a GGUF file holds the transformer only", "flow_shift": "a GGUF file holds no scheduler",
             "backend": "--backend picks torchao or quanto for a Diffusers folder"}, ("transformer",)),
     Output("original", frozenset({"only", "dtype", "max_shard_size", "check_finite"}), _write_back("original"),
            {"*": BACK, **FP8_WHY}, accepts={"dtype": FLOAT_DTYPES}),
     Output("comfyui", frozenset({"only", "dtype", "quantize", "check_finite"}), _write_back("comfyui"),
-           {"max_shard_size": "ComfyUI's files are one file per component", "drop_unsupported": LORA_ONLY, "*": BACK},
+           {"max_shard_size": "ComfyUI's files are one file per component", "drop_unsupported": LORA_ONLY,
+            "loras": NO_MERGE, "*": BACK},
            accepts={"dtype": FLOAT_DTYPES + PLAIN_FP8, "quantize": ("fp8_scaled",)}),
 )}
 
 
 def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, flow_shift, overwrite, dry_run,
                 say=silent, warn=silent, progress: bool = True, quantize=None, check_finite=False,
-                override_config=False, backend=None, to="diffusers", drop_unsupported=False) -> dict:
+                override_config=False, backend=None, to="diffusers", drop_unsupported=False, loras=()) -> dict:
     """`--to` picks an output (OUTPUTS), which refuses what it does not honour and writes; a LoRA
     file (recognised by its keys) goes to the LoRA format `--to` names (actions/lora.py)."""
     from .lora import is_lora_source, run_convert_lora
 
     o = Options(only, dtype, max_shard_size, clip_heads, flow_shift, overrides or {}, override_config, quantize,
-                backend, check_finite, drop_unsupported, overwrite, dry_run)
+                backend, check_finite, drop_unsupported, tuple(loras), overwrite, dry_run)
     if is_lora_source(Path(src)):
         extra = [OPTION_NAMES[k] for k in o.given() if k != "drop_unsupported"]
         if extra:
@@ -167,6 +170,10 @@ def write_diffusers(src, out, o: Options, say, warn, progress, check) -> dict:
         from ..quantization.plan import quantize_plans
 
         quantize_plans(plans, report["components"], quantize, say, backend)
+    if o.loras:  # LoRAs merged into the transformer while it is written (actions/merge.py)
+        from .merge import plan_merges
+
+        report["loras"] = plan_merges(plans, list(o.loras), say)
     pipe = pipeline_plan(plans, src, flow_shift, only, report, say)
     if dry_run:
         total = sum(c["bytes"] for c in report["components"])

@@ -138,6 +138,8 @@ def build_record(src: Path, hub_repo: str | None, dtype: str, plans, report: dic
         "tables": table_versions([cp.component for cp in plans], pipe is not None),
         "components": components,
         "pipeline": pipe,
+        # LoRAs merged into the weights (merge): the output is not the source's weights alone
+        **({"merged_loras": report["loras"]} if report.get("loras") else {}),
     }
 
 
