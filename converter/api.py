@@ -97,11 +97,13 @@ def convert(source: PathArg, output: PathArg, *, dtype: Dtype = "keep", quantize
 
 
 def merge(base: PathArg, output: PathArg, loras: Iterable[Union[str, PathArg]], *, dtype: Dtype = "keep",
+          quantize: Weights | None = None, to: Literal["diffusers", "gguf", "original", "comfyui"] = "diffusers",
           only: Union[str, Iterable[str], None] = None, overwrite: bool = False, max_shard_size: str | None = None,
           settings: Union[Mapping[str, Mapping], Iterable[str], None] = None, dry_run: bool = False,
           log: Log | None = None, progress: bool = True) -> Report:
-    """Convert `base` (an original repo folder, a single file, a Hub repo id) into a Diffusers folder
-    `output` with the LoRA files `loras` merged into the transformer, streamed (`wan2diffusers merge`).
+    """`convert` with the LoRA files `loras` merged into the transformer, streamed (`wan2diffusers
+    merge`): any output `convert` writes (`to`, `dtype`, `quantize`), from any base it reads (an
+    original repo, a single file, a Hub id; a Diffusers folder for to="original"/"comfyui"/"gguf").
     Each item is `[EXPERT=]FILE[:STRENGTH]` (Wan 2.2 A14B: `high=...` / `low=...`). Every module a
     LoRA touches must exist with its shape, else nothing is written; report["loras"] lists what changed."""
     from .actions.convert import run_convert
@@ -115,7 +117,7 @@ def merge(base: PathArg, output: PathArg, loras: Iterable[Union[str, PathArg]], 
             check_size(max_shard_size)
         return Report(run_convert(Path(base), Path(output), _components(only), max_shard_size, dtype,
                                   _settings(settings), None, None, overwrite, dry_run, say=log or silent,
-                                  progress=progress, loras=args))
+                                  progress=progress, quantize=quantize, to=to, loras=args))
 
 
 def convert_lora(source: PathArg, output: PathArg, *, to: Literal["diffusers", "original", "kohya", "comfyui"],

@@ -267,3 +267,42 @@ def test_a_lora_for_another_model_is_refused_not_applied_in_part(t2v, tmp_path):
     r = run_cli("merge", FIXTURES / "t2v", tmp_path / "m", "--lora", tmp_path / "o.safetensors", ok=False)
     assert "blocks.0.cross_attn.k_img" in r.stderr and "another variant" in r.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_merge_into_every_output(t2v, tmp_path):
+    """The LoRA is folded into the source as it is read, so every output merges: the original layout
+    from a Diffusers base (loaded by the official WanModel strictly), GGUF Q8_0 (dequantized by gguf-py)
+    and torchao float8 (dequantized by torchao in bf16), each against the formula."""
+    import gguf
+    import numpy as np
+
+    import official
+
+    folder, sd = t2v
+    modules = make_modules(sd, MODULES)
+    write_original(tmp_path / "o.safetensors", modules)
+    merged = apply(sd, modules)
+    # the original layout, from the Diffusers folder
+    run_cli("merge", folder, tmp_path / "orig", "--to", "original", "--lora", tmp_path / "o.safetensors")
+    back = load_file(str(next((tmp_path / "orig").glob("diffusion_pytorch_model*.safetensors"))))
+    err = rel_err(official_out(back, "t2v"), official_out(merged, "t2v"))
+    assert err <= TOL and official is not None
+    # GGUF Q8_0, from the original folder
+    run_cli("merge", FIXTURES / "t2v", tmp_path / "m.gguf", "--to", "gguf", "--quantize", "Q8_0",
+            "--lora", tmp_path / "o.safetensors")
+    changed = 0
+    for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors:
+        if t.name.endswith(".weight") and merged[t.name].ndim == 2 and t.name.removesuffix(".weight") in modules:
+            deq = torch.from_numpy(np.asarray(gguf.quants.dequantize(t.data, t.tensor_type)).copy()).reshape(merged[t.name].shape)
+            ref = merged[t.name]
+            assert float((deq - ref).abs().max()) <= float(ref.abs().max()) / 127 + 1e-6, t.name
+            assert float((deq - sd[t.name]).abs().max()) > float(ref.abs().max()) / 64, t.name  # the merge is in it
+            changed += 1
+    assert changed == len(MODULES)
+    # torchao float8, loaded by diffusers in bf16
+    run_cli("merge", FIXTURES / "t2v", tmp_path / "q", "--quantize", "float8", "--lora", tmp_path / "o.safetensors")
+    model = diffusers.WanTransformer3DModel.from_pretrained(str(tmp_path / "q" / "transformer"), torch_dtype=torch.bfloat16)
+    w = model.blocks[0].attn1.to_q.weight.dequantize().float()
+    ref = merged["blocks.0.self_attn.q.weight"]
+    assert float((w - ref).abs().max()) <= 0.07 * float(ref.abs().max())
+    assert float((w - sd["blocks.0.self_attn.q.weight"]).abs().max()) > 0.1 * float(ref.abs().max())

@@ -74,7 +74,7 @@ class Output:
 def _write_gguf(src, out, o: Options, say, warn, progress, check):
     from .to_gguf import run_gguf
 
-    return run_gguf(src, out, o.quantize, o.overwrite, o.dry_run, o.settings, say, progress, check)
+    return run_gguf(src, out, o.quantize, o.overwrite, o.dry_run, o.settings, say, progress, check, o.loras)
 
 
 def _write_back(to: str):
@@ -83,16 +83,15 @@ def _write_back(to: str):
 
         plain = o.dtype in PLAIN_FP8  # --dtype fp8_e4m3fn: ComfyUI's plain fp8 transformer file
         return run_to_original(src, out, o.only, "keep" if plain else o.dtype, o.shard_size, o.overwrite, o.dry_run,
-                               say, progress, to, check, fp8=o.dtype if plain else o.quantize)
+                               say, progress, to, check, fp8=o.dtype if plain else o.quantize, loras=o.loras)
     return write
 
 
 BACK = "the way back writes the float weights of a Diffusers SRC, whose config.json already holds every fact"
 FLOAT_DTYPES = ("fp32", "bf16", "fp16")
 LORA_ONLY = "it is for LoRA files (what a LoRA format cannot hold)"
-NO_MERGE = "merging LoRAs is written into a Diffusers folder for now (merge BASE OUT, then convert OUT --to ...)"
 PLAIN_FP8 = ("fp8_e4m3fn", "fp8_e5m2")  # mappings/fp8.yaml write.plain_formats
-FP8_WHY = {"drop_unsupported": LORA_ONLY, "loras": NO_MERGE, "quantize=fp8_scaled": "fp8_scaled is ComfyUI's file format: --to comfyui --quantize fp8_scaled",
+FP8_WHY = {"drop_unsupported": LORA_ONLY, "quantize=fp8_scaled": "fp8_scaled is ComfyUI's file format: --to comfyui --quantize fp8_scaled",
            "dtype=fp8_e4m3fn": "plain fp8 is ComfyUI's file format: --to comfyui --dtype fp8_e4m3fn",
            "dtype=fp8_e5m2": "plain fp8 is ComfyUI's file format: --to comfyui --dtype fp8_e5m2"}
 OUTPUTS = {o.name: o for o in (
@@ -100,16 +99,16 @@ OUTPUTS = {o.name: o for o in (
                                    "override_config", "quantize", "backend", "check_finite", "loras"}),
            lambda *a: write_diffusers(*a), FP8_WHY,
            accepts={"dtype": FLOAT_DTYPES, "quantize": ("int8", "float8", "int4")}),
-    Output("gguf", frozenset({"only", "quantize", "settings", "override_config", "check_finite"}), _write_gguf,
-           {"drop_unsupported": LORA_ONLY, "loras": NO_MERGE, "dtype": "a GGUF file's types come from --quantize (mappings/gguf.yaml)",
+    Output("gguf", frozenset({"only", "quantize", "settings", "override_config", "check_finite", "loras"}), _write_gguf,
+           {"drop_unsupported": LORA_ONLY, "dtype": "a GGUF file's types come from --quantize (mappings/gguf.yaml)",
             "max_shard_size": "a GGUF file is one file per transformer",
             "clip_heads": "a GGUF file holds the transformer only", "flow_shift": "a GGUF file holds no scheduler",
             "backend": "--backend picks torchao or quanto for a Diffusers folder"}, ("transformer",)),
-    Output("original", frozenset({"only", "dtype", "max_shard_size", "check_finite"}), _write_back("original"),
+    Output("original", frozenset({"only", "dtype", "max_shard_size", "check_finite", "loras"}), _write_back("original"),
            {"*": BACK, **FP8_WHY}, accepts={"dtype": FLOAT_DTYPES}),
-    Output("comfyui", frozenset({"only", "dtype", "quantize", "check_finite"}), _write_back("comfyui"),
+    Output("comfyui", frozenset({"only", "dtype", "quantize", "check_finite", "loras"}), _write_back("comfyui"),
            {"max_shard_size": "ComfyUI's files are one file per component", "drop_unsupported": LORA_ONLY,
-            "loras": NO_MERGE, "*": BACK},
+            "*": BACK},
            accepts={"dtype": FLOAT_DTYPES + PLAIN_FP8, "quantize": ("fp8_scaled",)}),
 )}
 

@@ -5,13 +5,14 @@ dtype. Each LoRA module is placed on the planned tensor it changes through the t
 (converter/lora.py); a LoRA module the model lacks or whose shape differs (a LoRA for another
 variant, another size, the other expert) is refused naming it, never applied in part.
 
-The merge rides on the writer's face (`ComponentPlan.quantized`: tensors, produce, expect, close,
-file_metadata, write_config), so the Diffusers writer, its header check and the record are the
-ones every conversion uses."""
+The merge is folded into the source TensorRefs (`Delta`: B @ A x factor, or an added tensor): every
+reader (the streamed cast, the row slices quantizers and GGUF read, whole reads) yields the merged
+values, a slice at a time, so every output -- Diffusers at any dtype, torchao/quanto, GGUF, the
+original layout, ComfyUI files, fp8_scaled -- merges, and no merged tensor is ever a byte copy."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConversionError
@@ -40,78 +41,36 @@ class LoraArg:
         return LoraArg(Path(path), strength, expert or None)
 
 
-@dataclass
-class Change:
-    lora: object  # a converter.lora.Lora
-    module: str  # original naming
-    role: str  # down/up pair ("ab"), diff, diff_b, bias, diff_m
-    strength: float
+def plan_merges(plans: list, args: list[LoraArg], say, refs: dict | None = None) -> list[dict]:
+    """Fold each LoRA into the source TensorRefs of the transformer it is for (read/safetensors_file
+    Delta: every reader then yields the merged values, so every output merges); the report entries.
+    `plans`: ComponentPlans (forward: Diffusers keys planned; backward: original keys); `refs`:
+    instance -> {planned key -> TensorRef} a writer reads instead of the plan (GGUF), rewritten too."""
+    from dataclasses import replace
 
-
-@dataclass
-class MergePlan:
-    """The writer's face over a planned component: its own tensors, some of them changed."""
-
-    cp: object
-    changes: dict[str, list[Change]]  # planned (target) key -> what changes it
-    tensors: list = field(default_factory=list)
-
-    def file_metadata(self) -> dict[str, str]:
-        return {}
-
-    def expect(self, entries) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def write_config(self, folder) -> None:
-        pass
-
-    def produce(self, pt):
-        from ..component import produce
-        from ..read.safetensors_file import DTYPES, cast_checked, read_tensor
-
-        changes = self.changes.get(pt.key)
-        if not changes:
-            return produce(pt)
-        import torch
-
-        w = read_tensor(pt.sources[0]).to(torch.float32).reshape(pt.shape)
-        for c in changes:
-            m = c.lora.modules[c.module]
-            if c.role == "ab":
-                a, b = (read_tensor(m.parts[r]).to(torch.float32) for r in ("down", "up"))
-                delta = (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)) * m.scale()
-            else:
-                delta = read_tensor(m.parts[c.role]).to(torch.float32)
-            w += c.strength * delta.reshape(w.shape)
-        return cast_checked(w, DTYPES[pt.dtype], f"{pt.sources[0].file}: {pt.sources[0].key} (merged)")
-
-
-def plan_merges(plans: list, args: list[LoraArg], say) -> list[dict]:
-    """Attach a MergePlan to each transformer of `plans` that a LoRA is for; the report entries."""
     from ..lora import param_key, read_lora, rename_module
+    from ..read.safetensors_file import Delta
 
     transformers = [cp for cp in plans if cp.component == "transformer"]
     if not transformers:
         raise ConversionError("--lora: no transformer among the components to convert (a LoRA changes the transformer)")
-    by_instance: dict[str, dict[str, list[Change]]] = {}
+    by_instance: dict[str, dict[str, list]] = {}
     reports = []
     for arg in args:
         cp = _instance(transformers, arg)
         lora = read_lora(arg.path)
+        naming = "diffusers" if cp.plan.direction.forward else "original"
         shapes = {pt.key: tuple(pt.shape) for pt in cp.plan.tensors}
-        changes = by_instance.setdefault(cp.folder, {})
+        deltas = by_instance.setdefault(cp.folder, {})
         touched = []
         for name in sorted(lora.modules):
             m = lora.modules[name]
-            target = rename_module(name, "original", "diffusers")
+            target = name if naming == "original" else rename_module(name, "original", "diffusers")
             for role in m.parts:
                 if role in ("down", "alpha"):
                     continue
                 if role == "diff_m":
-                    key = param_key(name, "diffusers")
+                    key = param_key(name, naming)
                 elif role in ("diff_b", "bias"):
                     key = f"{target}.bias" if target else None
                 else:
@@ -122,10 +81,12 @@ def plan_merges(plans: list, args: list[LoraArg], say) -> list[dict]:
                                           f"another variant or size; nothing was written")
                 want = shapes[key]
                 have = _delta_shape(m, kind)
-                if _numel(have) != _numel(want) or (kind == "ab" and (have[0] != want[0])):
+                if _numel(have) != _numel(want) or (kind == "ab" and have[0] != want[0]):
                     raise ConversionError(f"{arg.path}: {name} ({role}) changes {key} {list(want)} by {list(have)}: a "
                                           f"LoRA for another size or variant; nothing was written")
-                changes.setdefault(key, []).append(Change(lora, name, kind, arg.strength))
+                delta = (Delta(arg.strength * m.scale(), up=m.parts["up"], down=m.parts["down"]) if kind == "ab"
+                         else Delta(arg.strength, add=m.parts[kind]))
+                deltas.setdefault(key, []).append(delta)
                 touched.append(key)
         info = {"lora": str(arg.path), "format": lora.format, "strength": arg.strength, "instance": cp.folder,
                 "modules": len(lora.modules), "tensors_changed": sorted(set(touched))}
@@ -133,16 +94,20 @@ def plan_merges(plans: list, args: list[LoraArg], say) -> list[dict]:
         say(f"  lora:     {arg.path} ({lora.format}, {len(lora.modules)} modules) x {arg.strength:g} -> {cp.folder}: "
             f"{len(set(touched))} tensors changed")
     for cp in transformers:
-        if cp.folder in by_instance:
-            if cp.quantized is not None:
-                raise ConversionError("--lora with --quantize: merging into a quantized output is not supported yet; "
-                                      "merge into a float folder, then quantize it")
-            for key, cs in by_instance[cp.folder].items():
-                pt = next(p for p in cp.plan.tensors if p.key == key)
-                if not pt.is_elementwise:
-                    raise ConversionError(f"{pt.sources[0].file}: {pt.sources[0].key} is made by a {pt.rule.op}: "
-                                          f"a LoRA cannot be merged into it here")
-            cp.quantized = MergePlan(cp, by_instance[cp.folder], list(cp.plan.tensors))
+        for key, ds in by_instance.get(cp.folder, {}).items():
+            pt = next(p for p in cp.plan.tensors if p.key == key)
+            old = pt.sources[0]
+            if not pt.is_elementwise or len(pt.sources) != 1:
+                raise ConversionError(f"{old.file}: {old.key} is made by a {pt.rule.op}: a LoRA cannot be merged "
+                                      f"into it here")
+            new = replace(old, deltas=old.deltas + tuple(ds))
+            pt.sources = [new]
+            for k, r in list(cp.source.tensors.items()):
+                if r is old or r == old:
+                    cp.source.tensors[k] = new
+            mine = (refs or {}).get(cp.folder)
+            if mine is not None and key in mine and mine[key] is not cp.source.tensors.get(key):
+                mine[key] = replace(mine[key], deltas=new.deltas)
     return reports
 
 

@@ -14,7 +14,7 @@ from .common import silent
 
 
 def run_gguf(src: Path, out: Path, qtype: str | None, overwrite: bool, dry_run: bool, overrides: dict,
-             say=silent, progress: bool = True, check_values=None) -> dict:
+             say=silent, progress: bool = True, check_values=None, loras=()) -> dict:
     """One transformer: OUT is a .gguf file.  Two (Wan 2.2 A14B): OUT is a folder that gets one
     .gguf per expert, named after the expert's folder in the original repo (high_noise_model.gguf,
     low_noise_model.gguf), written into a work folder and renamed to OUT when both are complete."""
@@ -26,6 +26,12 @@ def run_gguf(src: Path, out: Path, qtype: str | None, overwrite: bool, dry_run: 
         raise ConversionError(f"--to gguf needs --quantize TYPE ({', '.join(load_gguf_policy().types)})")
     started = time.perf_counter()
     plans = transformer_sources(src, overrides, say)
+    merged = None
+    if loras:  # LoRAs folded into the source refs (actions/merge.py): the GGUF values are the merged ones
+        from .merge import plan_merges
+
+        merged = plan_merges([cp for cp, _, _ in plans], list(loras), say,
+                             {cp.folder: refs for cp, refs, _ in plans})
     one = len(plans) == 1
     if one and out.suffix != ".gguf":
         raise ConversionError(f"{out}: --to gguf writes one file for this transformer: give OUT a .gguf name")
@@ -54,7 +60,8 @@ def run_gguf(src: Path, out: Path, qtype: str | None, overwrite: bool, dry_run: 
                for name, cp, tensors, types in files]
     report = {"ok": True, "dry_run": dry_run, "to": "gguf", "source": str(src), "variant": entries[0]["variant"],
               "type": qtype, "tensors": sum(e["tensors"] for e in entries), "bytes": sum(e["bytes"] for e in entries),
-              "types": dict(sum((Counter(e["types"]) for e in entries), Counter())), "files": entries, "notes": notes}
+              "types": dict(sum((Counter(e["types"]) for e in entries), Counter())), "files": entries, "notes": notes,
+              **({"loras": merged} if merged else {})}
     if check_values is not None:  # --check-finite: the source tensors read once more
         check_values([cp for _, cp, _, _ in files], entries, report)
     if dry_run:

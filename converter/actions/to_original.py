@@ -313,7 +313,7 @@ def original_config(table, det, pipeline_fields: dict, kept: dict | None, record
 
 def run_to_original(src: Path, out: Path, only, dtype: str, max_shard_size, overwrite: bool, dry_run: bool,
                     say=silent, progress: bool = True, to: str = "original", check_values=None,
-                    fp8: str | None = None) -> dict:
+                    fp8: str | None = None, loras=()) -> dict:
     """`to`: original (the Wan-AI repo layout) or comfyui (one file per component, unsharded);
     `fp8`: (comfyui) the transformer as fp8_scaled or plain fp8 (plan_reversed)."""
     from ..component import written_tensors
@@ -329,6 +329,11 @@ def run_to_original(src: Path, out: Path, only, dtype: str, max_shard_size, over
         name = Path(str(src)).name
         src = download(str(src), only, patterns=diffusers_patterns(only))
     parts, notes = plan_reversed(src, only, dtype, say, to, name, fp8=fp8)
+    merged = None
+    if loras:  # LoRAs folded into the source refs (actions/merge.py)
+        from .merge import plan_merges
+
+        merged = plan_merges([r.cp for r in parts], list(loras), say)
     tokenizer = LAYOUTS[to].tokenizer(src, parts)
     if not LAYOUTS[to].sharded:
         max_shard_size = 1 << 62  # one file per component
@@ -338,7 +343,7 @@ def run_to_original(src: Path, out: Path, only, dtype: str, max_shard_size, over
          "bytes": sum(pt.nbytes for pt in written_tensors(r.cp)), "dropped": [d.key for d in r.cp.plan.dropped],
          "fp8": getattr(r.cp.quantized, "kind", None),
          "config": r.config, "config_from": r.config_from} for r in parts],
-        "tokenizer": tokenizer[1] if tokenizer else None, "notes": notes}
+        "tokenizer": tokenizer[1] if tokenizer else None, "notes": notes, **({"loras": merged} if merged else {})}
     if check_values is not None:  # --check-finite: the source tensors read once more
         check_values([r.cp for r in parts], report["components"], report)
     for r in parts:  # one line per origin of the config.json values the Diffusers config lacks

@@ -8,6 +8,7 @@ import click
 
 from .. import api
 from ..actions.common import parse_settings
+from ..actions.convert import OUTPUTS
 from .common import run_reporting
 
 
@@ -18,8 +19,12 @@ from .common import run_reporting
               help="A LoRA file in any format `convert` reads (original/Kijai/lightx2v, kohya/musubi, diffusers/PEFT, "
                    "DiffSynth), merged with STRENGTH (default 1). Wan 2.2 A14B: EXPERT says which expert it is "
                    "for (high / low, or transformer / transformer_2). Repeatable.")
-@click.option("--dtype", type=click.Choice(["keep", "fp32", "bf16", "fp16"]), default="keep", show_default=True,
-              help="Output dtype of floating tensors (the merge itself is computed in float32).")
+@click.option("--dtype", type=click.Choice(["keep", "fp32", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2"]), default="keep",
+              show_default=True, help="Output dtype of floating tensors (the merge itself is computed in float32).")
+@click.option("--to", "to", type=click.Choice(list(OUTPUTS)), default="diffusers", show_default=True,
+              help="The output, as `convert --to`: a Diffusers folder, a GGUF file, the original layout, ComfyUI files.")
+@click.option("--quantize", default=None, metavar="TYPE",
+              help="As `convert --quantize`: int8/float8/int4 (Diffusers), a GGUF type, fp8_scaled (ComfyUI).")
 @click.option("--only", default=None, metavar="LIST", help="Components to convert (as `convert --only`).")
 @click.option("--max-shard-size", default=None, help="Largest output shard.  [default: 5GB]")
 @click.option("--set", "settings", multiple=True, metavar="COMPONENT.FACT=VALUE",
@@ -27,14 +32,16 @@ from .common import run_reporting
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, when the new one is complete).")
 @click.option("--dry-run", is_flag=True, help="Read headers, place every LoRA module, prove coverage; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
-def merge(base: Path, out: Path, loras: tuple[str, ...], dtype: str, only: str | None, max_shard_size: str | None,
-          settings: tuple[str, ...], overwrite: bool, dry_run: bool, as_json: bool):
-    """Convert BASE (as `convert` does) into a Diffusers folder OUT with LoRAs merged into the
-    transformer, one tensor at a time: W + strength * alpha/rank * (B @ A) (+ diff, diff_b, diff_m),
-    in float32. A LoRA module the model lacks or whose shape differs (another variant, size or
-    expert) is refused, naming it; the report lists every tensor changed."""
+def merge(base: Path, out: Path, loras: tuple[str, ...], dtype: str, to: str, quantize: str | None, only: str | None,
+          max_shard_size: str | None, settings: tuple[str, ...], overwrite: bool, dry_run: bool, as_json: bool):
+    """Convert BASE into OUT as `convert` does (any --to, --dtype, --quantize) with LoRAs merged into
+    the transformer as it is read, a slice at a time: W + strength * alpha/rank * (B @ A) (+ diff,
+    diff_b, diff_m), in float32, then cast or quantized. A LoRA module the model lacks or whose shape
+    differs (another variant, size or expert) is refused, naming it; the report lists every tensor
+    changed."""
     def action():
-        return api.merge(base, out, loras, dtype=dtype, only=only, overwrite=overwrite, max_shard_size=max_shard_size,
+        return api.merge(base, out, loras, dtype=dtype, quantize=quantize, to=to, only=only, overwrite=overwrite,
+                         max_shard_size=max_shard_size,
                          settings=parse_settings(settings), dry_run=dry_run, log=None if as_json else click.echo,
                          progress=not as_json)
 

@@ -42,7 +42,8 @@ class PlannedTensor:
     def is_byte_copy(self) -> bool:
         """The output is the source's bytes unchanged: the kernel can copy it."""
         src = self.sources[0]
-        return transforms.is_view(self.rule) and self.dtype == src.dtype and src.stride is None and src.scale is None
+        return (transforms.is_view(self.rule) and self.dtype == src.dtype and src.stride is None and src.scale is None
+                and not src.deltas)
 
 
 @dataclass

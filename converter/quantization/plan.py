@@ -73,7 +73,7 @@ class QuantizedPlan:
 
     def _quantize(self, weight: PlannedTensor) -> dict[str, torch.Tensor]:
         ref = weight.sources[0]
-        if ref.scale is not None and weight.is_elementwise:  # a ComfyUI fp8_scaled weight: kept as stored?
+        if ref.scale is not None and not ref.deltas and weight.is_elementwise:  # a ComfyUI fp8_scaled weight: kept as stored?
             parts = self.backend.from_scaled_fp8(self.weights, ref, tuple(weight.shape))
             if parts is not None:
                 return parts

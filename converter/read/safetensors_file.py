@@ -54,11 +54,74 @@ class TensorRef:
     # fp8 stored with a per-tensor scale (ComfyUI's fp8_scaled files, converter/fp8.py): the values
     # are the stored ones times `scale`, computed in float32; None: the stored values themselves
     scale: float | None = None
+    # what is added to the values as they are read (LoRAs merged by `merge`, actions/merge.py): the
+    # values are computed in float32, then cast by whoever reads them; never a byte copy
+    deltas: tuple = ()
 
     @property
     def value_dtype(self) -> str:
         """The dtype tag of the values this ref reads as: F32 for a scaled fp8 weight."""
         return "F32" if self.scale is not None else self.dtype
+
+
+@dataclass(frozen=True)
+class Delta:
+    """factor * (up @ down) (a LoRA's matrices; up [rows, r], down [r, ...]) or factor * add (a tensor
+    of the same size), added to a tensor's values as they are read."""
+
+    factor: float
+    up: TensorRef | None = None
+    down: TensorRef | None = None
+    add: TensorRef | None = None
+
+
+def delta_values(ref: TensorRef, e0: int, e1: int):
+    """The sum of `ref`'s deltas for its flat elements [e0, e1), in float32: only the rows of B @ A
+    those elements lie in are computed; an added tensor is read for that range only."""
+    import torch
+
+    out = torch.zeros(e1 - e0, dtype=torch.float32)
+    numel = math.prod(ref.shape)
+    rows = ref.shape[0] if ref.shape else 1
+    cols = max(1, numel // max(rows, 1))
+    for d in ref.deltas:
+        if d.add is not None:
+            item = ITEMSIZE[d.add.dtype]
+            part = TensorRef(d.add.file, d.add.key, d.add.dtype, (e1 - e0,), d.add.offset + e0 * item, (e1 - e0) * item)
+            out.add_(read_tensor(part).to(torch.float32), alpha=d.factor)
+            continue
+        r0, r1 = e0 // cols, -(-e1 // cols)
+        up, down = _lora_matrix(d.up), _lora_matrix(d.down)
+        block = (up[r0:r1] @ down).reshape(-1)[e0 - r0 * cols:e1 - r0 * cols]
+        out.add_(block, alpha=d.factor)
+    return out
+
+
+_matrices: dict = {}  # the last LoRA matrices read (small: rank x width), per thread of use
+
+
+def _lora_matrix(ref: TensorRef):
+    import torch
+
+    t = _matrices.get(ref)
+    if t is None:
+        if len(_matrices) > 16:
+            _matrices.clear()
+        t = _matrices[ref] = read_tensor(ref).to(torch.float32).reshape(ref.shape[0], -1)
+    return t
+
+
+def with_deltas(values, ref: TensorRef, e0: int = 0):
+    """`values` (flat or shaped, the stored or scaled values of `ref` from element e0 on) with `ref`'s
+    deltas added, in float32 (unchanged when it has none)."""
+    import torch
+
+    if not ref.deltas:
+        return values
+    out = values.to(torch.float32).clone() if values.dtype == torch.float32 else values.to(torch.float32)
+    flat = out.reshape(-1)
+    flat.add_(delta_values(ref, e0, e0 + flat.numel()))
+    return out
 
 
 @dataclass(frozen=True)
@@ -155,8 +218,8 @@ def read_tensor(ref: TensorRef):
         return torch.empty(ref.shape, dtype=__getattr__("DTYPES")[ref.value_dtype])
     flat = torch.frombuffer(buf, dtype=dtype)
     if ref.stride is not None:
-        return scaled(flat.as_strided(ref.shape, ref.stride).contiguous(), ref.scale)
-    return scaled(flat.reshape(ref.shape), ref.scale)
+        return with_deltas(scaled(flat.as_strided(ref.shape, ref.stride).contiguous(), ref.scale), ref)
+    return with_deltas(scaled(flat.reshape(ref.shape), ref.scale), ref)
 
 
 def scaled(values, scale: float | None):
@@ -202,7 +265,8 @@ def fp8_lookup(values, scale: float | None, dtype, out=None, where: str = "fp8 v
 
 def same_values(a: TensorRef, b: TensorRef, chunk: int = 16 * 1024 * 1024) -> bool:
     """Whether two contiguous tensors hold the same dtype, shape and bytes (read a chunk at a time)."""
-    if (a.dtype, tuple(a.shape), a.nbytes, a.scale) != (b.dtype, tuple(b.shape), b.nbytes, b.scale) or a.stride or b.stride:
+    if (a.dtype, tuple(a.shape), a.nbytes, a.scale, a.deltas) != (b.dtype, tuple(b.shape), b.nbytes, b.scale, b.deltas) \
+            or a.stride or b.stride:
         return False
     with open(a.file, "rb", buffering=0) as fa, open(b.file, "rb", buffering=0) as fb:
         for off in range(0, a.nbytes, chunk):
@@ -217,7 +281,7 @@ def same_values(a: TensorRef, b: TensorRef, chunk: int = 16 * 1024 * 1024) -> bo
 def copy_bytes(ref: TensorRef, out, chunk: int = 64 * 1024 * 1024) -> None:
     """Append a tensor's bytes to the open file `out`, kernel-side when the OS allows it
     (os.copy_file_range: the bytes never enter this process).  Contiguous, unscaled tensors only."""
-    assert ref.stride is None and ref.scale is None, ref.key
+    assert ref.stride is None and ref.scale is None and not ref.deltas, ref.key
     with open(ref.file, "rb", buffering=0) as src:
         out.flush()
         remaining, src_off = ref.nbytes, ref.offset
@@ -261,7 +325,7 @@ def iter_chunks(ref: TensorRef, chunk: int = 64 * 1024 * 1024):
             got = f.readinto(buf)
             if got != n:
                 raise ConversionError(f"{ref.file}: truncated while reading {ref.key}")
-            yield scaled(torch.frombuffer(buf, dtype=src_dtype), ref.scale)
+            yield with_deltas(scaled(torch.frombuffer(buf, dtype=src_dtype), ref.scale), ref, done // item)
             done += n
 
 
@@ -356,6 +420,12 @@ def _cast_steps(ref: TensorRef, spans, item: int, src_dtype, inputs, outputs):
             count = n // item
             out = outputs[i % 2][:count]
             src = torch.frombuffer(inputs[i % 2], dtype=src_dtype, count=count)
+            if ref.deltas:  # a merge: the values (scaled) + the deltas of this range, in float32, cast once
+                values = with_deltas(scaled(src, scale), ref, spans[i][0] // item)
+                out.copy_(values)
+                check_overflow(values, out, f"{ref.file}: {ref.key} (merged)")
+                yield memoryview(out.view(torch.uint8).numpy())
+                continue
             if src_dtype.itemsize == 1 and src_dtype.is_floating_point:  # fp8 (x its scale): a table lookup
                 fp8_lookup(src, scale, out.dtype, out, f"{ref.file}: {ref.key}")
                 yield memoryview(out.view(torch.uint8).numpy())
@@ -404,4 +474,5 @@ class LazyRows:
         row_bytes = self.shape[1] * item
         part = TensorRef(self.ref.file, self.ref.key, self.ref.dtype, (b - a, self.shape[1]),
                          self.ref.offset + a * row_bytes, (b - a) * row_bytes, scale=self.ref.scale)
-        return cast_checked(read_tensor(part), self.dtype, f"{self.ref.file}: {self.ref.key}")
+        values = with_deltas(read_tensor(part), self.ref, a * self.shape[1])
+        return cast_checked(values, self.dtype, f"{self.ref.file}: {self.ref.key}")
