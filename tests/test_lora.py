@@ -306,3 +306,37 @@ def test_merge_into_every_output(t2v, tmp_path):
     ref = merged["blocks.0.self_attn.q.weight"]
     assert float((w - ref).abs().max()) <= 0.07 * float(ref.abs().max())
     assert float((w - sd["blocks.0.self_attn.q.weight"]).abs().max()) > 0.1 * float(ref.abs().max())
+
+
+def test_merge_into_a_diffusers_base(t2v, tmp_path):
+    """A Diffusers folder as BASE: its transformer rewritten with the LoRA (float, or quantized with
+    --quantize), the rest of the pipeline linked; the record says what was merged."""
+    import json
+
+    folder, sd = t2v
+    modules = make_modules(sd, MODULES)
+    write_original(tmp_path / "o.safetensors", modules)
+    base = folder.parent
+    r = run_cli("merge", base, tmp_path / "m", "--lora", tmp_path / "o.safetensors", "--dtype", "bf16", ok=False)
+    assert "--dtype does not apply to merging into the Diffusers folder" in r.stderr
+    run_cli("merge", base, tmp_path / "m", "--lora", tmp_path / "o.safetensors")
+    got = run_official_call(load_converted(tmp_path / "m" / "transformer"), "t2v")[0][0]
+    assert rel_err(got, official_out(apply(sd, modules), "t2v")) <= TOL
+    record = json.loads((tmp_path / "m" / "wan2diffusers.json").read_text())
+    assert record["derived_from"]["by"] == "wan2diffusers merge" and len(record["merged_loras"]) == 1
+
+
+@pytest.mark.parametrize("expert", ["high_noise_model", "low_noise_model"])
+def test_a14b_expert_loras_load_in_diffusers_and_equal_the_official_merge(tmp_path, expert):
+    """Each Wan 2.2 A14B expert with a LoRA of its own (kohya format, as musubi-tuner trains one per
+    expert): converted to diffusers, loaded by diffusers into that expert = the official expert merged."""
+    fixture = f"t2v_a14b/{expert}"
+    sd = fixture_state_dict(FIXTURES / fixture)
+    modules = make_modules(sd, MODULES, seed=11, diff_b=False)
+    write_kohya(tmp_path / "k.safetensors", modules)
+    run_cli("convert", FIXTURES / fixture, tmp_path / "d")
+    run_cli("convert", tmp_path / "k.safetensors", tmp_path / "l.safetensors", "--to", "diffusers")
+    model = load_converted(tmp_path / "d" / "transformer")
+    model.load_lora_adapter(str(tmp_path / "l.safetensors"), prefix="transformer", adapter_name="x")
+    got = run_official_call(model, fixture)[0][0]
+    assert rel_err(got, official_out(apply(sd, modules), fixture)) <= TOL

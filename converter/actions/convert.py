@@ -151,6 +151,15 @@ def write_diffusers(src, out, o: Options, say, warn, progress, check) -> dict:
     from ..write.atomic import check_output
 
     src, out = Path(src), Path(out)
+    if o.loras and _is_diffusers(src):  # merge into a Diffusers base: the quantize action, float or quantized
+        from .quantize import run_quantize
+
+        extra = [OPTION_NAMES[k] for k in o.given() if k not in ("loras", "quantize", "backend", "max_shard_size")]
+        if extra:
+            raise ConversionError(f"{extra[0]} does not apply to merging into the Diffusers folder {src}: its tensors "
+                                  f"keep their dtype and components (merge the original repo, or --to original first)")
+
+        return run_quantize(src, out, quantize, max_shard_size, overwrite, dry_run, say, backend, progress, o.loras)
     check_output(src, out, overwrite or dry_run)
     started = time.perf_counter()
     hub_repo = None
@@ -184,6 +193,13 @@ def write_diffusers(src, out, o: Options, say, warn, progress, check) -> dict:
     say(f"done in {elapsed:.1f} s")
     say(f"result: {out.resolve()}")
     return report
+
+
+def _is_diffusers(src: Path) -> bool:
+    """A converted Diffusers folder (pipeline or component) whose transformers `merge` can rewrite."""
+    from .to_gguf import _diffusers
+
+    return Path(src).is_dir() and _diffusers(Path(src)) is not None
 
 
 def plan_components(src: Path, only, dtype, overrides, clip_heads, override_config, say) -> list:

@@ -75,12 +75,12 @@ class Delta:
     add: TensorRef | None = None
 
 
-def delta_values(ref: TensorRef, e0: int, e1: int):
-    """The sum of `ref`'s deltas for its flat elements [e0, e1), in float32: only the rows of B @ A
-    those elements lie in are computed; an added tensor is read for that range only."""
+def add_deltas(flat, ref: TensorRef, e0: int) -> None:
+    """Add `ref`'s deltas for its flat elements [e0, e0 + len(flat)) to `flat` (float32, in place): only
+    the rows of B @ A those elements lie in are computed; an added tensor is read for that range only."""
     import torch
 
-    out = torch.zeros(e1 - e0, dtype=torch.float32)
+    e1 = e0 + flat.numel()
     numel = math.prod(ref.shape)
     rows = ref.shape[0] if ref.shape else 1
     cols = max(1, numel // max(rows, 1))
@@ -88,13 +88,15 @@ def delta_values(ref: TensorRef, e0: int, e1: int):
         if d.add is not None:
             item = ITEMSIZE[d.add.dtype]
             part = TensorRef(d.add.file, d.add.key, d.add.dtype, (e1 - e0,), d.add.offset + e0 * item, (e1 - e0) * item)
-            out.add_(read_tensor(part).to(torch.float32), alpha=d.factor)
+            flat.add_(read_tensor(part).to(torch.float32), alpha=d.factor)
             continue
         r0, r1 = e0 // cols, -(-e1 // cols)
         up, down = _lora_matrix(d.up), _lora_matrix(d.down)
-        block = (up[r0:r1] @ down).reshape(-1)[e0 - r0 * cols:e1 - r0 * cols]
-        out.add_(block, alpha=d.factor)
-    return out
+        if e0 == r0 * cols and e1 == r1 * cols:  # whole rows: added in place, no copy of the block
+            flat.view(r1 - r0, cols).addmm_(up[r0:r1], down, alpha=d.factor)
+        else:
+            block = (up[r0:r1] @ down).reshape(-1)[e0 - r0 * cols:e1 - r0 * cols]
+            flat.add_(block, alpha=d.factor)
 
 
 _matrices: dict = {}  # the last LoRA matrices read (small: rank x width), per thread of use
@@ -111,16 +113,15 @@ def _lora_matrix(ref: TensorRef):
     return t
 
 
-def with_deltas(values, ref: TensorRef, e0: int = 0):
+def with_deltas(values, ref: TensorRef, e0: int = 0, inplace: bool = False):
     """`values` (flat or shaped, the stored or scaled values of `ref` from element e0 on) with `ref`'s
-    deltas added, in float32 (unchanged when it has none)."""
+    deltas added, in float32 (unchanged when it has none); `inplace`: float32 `values` may be changed."""
     import torch
 
     if not ref.deltas:
         return values
-    out = values.to(torch.float32).clone() if values.dtype == torch.float32 else values.to(torch.float32)
-    flat = out.reshape(-1)
-    flat.add_(delta_values(ref, e0, e0 + flat.numel()))
+    out = values if values.dtype == torch.float32 and inplace else values.to(torch.float32, copy=True)
+    add_deltas(out.reshape(-1), ref, e0)
     return out
 
 
@@ -218,8 +219,8 @@ def read_tensor(ref: TensorRef):
         return torch.empty(ref.shape, dtype=__getattr__("DTYPES")[ref.value_dtype])
     flat = torch.frombuffer(buf, dtype=dtype)
     if ref.stride is not None:
-        return with_deltas(scaled(flat.as_strided(ref.shape, ref.stride).contiguous(), ref.scale), ref)
-    return with_deltas(scaled(flat.reshape(ref.shape), ref.scale), ref)
+        return with_deltas(scaled(flat.as_strided(ref.shape, ref.stride).contiguous(), ref.scale), ref, inplace=True)
+    return with_deltas(scaled(flat.reshape(ref.shape), ref.scale), ref, inplace=True)
 
 
 def scaled(values, scale: float | None):
@@ -325,7 +326,7 @@ def iter_chunks(ref: TensorRef, chunk: int = 64 * 1024 * 1024):
             got = f.readinto(buf)
             if got != n:
                 raise ConversionError(f"{ref.file}: truncated while reading {ref.key}")
-            yield with_deltas(scaled(torch.frombuffer(buf, dtype=src_dtype), ref.scale), ref, done // item)
+            yield with_deltas(scaled(torch.frombuffer(buf, dtype=src_dtype), ref.scale), ref, done // item, inplace=True)
             done += n
 
 
@@ -421,7 +422,7 @@ def _cast_steps(ref: TensorRef, spans, item: int, src_dtype, inputs, outputs):
             out = outputs[i % 2][:count]
             src = torch.frombuffer(inputs[i % 2], dtype=src_dtype, count=count)
             if ref.deltas:  # a merge: the values (scaled) + the deltas of this range, in float32, cast once
-                values = with_deltas(scaled(src, scale), ref, spans[i][0] // item)
+                values = with_deltas(scaled(src, scale), ref, spans[i][0] // item, inplace=True)  # the buffer is read again
                 out.copy_(values)
                 check_overflow(values, out, f"{ref.file}: {ref.key} (merged)")
                 yield memoryview(out.view(torch.uint8).numpy())
@@ -474,5 +475,5 @@ class LazyRows:
         row_bytes = self.shape[1] * item
         part = TensorRef(self.ref.file, self.ref.key, self.ref.dtype, (b - a, self.shape[1]),
                          self.ref.offset + a * row_bytes, (b - a) * row_bytes, scale=self.ref.scale)
-        values = with_deltas(read_tensor(part), self.ref, a * self.shape[1])
+        values = with_deltas(read_tensor(part), self.ref, a * self.shape[1], inplace=True)
         return cast_checked(values, self.dtype, f"{self.ref.file}: {self.ref.key}")
