@@ -193,3 +193,11 @@ def test_every_variant_reads_as_its_dequantized_float32_file(tmp_path, fixture):
     b = load_file(str(next((tmp_path / "f32" / "transformer").glob("*.safetensors"))))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert sum(1 for k in load_file(str(src)) if k.endswith(".scale_weight")) >= 20
+
+
+def test_bf16_output_from_fp8_runs_in_bf16(tmp_path):
+    src = make_fp8_file(FIXTURES / "t2v", tmp_path / "m.safetensors")
+    run_cli("convert", src, tmp_path / "out", "--dtype", "bf16", *HEADS)
+    model = load_converted(tmp_path / "out" / "transformer", torch.bfloat16)
+    got = run_official_call(model, "t2v", torch.bfloat16)[0][0].float()
+    assert rel_err(got, official_out(dequantized(src), "t2v")) < 0.05

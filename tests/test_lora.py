@@ -340,3 +340,20 @@ def test_a14b_expert_loras_load_in_diffusers_and_equal_the_official_merge(tmp_pa
     model.load_lora_adapter(str(tmp_path / "l.safetensors"), prefix="transformer", adapter_name="x")
     got = run_official_call(model, fixture)[0][0]
     assert rel_err(got, official_out(apply(sd, modules), fixture)) <= TOL
+
+
+def test_lora_and_merge_outputs_run_in_bf16(t2v, tmp_path):
+    """As users run Wan: the converted LoRA loaded by diffusers into the model in bfloat16, and a
+    bf16 merge loaded in bfloat16; both run, and agree with the float32 result to bf16 precision."""
+    folder, sd = t2v
+    modules = make_modules(sd, MODULES)
+    write_original(tmp_path / "o.safetensors", modules)
+    expected = official_out(apply(sd, modules), "t2v")
+    run_cli("convert", tmp_path / "o.safetensors", tmp_path / "d.safetensors", "--to", "diffusers")
+    model = load_converted(folder, torch.bfloat16)
+    model.load_lora_adapter(str(tmp_path / "d.safetensors"), prefix="transformer", adapter_name="x")
+    got = run_official_call(model, "t2v", torch.bfloat16)[0][0].float()
+    assert rel_err(got, expected) < 0.05
+    run_cli("merge", FIXTURES / "t2v", tmp_path / "m", "--dtype", "bf16", "--lora", tmp_path / "o.safetensors")
+    merged = run_official_call(load_converted(tmp_path / "m" / "transformer", torch.bfloat16), "t2v", torch.bfloat16)[0][0]
+    assert rel_err(merged.float(), expected) < 0.05
