@@ -100,12 +100,13 @@ def merge(base: PathArg, output: PathArg, loras: Iterable[Union[str, PathArg]], 
           quantize: Weights | None = None, to: Literal["diffusers", "gguf", "original", "comfyui"] = "diffusers",
           only: Union[str, Iterable[str], None] = None, overwrite: bool = False, max_shard_size: str | None = None,
           settings: Union[Mapping[str, Mapping], Iterable[str], None] = None, dry_run: bool = False,
-          log: Log | None = None, progress: bool = True) -> Report:
+          drop_unsupported: bool = False, log: Log | None = None, progress: bool = True) -> Report:
     """`convert` with the LoRA files `loras` merged into the transformer, streamed (`wan2diffusers
     merge`): any output `convert` writes (`to`, `dtype`, `quantize`), from any base it reads (an
     original repo, a single file, a Hub id; a Diffusers folder for to="original"/"comfyui"/"gguf").
     Each item is `[EXPERT=]FILE[:STRENGTH]` (Wan 2.2 A14B: `high=...` / `low=...`). Every module a
-    LoRA touches must exist with its shape, else nothing is written; report["loras"] lists what changed."""
+    LoRA touches must exist with its shape, else nothing is written (`drop_unsupported`: such modules
+    are left out and listed, report["loras"][i]["left_out"]); report["loras"] lists what changed."""
     from .actions.convert import run_convert
     from .actions.merge import LoraArg
 
@@ -117,7 +118,8 @@ def merge(base: PathArg, output: PathArg, loras: Iterable[Union[str, PathArg]], 
             check_size(max_shard_size)
         return Report(run_convert(Path(base), Path(output), _components(only), max_shard_size, dtype,
                                   _settings(settings), None, None, overwrite, dry_run, say=log or silent,
-                                  progress=progress, quantize=quantize, to=to, loras=args))
+                                  progress=progress, quantize=quantize, to=to, loras=args,
+                                  drop_unsupported=drop_unsupported))
 
 
 def convert_lora(source: PathArg, output: PathArg, *, to: Literal["diffusers", "original", "kohya", "comfyui"],

@@ -357,3 +357,21 @@ def test_lora_and_merge_outputs_run_in_bf16(t2v, tmp_path):
     run_cli("merge", FIXTURES / "t2v", tmp_path / "m", "--dtype", "bf16", "--lora", tmp_path / "o.safetensors")
     merged = run_official_call(load_converted(tmp_path / "m" / "transformer", torch.bfloat16), "t2v", torch.bfloat16)[0][0]
     assert rel_err(merged.float(), expected) < 0.05
+
+
+def test_merge_drop_unsupported_applies_what_fits_and_lists_the_rest(t2v, tmp_path):
+    """A Wan 2.1 I2V LoRA (image attention) on a T2V model, the case ComfyUI logs as 'lora key not
+    loaded': refused by default (above); with --drop-unsupported the modules the model has are merged,
+    the others listed -- and the result is the official model with just those applied."""
+    folder, sd = t2v
+    i2v = fixture_state_dict(FIXTURES / "i2v")
+    both = make_modules(i2v, ["blocks.0.self_attn.q", "blocks.1.ffn.2", "blocks.0.cross_attn.k_img"])
+    write_original(tmp_path / "o.safetensors", both)
+    report = run_cli("merge", FIXTURES / "t2v", tmp_path / "m", "--lora", tmp_path / "o.safetensors",
+                     "--drop-unsupported", "--json").json()
+    assert report["loras"][0]["left_out"] == ["blocks.0.cross_attn.k_img"]
+    kept = {k: v for k, v in both.items() if k != "blocks.0.cross_attn.k_img"}
+    got = run_official_call(load_converted(tmp_path / "m" / "transformer"), "t2v")[0][0]
+    assert rel_err(got, official_out(apply(sd, kept), "t2v")) <= TOL
+    r = run_cli("convert", FIXTURES / "t2v", tmp_path / "x", "--drop-unsupported", ok=False)
+    assert "applies to LoRA files and to merge" in r.stderr

@@ -89,9 +89,8 @@ def _write_back(to: str):
 
 BACK = "the way back writes the float weights of a Diffusers SRC, whose config.json already holds every fact"
 FLOAT_DTYPES = ("fp32", "bf16", "fp16")
-LORA_ONLY = "it is for LoRA files (what a LoRA format cannot hold)"
 PLAIN_FP8 = ("fp8_e4m3fn", "fp8_e5m2")  # mappings/fp8.yaml write.plain_formats
-FP8_WHY = {"drop_unsupported": LORA_ONLY, "quantize=fp8_scaled": "fp8_scaled is ComfyUI's file format: --to comfyui --quantize fp8_scaled",
+FP8_WHY = {"quantize=fp8_scaled": "fp8_scaled is ComfyUI's file format: --to comfyui --quantize fp8_scaled",
            "dtype=fp8_e4m3fn": "plain fp8 is ComfyUI's file format: --to comfyui --dtype fp8_e4m3fn",
            "dtype=fp8_e5m2": "plain fp8 is ComfyUI's file format: --to comfyui --dtype fp8_e5m2"}
 OUTPUTS = {o.name: o for o in (
@@ -100,15 +99,14 @@ OUTPUTS = {o.name: o for o in (
            lambda *a: write_diffusers(*a), FP8_WHY,
            accepts={"dtype": FLOAT_DTYPES, "quantize": ("int8", "float8", "int4")}),
     Output("gguf", frozenset({"only", "quantize", "settings", "override_config", "check_finite", "loras"}), _write_gguf,
-           {"drop_unsupported": LORA_ONLY, "dtype": "a GGUF file's types come from --quantize (mappings/gguf.yaml)",
+           {"dtype": "a GGUF file's types come from --quantize (mappings/gguf.yaml)",
             "max_shard_size": "a GGUF file is one file per transformer",
             "clip_heads": "a GGUF file holds the transformer only", "flow_shift": "a GGUF file holds no scheduler",
             "backend": "--backend picks torchao or quanto for a Diffusers folder"}, ("transformer",)),
     Output("original", frozenset({"only", "dtype", "max_shard_size", "check_finite", "loras"}), _write_back("original"),
            {"*": BACK, **FP8_WHY}, accepts={"dtype": FLOAT_DTYPES}),
     Output("comfyui", frozenset({"only", "dtype", "quantize", "check_finite", "loras"}), _write_back("comfyui"),
-           {"max_shard_size": "ComfyUI's files are one file per component", "drop_unsupported": LORA_ONLY,
-            "*": BACK},
+           {"max_shard_size": "ComfyUI's files are one file per component", "*": BACK},
            accepts={"dtype": FLOAT_DTYPES + PLAIN_FP8, "quantize": ("fp8_scaled",)}),
 )}
 
@@ -130,6 +128,12 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, fl
         return run_convert_lora(Path(src), Path(out), to, overwrite, dry_run, drop_unsupported, say)
     if to not in OUTPUTS:
         raise ConversionError(f"--to {to!r}: choose from {', '.join(OUTPUTS)} ({to} is a LoRA format: for LoRA files)")
+    if o.drop_unsupported:  # for a merge: the LoRA modules this model lacks are left out and listed
+        if not o.loras:
+            raise ConversionError("--drop-unsupported applies to LoRA files and to merge: nothing to leave out here")
+        from dataclasses import replace as _replace
+
+        o = _replace(o, loras=tuple(_replace(a, drop=True) for a in o.loras), drop_unsupported=False)
     output = OUTPUTS[to]
     output.check(o)
     if override_config and not overrides:

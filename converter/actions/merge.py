@@ -23,6 +23,7 @@ class LoraArg:
     path: Path
     strength: float = 1.0
     expert: str | None = None  # a transformer instance or expert folder (transformer_2, low_noise_model, low)
+    drop: bool = False  # --drop-unsupported: modules the model lacks are left out and listed, not refused
 
     @staticmethod
     def parse(text: str) -> "LoraArg":
@@ -62,10 +63,13 @@ def plan_merges(plans: list, args: list[LoraArg], say, refs: dict | None = None)
         naming = "diffusers" if cp.plan.direction.forward else "original"
         shapes = {pt.key: tuple(pt.shape) for pt in cp.plan.tensors}
         deltas = by_instance.setdefault(cp.folder, {})
-        touched = []
+        touched, skipped = [], []
         for name in sorted(lora.modules):
             m = lora.modules[name]
             target = name if naming == "original" else rename_module(name, "original", "diffusers")
+            if arg.drop and not _fits(m, name, target, naming, shapes):
+                skipped.append(name)
+                continue
             for role in m.parts:
                 if role in ("down", "alpha"):
                     continue
@@ -89,10 +93,11 @@ def plan_merges(plans: list, args: list[LoraArg], say, refs: dict | None = None)
                 deltas.setdefault(key, []).append(delta)
                 touched.append(key)
         info = {"lora": str(arg.path), "format": lora.format, "strength": arg.strength, "instance": cp.folder,
-                "modules": len(lora.modules), "tensors_changed": sorted(set(touched))}
+                "modules": len(lora.modules), "tensors_changed": sorted(set(touched)), "left_out": skipped}
         reports.append(info)
         say(f"  lora:     {arg.path} ({lora.format}, {len(lora.modules)} modules) x {arg.strength:g} -> {cp.folder}: "
-            f"{len(set(touched))} tensors changed")
+            f"{len(set(touched))} tensors changed"
+            + (f"; left out (--drop-unsupported: not in this model): {', '.join(skipped)}" if skipped else ""))
     for cp in transformers:
         for key, ds in by_instance.get(cp.folder, {}).items():
             pt = next(p for p in cp.plan.tensors if p.key == key)
@@ -109,6 +114,21 @@ def plan_merges(plans: list, args: list[LoraArg], say, refs: dict | None = None)
             if mine is not None and key in mine and mine[key] is not cp.source.tensors.get(key):
                 mine[key] = replace(mine[key], deltas=new.deltas)
     return reports
+
+
+def _fits(m, name: str, target: str | None, naming: str, shapes: dict) -> bool:
+    """Whether every tensor the LoRA module changes exists in the model with a shape its delta fits."""
+    from ..lora import param_key
+
+    for role in m.parts:
+        if role in ("down", "alpha"):
+            continue
+        kind = "ab" if role == "up" else role
+        key = (param_key(name, naming) if role == "diff_m" else
+               f"{target}.bias" if target and role in ("diff_b", "bias") else f"{target}.weight" if target else None)
+        if key is None or key not in shapes or _numel(_delta_shape(m, kind)) != _numel(shapes[key]):
+            return False
+    return True
 
 
 def _instance(transformers: list, arg: LoraArg):

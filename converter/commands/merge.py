@@ -29,11 +29,15 @@ from .common import run_reporting
 @click.option("--max-shard-size", default=None, help="Largest output shard.  [default: 5GB]")
 @click.option("--set", "settings", multiple=True, metavar="COMPONENT.FACT=VALUE",
               help="A fact the weights cannot tell (as `convert --set`).")
+@click.option("--drop-unsupported", is_flag=True,
+              help="Leave out, and list, the LoRA modules this model does not have (e.g. the image attention of a "
+                   "Wan 2.1 I2V LoRA on a Wan 2.2 model) instead of refusing the merge.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, when the new one is complete).")
 @click.option("--dry-run", is_flag=True, help="Read headers, place every LoRA module, prove coverage; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 def merge(base: Path, out: Path, loras: tuple[str, ...], dtype: str, to: str, quantize: str | None, only: str | None,
-          max_shard_size: str | None, settings: tuple[str, ...], overwrite: bool, dry_run: bool, as_json: bool):
+          max_shard_size: str | None, settings: tuple[str, ...], drop_unsupported: bool, overwrite: bool, dry_run: bool,
+          as_json: bool):
     """Convert BASE into OUT as `convert` does (any --to, --dtype, --quantize) with LoRAs merged into
     the transformer as it is read, a slice at a time: W + strength * alpha/rank * (B @ A) (+ diff,
     diff_b, diff_m), in float32, then cast or quantized. A LoRA module the model lacks or whose shape
@@ -42,7 +46,8 @@ def merge(base: Path, out: Path, loras: tuple[str, ...], dtype: str, to: str, qu
     def action():
         return api.merge(base, out, loras, dtype=dtype, quantize=quantize, to=to, only=only, overwrite=overwrite,
                          max_shard_size=max_shard_size,
-                         settings=parse_settings(settings), dry_run=dry_run, log=None if as_json else click.echo,
+                         settings=parse_settings(settings), dry_run=dry_run, drop_unsupported=drop_unsupported,
+                         log=None if as_json else click.echo,
                          progress=not as_json)
 
     run_reporting(action, as_json, out, "nothing was written", "; nothing was written")
