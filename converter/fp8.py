@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Literal
 
@@ -82,7 +82,6 @@ class Fp8Source:
     scheme: str  # "fp8_scaled (scale_weight)", "fp8_scaled (comfy_quant)", "fp8 (no scales)"
     scaled: int = 0  # weights whose scale was folded in
     plain: int = 0  # fp8 weights read as they are
-    consumed: list[str] = field(default_factory=list)  # marker, scales, layer configs
     dropped_input_scales: int = 0
 
     def says(self) -> str:
@@ -106,13 +105,12 @@ def resolve(src: SourceCheckpoint, strip_prefixes: list[str]) -> SourceCheckpoin
         return src
     where = src.path
     marker = tensors.pop(spec.marker, None)
-    consumed = [spec.marker] if marker is not None else []
     prefix = src.prefix
     if marker is not None and not prefix:  # a bare marker beside prefixed keys (model.diffusion_model.)
         prefix = common_prefix(tensors, strip_prefixes)
         tensors = {k[len(prefix):]: r for k, r in tensors.items()}
     cq = spec.schemes["comfy_quant"]
-    layers = _layer_formats(src, tensors, cq, quant_meta, consumed)
+    layers = _layer_formats(src, tensors, cq, quant_meta)
     if layers:
         scheme_name, scheme = "comfy_quant", cq
     elif marker is not None or any(k.endswith("." + spec.schemes["scale_weight"].weight_scale) for k in tensors):
@@ -143,22 +141,20 @@ def resolve(src: SourceCheckpoint, strip_prefixes: list[str]) -> SourceCheckpoin
                 raise ConversionError(f"{where}: {weight_key} is {weight.dtype} in a scaled fp8 file but has no "
                                       f"{scale_key}: its values cannot be known")
             tensors[weight_key] = replace(weight, scale=_scale_value(where, scale_key, scale, spec))
-            consumed.append(scale_key)
             found.scaled += 1
             input_key = f"{layer}.{scheme.input_scale}"
             if tensors.pop(input_key, None) is not None:
-                consumed.append(input_key)
                 found.dropped_input_scales += 1
         stray = [k for k in tensors if k.rpartition(".")[2] in (scheme.weight_scale, scheme.input_scale)]
         if stray:
             raise ConversionError(f"{where}: {stray[0]}: a scale whose layer has no fp8 weight")
     found.plain = sum(1 for r in tensors.values() if r.dtype in fp8_tags and r.scale is None)
-    found.consumed = consumed
     return replace(src, tensors=tensors, prefix=prefix, fp8=found)
 
 
-def _layer_formats(src, tensors: dict, cq: Scheme, quant_meta: str | None, consumed: list) -> dict[str, str]:
-    """comfy_quant: layer -> format, from the header's metadata entry and the per-layer config tensors."""
+def _layer_formats(src, tensors: dict, cq: Scheme, quant_meta: str | None) -> dict[str, str]:
+    """comfy_quant: layer -> format, from the header's metadata entry and the per-layer config tensors
+    (taken out of `tensors`)."""
     layers: dict[str, str] = {}
     if quant_meta:
         try:
@@ -171,11 +167,10 @@ def _layer_formats(src, tensors: dict, cq: Scheme, quant_meta: str | None, consu
             layers[layer] = _format_of(src.path, f"{cq.metadata}: {layer}", conf)
     for key in [k for k in tensors if k.endswith("." + (cq.layer_config or "\0"))]:
         ref = tensors.pop(key)
-        consumed.append(key)
         if ref.dtype != "U8" or len(ref.shape) != 1 or ref.nbytes > 4096:
             raise ConversionError(f"{src.path}: {key}: expected uint8 bytes of JSON, found {ref.dtype} {list(ref.shape)}")
         try:
-            conf = json.loads(bytes(read_tensor(ref).numpy().tobytes()).decode("utf-8"))
+            conf = json.loads(read_tensor(ref).numpy().tobytes().decode("utf-8"))
         except (ValueError, UnicodeDecodeError):
             raise ConversionError(f"{src.path}: {key}: not JSON") from None
         layers[key.rpartition(".")[0]] = _format_of(src.path, key, conf)

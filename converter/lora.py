@@ -11,8 +11,9 @@ Only headers are read to plan; the values are read when written (alphas: read to
 from __future__ import annotations
 
 import re
+import math
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .errors import ConversionError
 from .mapping.rules import compile_template, template_for
 from .mapping.tables import load_table, parse_yaml, tables_root
-from .read.safetensors_file import TensorRef, read_header, read_tensor
+from .read.safetensors_file import TensorRef, itemsize, read_header, read_tensor
 
 SPEC_FILE = "lora.yaml"
 ROLES = ("down", "up", "alpha", "bias", "diff", "diff_b", "diff_m")
@@ -41,12 +42,18 @@ class Format(_Strict):
     alpha: Literal["kept", "folded"] = "kept"
 
 
+class Fit(_Strict):
+    touches: list[str]  # a LoRA touching a module whose name holds one of these ([]: any LoRA)
+    says: str
+
+
 class LoraSpec(_Strict):
     schema_version: int = Field(ge=1, le=1)
     description: str
     parts: dict[str, list[str]]
     other_adapters: dict[str, list[str]]
     formats: dict[str, Format]
+    fits: list[Fit]
 
 
 @lru_cache(maxsize=None)
@@ -122,14 +129,16 @@ class LoraModule:
         down = self.parts.get("down")
         return int(down.shape[0]) if down is not None else None
 
+    @cached_property
     def alpha(self) -> float | None:
+        """The module's alpha, read once."""
         ref = self.parts.get("alpha")
         return None if ref is None else float(read_tensor(ref).float().reshape(-1)[0])
 
     def scale(self) -> float:
         """alpha / rank, the factor B @ A is multiplied by (1 when there is no alpha: ComfyUI's and
         WanVideoWrapper's reading, and what a diffusers file means: its alpha is folded in)."""
-        a, r = self.alpha(), self.rank
+        a, r = self.alpha, self.rank
         return 1.0 if a is None or not r else a / r
 
 
@@ -142,30 +151,44 @@ class Lora:
     metadata: dict[str, str]
 
     def blocks(self) -> list[int]:
-        return sorted({int(m.split(".")[1]) for m in self.modules if re.match(r"blocks\.\d+\.", m + ".")})
+        """The indices of the main block stack it touches (the first of the table's `{b}` families)."""
+        main = load_table("transformer").placeholders["b"][0]
+        return sorted({int(b["n"]) for _, b in map(_module_template, self.modules) if b.get("b") == main and "n" in b})
 
     def describe(self) -> dict:
         ranks = sorted({m.rank for m in self.modules.values() if m.rank})
-        alphas = sorted({a for m in self.modules.values() for a in [m.alpha()] if a is not None})
+        alphas = sorted({m.alpha for m in self.modules.values() if m.alpha is not None})
         roles: dict[str, int] = {}
         for m in self.modules.values():
             for role in m.parts:
                 roles[role] = roles.get(role, 0) + 1
-        kinds = sorted({re.sub(r"^(vace_)?blocks\.\d+\.", r"\1blocks.N.", m) for m in self.modules})
+        table = load_table("transformer")  # each module as its template with the block index as N
+        kinds = sorted({template_for(table, text).fill({**b, "n": "N"}) if "n" in b else name
+                        for name in self.modules for text, b in [_module_template(name)]})
         return {"path": str(self.path), "format": self.format, "prefix": self.prefix, "modules": len(self.modules),
                 "ranks": ranks, "alphas": alphas, "roles": roles, "blocks": self.blocks(), "module_kinds": kinds,
                 "fits": fits(self)}
 
 
 def fits(lora: Lora) -> str:
-    """Which models the modules say it is for (the image cross-attention exists in Wan 2.1 I2V/FLF2V
-    only; VACE blocks in VACE models only)."""
-    names = set(lora.modules)
-    if any(".k_img" in n or ".v_img" in n or n.startswith("img_emb") for n in names):
-        return "Wan 2.1 I2V / FLF2V 14B (it touches the image cross-attention)"
-    if any(n.startswith("vace_") for n in names):
-        return "Wan VACE (it touches the VACE blocks)"
-    return "any Wan transformer with these modules (T2V, I2V, Wan 2.2 experts)"
+    """Which models the modules say it is for (mappings/lora.yaml `fits`: the first entry one of its
+    modules matches)."""
+    for fit in load_lora_spec().fits:
+        if not fit.touches or any(t in name for name in lora.modules for t in fit.touches):
+            return fit.says
+    return ""
+
+
+def _module_template(name: str) -> tuple[str, dict]:
+    """The transformer table's template of an original module name (a block's own parameter holder,
+    `blocks.3` of diff_m, as its parameter's template less the parameter) and its bindings."""
+    table = load_table("transformer")
+    for r in module_rules():
+        text = r.original.rpartition(".")[0] if r.param else r.original
+        b = template_for(table, text).match(name)
+        if b is not None:
+            return text, b
+    return name, {}
 
 
 def looks_like_lora(keys) -> bool:
@@ -256,9 +279,6 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        from .read.safetensors_file import itemsize
-        import math
-
         return itemsize(self.dtype) * math.prod(self.shape)
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from ..errors import ConversionError
+from ..plan.plan import DTYPE_CHOICES
 from ..sizes import human_size
 from .common import silent
 
@@ -88,8 +89,9 @@ def _write_back(to: str):
 
 
 BACK = "the way back writes the float weights of a Diffusers SRC, whose config.json already holds every fact"
-FLOAT_DTYPES = ("fp32", "bf16", "fp16")
+FLOAT_DTYPES = tuple(name for name, tag in DTYPE_CHOICES.items() if tag)  # fp32, bf16, fp16
 PLAIN_FP8 = ("fp8_e4m3fn", "fp8_e5m2")  # mappings/fp8.yaml write.plain_formats
+DTYPE_OPTIONS = ("keep", *FLOAT_DTYPES, *PLAIN_FP8)  # --dtype of convert and merge (each --to takes some)
 FP8_WHY = {"quantize=fp8_scaled": "fp8_scaled is ComfyUI's file format: --to comfyui --quantize fp8_scaled",
            "dtype=fp8_e4m3fn": "plain fp8 is ComfyUI's file format: --to comfyui --dtype fp8_e4m3fn",
            "dtype=fp8_e5m2": "plain fp8 is ComfyUI's file format: --to comfyui --dtype fp8_e5m2"}
@@ -131,9 +133,7 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, fl
     if o.drop_unsupported:  # for a merge: the LoRA modules this model lacks are left out and listed
         if not o.loras:
             raise ConversionError("--drop-unsupported applies to LoRA files and to merge: nothing to leave out here")
-        from dataclasses import replace as _replace
-
-        o = _replace(o, loras=tuple(_replace(a, drop=True) for a in o.loras), drop_unsupported=False)
+        o = replace(o, loras=tuple(replace(a, drop=True) for a in o.loras), drop_unsupported=False)
     output = OUTPUTS[to]
     output.check(o)
     if override_config and not overrides:

@@ -12,6 +12,7 @@ original layout, ComfyUI files, fp8_scaled -- merges, and no merged tensor is ev
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def plan_merges(plans: list, args: list[LoraArg], say, refs: dict | None = None)
     instance -> {planned key -> TensorRef} a writer reads instead of the plan (GGUF), rewritten too."""
     from dataclasses import replace
 
-    from ..lora import param_key, read_lora, rename_module
+    from ..lora import read_lora, rename_module
     from ..read.safetensors_file import Delta
 
     transformers = [cp for cp in plans if cp.component == "transformer"]
@@ -67,27 +68,13 @@ def plan_merges(plans: list, args: list[LoraArg], say, refs: dict | None = None)
         for name in sorted(lora.modules):
             m = lora.modules[name]
             target = name if naming == "original" else rename_module(name, "original", "diffusers")
-            if arg.drop and not _fits(m, name, target, naming, shapes):
-                skipped.append(name)
-                continue
-            for role in m.parts:
-                if role in ("down", "alpha"):
+            placed, problem = _placements(m, name, target, naming, shapes, cp.folder)
+            if problem is not None:
+                if arg.drop:
+                    skipped.append(name)
                     continue
-                if role == "diff_m":
-                    key = param_key(name, naming)
-                elif role in ("diff_b", "bias"):
-                    key = f"{target}.bias" if target else None
-                else:
-                    key = f"{target}.weight" if target else None
-                kind = "ab" if role == "up" else role
-                if key is None or key not in shapes:
-                    raise ConversionError(f"{arg.path}: {name} ({role}): {cp.folder} has no {key or name}: a LoRA for "
-                                          f"another variant or size; nothing was written")
-                want = shapes[key]
-                have = _delta_shape(m, kind)
-                if _numel(have) != _numel(want) or (kind == "ab" and have[0] != want[0]):
-                    raise ConversionError(f"{arg.path}: {name} ({role}) changes {key} {list(want)} by {list(have)}: a "
-                                          f"LoRA for another size or variant; nothing was written")
+                raise ConversionError(f"{arg.path}: {name} {problem}; nothing was written")
+            for kind, key in placed:
                 delta = (Delta(arg.strength * m.scale(), up=m.parts["up"], down=m.parts["down"]) if kind == "ab"
                          else Delta(arg.strength, add=m.parts[kind]))
                 deltas.setdefault(key, []).append(delta)
@@ -99,36 +86,48 @@ def plan_merges(plans: list, args: list[LoraArg], say, refs: dict | None = None)
             f"{len(set(touched))} tensors changed"
             + (f"; left out (--drop-unsupported: not in this model): {', '.join(skipped)}" if skipped else ""))
     for cp in transformers:
+        planned = {pt.key: pt for pt in cp.plan.tensors}
+        owner = {r: k for k, r in cp.source.tensors.items()}  # a source ref -> the key the source lists it under
+        mine = (refs or {}).get(cp.folder)
         for key, ds in by_instance.get(cp.folder, {}).items():
-            pt = next(p for p in cp.plan.tensors if p.key == key)
+            pt = planned[key]
             old = pt.sources[0]
             if not pt.is_elementwise or len(pt.sources) != 1:
                 raise ConversionError(f"{old.file}: {old.key} is made by a {pt.rule.op}: a LoRA cannot be merged "
                                       f"into it here")
             new = replace(old, deltas=old.deltas + tuple(ds))
             pt.sources = [new]
-            for k, r in list(cp.source.tensors.items()):
-                if r is old or r == old:
-                    cp.source.tensors[k] = new
-            mine = (refs or {}).get(cp.folder)
+            if old in owner:
+                cp.source.tensors[owner[old]] = new
+            # a writer's own refs (GGUF from a Diffusers folder), unless they are the source's, rewritten above
             if mine is not None and key in mine and mine[key] is not cp.source.tensors.get(key):
                 mine[key] = replace(mine[key], deltas=new.deltas)
     return reports
 
 
-def _fits(m, name: str, target: str | None, naming: str, shapes: dict) -> bool:
-    """Whether every tensor the LoRA module changes exists in the model with a shape its delta fits."""
+def _placements(m, name: str, target: str | None, naming: str, shapes: dict, instance: str):
+    """Where each part of a LoRA module lands: [(kind, planned key)] ("ab" for the matrices), and the
+    first reason it cannot (the model lacks the tensor, or its shape is not the delta's), else None."""
     from ..lora import param_key
 
+    placed = []
     for role in m.parts:
         if role in ("down", "alpha"):
             continue
+        if role == "diff_m":
+            key = param_key(name, naming)
+        elif role in ("diff_b", "bias"):
+            key = f"{target}.bias" if target else None
+        else:
+            key = f"{target}.weight" if target else None
         kind = "ab" if role == "up" else role
-        key = (param_key(name, naming) if role == "diff_m" else
-               f"{target}.bias" if target and role in ("diff_b", "bias") else f"{target}.weight" if target else None)
-        if key is None or key not in shapes or _numel(_delta_shape(m, kind)) != _numel(shapes[key]):
-            return False
-    return True
+        if key is None or key not in shapes:
+            return placed, f"({role}): {instance} has no {key or name}: a LoRA for another variant or size"
+        want, have = shapes[key], _delta_shape(m, kind)
+        if math.prod(have) != math.prod(want) or (kind == "ab" and have[0] != want[0]):
+            return placed, f"({role}) changes {key} {list(want)} by {list(have)}: a LoRA for another size or variant"
+        placed.append((kind, key))
+    return placed, None
 
 
 def _instance(transformers: list, arg: LoraArg):
@@ -158,13 +157,5 @@ def _instance(transformers: list, arg: LoraArg):
 def _delta_shape(m, kind: str) -> tuple[int, ...]:
     if kind == "ab":
         a, b = m.parts["down"], m.parts["up"]
-        import math
-
         return (b.shape[0], math.prod(a.shape[1:]))
     return tuple(m.parts[kind].shape)
-
-
-def _numel(shape) -> int:
-    import math
-
-    return math.prod(shape)

@@ -8,7 +8,7 @@ import click
 
 from .. import api
 from ..actions.common import parse_settings
-from ..actions.convert import OUTPUTS
+from ..actions.convert import DTYPE_OPTIONS, OUTPUTS
 from ..gguf_out import load_gguf_policy
 from ..lora import load_lora_spec
 from .common import backend_option, run_reporting
@@ -21,7 +21,7 @@ from .common import backend_option, run_reporting
               help="Comma-separated components to convert: transformer,vae,text_encoder,image_encoder.")
 @click.option("--max-shard-size", default=None,
               help="Largest output shard (e.g. 5GB, 500MB), as save_pretrained splits.  [default: 5GB]")
-@click.option("--dtype", type=click.Choice(["keep", "fp32", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2"]), default="keep",
+@click.option("--dtype", type=click.Choice(DTYPE_OPTIONS), default="keep",
               show_default=True,
               help="Output dtype of floating tensors. In bf16/fp16 the modules diffusers keeps in "
                    "float32 (_keep_in_fp32_modules) stay float32. fp8_e4m3fn/fp8_e5m2: with --to comfyui "

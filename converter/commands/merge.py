@@ -8,7 +8,7 @@ import click
 
 from .. import api
 from ..actions.common import parse_settings
-from ..actions.convert import OUTPUTS
+from ..actions.convert import DTYPE_OPTIONS, OUTPUTS
 from .common import run_reporting
 
 
@@ -19,7 +19,7 @@ from .common import run_reporting
               help="A LoRA file in any format `convert` reads (original/Kijai/lightx2v, kohya/musubi, diffusers/PEFT, "
                    "DiffSynth), merged with STRENGTH (default 1). Wan 2.2 A14B: EXPERT says which expert it is "
                    "for (high / low, or transformer / transformer_2). Repeatable.")
-@click.option("--dtype", type=click.Choice(["keep", "fp32", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2"]), default="keep",
+@click.option("--dtype", type=click.Choice(DTYPE_OPTIONS), default="keep",
               show_default=True, help="Output dtype of floating tensors (the merge itself is computed in float32).")
 @click.option("--to", "to", type=click.Choice(list(OUTPUTS)), default="diffusers", show_default=True,
               help="The output, as `convert --to`: a Diffusers folder, a GGUF file, the original layout, ComfyUI files.")
