@@ -44,10 +44,12 @@ def open_source(component: str, src_path: Path) -> SourceCheckpoint:
 
 
 def plan_component(component: str, src_path: Path, dtype: str = "keep",
-                   overrides: dict | None = None, override_config: bool = False) -> ComponentPlan:
+                   overrides: dict | None = None, override_config: bool = False,
+                   variant: str | None = None) -> ComponentPlan:
+    """`variant`: the table variant the pipeline needs (detect); None: the one the keys tell."""
     table = load_table(component)
     src = open_source(component, src_path)
-    det = detect(table, src, overrides, override_config)
+    det = detect(table, src, overrides, override_config, variant)
     target = build_target(det.target_class, det.config)
     plan = build_plan(table, src, det, target, dtype)
     return ComponentPlan(component, src, plan, table.output.weights_name, table.output.folder)

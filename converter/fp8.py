@@ -42,6 +42,7 @@ class Scheme(_Strict):
 class WeightRule(_Strict):
     suffix: str
     rank: int = Field(ge=1)
+    keep_prefixes: list[str] = []  # modules whose weights ComfyUI reads raw (not through its ops): never fp8
 
 
 class WriteSpec(_Strict):

@@ -40,6 +40,7 @@ class PipelineSpec(_Strict):
     vae: str | None = None  # the VAE variant the pipeline needs, when not any
     components: list[str]
     original_config: dict[str, Any] = {}  # --to original: fields of each transformer's config.json
+    variants: dict[str, str] = {}  # component -> the variant of its table this pipeline needs
 
     def fits(self, variant: str, instances: list[str], facts: dict) -> bool:
         w = self.when

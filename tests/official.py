@@ -76,3 +76,34 @@ def t5_module():
         return _load("wan.modules.t5", "wan/modules/t5.py")
     finally:
         torch.cuda.current_device = real
+
+
+def flash_attn_func_fp32(q, k, v, **kwargs):
+    """What flash-attn's `flash_attn_func(q, k, v)` computes ([B, S, H, D] in and out, softmax
+    scale 1/sqrt(D), no mask), in float32 with torch's scaled_dot_product_attention: flash-attn
+    needs CUDA. Stands in for it in wan/modules/animate/face_blocks.py (its own "torch" mode skips
+    the [B, S, H, D] -> [B, H, S, D] transpose, so it is not a usable fallback)."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float())
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def animate_module():
+    """wan/modules/animate/model_animate.py (WanAnimateModel) with what it imports: the shared
+    model.py as in `wan_model_module` (flash_attention -> the package's own float32 fallback), the
+    face blocks' flash_attn_func -> `flash_attn_func_fp32`."""
+    model = wan_model_module()
+    for pkg in ("wan.distributed", "wan.modules.animate"):
+        if pkg not in sys.modules:
+            p = types.ModuleType(pkg)
+            p.__path__ = []
+            sys.modules[pkg] = p
+    _load("wan.distributed.util", "wan/distributed/util.py")
+    _load("wan.distributed.ulysses", "wan/distributed/ulysses.py")
+    _load("wan.distributed.sequence_parallel", "wan/distributed/sequence_parallel.py")
+    face = _load("wan.modules.animate.face_blocks", "wan/modules/animate/face_blocks.py")
+    face.flash_attn_func = flash_attn_func_fp32
+    _load("wan.modules.animate.motion_encoder", "wan/modules/animate/motion_encoder.py")
+    animate = _load("wan.modules.animate.model_animate", "wan/modules/animate/model_animate.py")
+    animate.flash_attention = model.flash_attention
+    return animate

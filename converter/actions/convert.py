@@ -219,10 +219,14 @@ def plan_components(src: Path, only, dtype, overrides, clip_heads, override_conf
                               f"({', '.join(components)})")
     if clip_heads and "image_encoder" in found:  # a shorthand: harmless where there is no CLIP
         overrides.setdefault("image_encoder", {}).setdefault("num_heads", clip_heads)
-    plans = []
-    for instance, path in found.items():
+    plans, needs = [], None
+    # the transformers first: the pipeline they make may need another variant of a component's table
+    for instance, path in sorted(found.items(), key=lambda kv: component_of(kv[0]) != "transformer"):
         component = component_of(instance)
-        cp = plan_component(component, path, dtype, overrides.get(component), override_config)
+        if component != "transformer" and needs is None:
+            needs = pipeline_variants(plans)
+        cp = plan_component(component, path, dtype, overrides.get(component), override_config,
+                            (needs or {}).get(component))
         cp.folder = instance  # transformer_2: the second expert, converted with the transformer table
         det = cp.plan.detection
         say(f"{instance}:")
@@ -236,7 +240,20 @@ def plan_components(src: Path, only, dtype, overrides, clip_heads, override_conf
             f"({len(cp.plan.dropped)} dropped by rule), {len(cp.plan.tensors)}/{len(cp.plan.target.shapes)} "
             f"target tensors produced, shapes match")
         plans.append(cp)
-    return plans
+    order = list(found)
+    return sorted(plans, key=lambda cp: order.index(cp.folder))
+
+
+def pipeline_variants(plans) -> dict[str, str]:
+    """component -> table variant, as the pipeline of the planned transformer(s) needs it
+    (mappings/pipeline.yaml `variants:`); none without a transformer."""
+    from ..pipeline import choose_pipeline
+
+    transformers = [cp for cp in plans if cp.component == "transformer"]
+    if not transformers:
+        return {}
+    det = transformers[0].plan.detection
+    return dict(choose_pipeline(det.variant, [cp.folder for cp in transformers], det.facts).variants)
 
 
 def check_values(plans, infos, report, check_finite, progress, say, warn) -> None:

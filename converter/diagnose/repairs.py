@@ -244,7 +244,8 @@ def _restore_plan(d: Diagnosis, source: Path) -> dict:
     missing = next(f.keys for f in d.findings if f.repair == RESTORE)
     dtype = dtype_choice([r.dtype for r in unit.weights.tensors.values()])
     cfg = unit.config or {}
-    cp = plan_from_source(unit.component, source, {**cfg, **d.derived_config}, dtype, instance=unit.instance or None)
+    cp = plan_from_source(unit.component, source, {**cfg, **d.derived_config}, dtype, instance=unit.instance or None,
+                          variant=d.detection.variant if d.detection is not None else None)
     planned = {pt.key: pt for pt in cp.plan.tensors}
     out = {}
     for key in missing:

@@ -35,18 +35,19 @@ def dtype_choice(tags: list[str]) -> str:
 
 
 def plan_from_source(component: str, src: Path, out_config: dict | None, dtype: str = "keep",
-                     instance: str | None = None) -> ComponentPlan:
+                     instance: str | None = None, variant: str | None = None) -> ComponentPlan:
     """Plan the source as convert would. Facts the source cannot tell (e.g. a CLIP head count)
     come from the output's config.json, as `--set` would give them. `instance`: which of the
-    source's instances (transformer_2: the low-noise expert of a Wan 2.2 A14B repo)."""
+    source's instances (transformer_2: the low-noise expert of a Wan 2.2 A14B repo); `variant`:
+    the table variant the output holds (Animate's CLIP vision tower without its projection)."""
     path = source_path(src, component, instance)
     try:
-        cp = plan_component(component, path, dtype)
+        cp = plan_component(component, path, dtype, variant=variant)
     except ConversionError:
         overrides = given_overrides(load_table(component), out_config or {})
         if not overrides:
             raise
-        cp = plan_component(component, path, dtype, overrides)
+        cp = plan_component(component, path, dtype, overrides, variant=variant)
     if not cp.plan.ok:
         raise ConversionError(f"{path}: {component}: the source's coverage check fails: {cp.plan.problems[0]}",
                               cp.plan.problems)

@@ -149,7 +149,8 @@ def structural(d: Diagnosis) -> list[dict]:
 
 
 def compare_with_source(unit: Unit, d: Diagnosis, source: Path, progress: bool) -> tuple[int, list[dict]]:
-    cp = plan_from_source(unit.component, source, unit.config, instance=unit.instance or None)
+    cp = plan_from_source(unit.component, source, unit.config, instance=unit.instance or None,
+                          variant=d.detection.variant if d.detection is not None else None)
     diffs = []
     for k, v in cp.plan.detection.config.items():
         have = (unit.config or {}).get(k)

@@ -33,6 +33,10 @@ class Variant(Strict):
     when_present: list[str] = []
     target_class: str
     file_name: str | None = None  # .pth components: this variant's file in the original repos (--to original)
+    # what the files of target_class carry before the model's own state-dict keys, where the class
+    # itself has none (transformers 5 CLIPVisionModel; its checkpoints, transformers 4's included,
+    # hold `vision_model.`, which transformers 5 maps when it loads them)
+    key_prefix: str = ""
 
 
 class Kind(Strict):

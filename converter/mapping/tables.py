@@ -47,6 +47,13 @@ def load_table(component: str) -> Table:
     return parse_table(path.read_text(encoding="utf-8"), str(path))
 
 
+@lru_cache(maxsize=None)
+def target_key_prefix(class_name: str) -> str:
+    """The `key_prefix` a table variant declares for this target class ("" when none does)."""
+    return next((v.key_prefix for name in table_names() for v in load_table(name).variants
+                 if v.target_class == class_name and v.key_prefix), "")
+
+
 def parse_yaml(text: str, where: str, model, what: str, locate=None):
     """Parse a YAML data file into a pydantic `model`; a file that does not fit is one line naming
     the file and where (`locate(data, loc)` may name the place better than the raw path)."""

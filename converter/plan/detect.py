@@ -33,9 +33,11 @@ class Detection:
 
 
 def detect(table: Table, src: SourceCheckpoint, overrides: dict[str, Any] | None = None,
-           override_config: bool = False) -> Detection:
+           override_config: bool = False, variant: str | None = None) -> Detection:
     """`overrides`: fact name -> value given by the user (e.g. a head count the weights cannot tell).
-    One that contradicts the source's config.json is refused unless `override_config`."""
+    One that contradicts the source's config.json is refused unless `override_config`. `variant`:
+    the table variant the pipeline this component goes into needs (mappings/pipeline.yaml
+    `variants:`), instead of the first whose keys are present."""
     overrides = overrides or {}
     unknown = set(overrides) - set(table.facts)
     if unknown:
@@ -47,7 +49,10 @@ def detect(table: Table, src: SourceCheckpoint, overrides: dict[str, Any] | None
         raise ConversionError(
             f"{src.path}: not a Wan {table.component} checkpoint: no {absent[0]} "
             f"(holds {len(keys)} tensors, e.g. {sample})")
-    variant = next(v for v in table.variants if all(k in keys for k in v.when_present))
+    if variant is not None:
+        variant = next(v for v in table.variants if v.name == variant)
+    else:
+        variant = next(v for v in table.variants if all(k in keys for k in v.when_present))
     notes: list[str] = []
     cfg = src.original_config or {}
 

@@ -95,16 +95,20 @@ def build_target(class_name: str, config: dict[str, Any]) -> TargetModel:
     """The target's layout. Building the model needs diffusers/transformers imported (seconds);
     the layout it yields depends only on the class, the config and the library versions, so it
     is kept in the layout cache (converter/plan/layout_cache.py) and reused."""
+    from ..mapping.tables import target_key_prefix
+
+    pre = target_key_prefix(class_name)  # the files' keys: the model's own behind a declared prefix
     cached = layout_cache.load(class_name, config)
     if cached is not None:
         return TargetModel(class_name, cached["library"], dict(config),
-                           {k: tuple(v) for k, v in cached["shapes"].items()}, cached["keep_in_fp32"],
-                           cached["tied"], cached["config_json"])
+                           {pre + k: tuple(v) for k, v in cached["shapes"].items()}, cached["keep_in_fp32"],
+                           {pre + k: pre + v for k, v in cached["tied"].items()}, cached["config_json"])
     library, model = _instantiate(class_name, config)
     tied = tied_copies(model, class_name) if library == "transformers" else {}
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
     keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    target = TargetModel(class_name, library, dict(config), shapes, keep, tied, _saved_config(library, model), model)
+    target = TargetModel(class_name, library, dict(config), {pre + k: v for k, v in shapes.items()}, keep,
+                         {pre + k: pre + v for k, v in tied.items()}, _saved_config(library, model), model)
     layout_cache.store(class_name, config, library, {
         "library": library, "shapes": {k: list(v) for k, v in shapes.items()}, "keep_in_fp32": keep,
         "tied": tied, "config_json": target.config_json})

@@ -151,7 +151,7 @@ def plan_fp8(cp, kind: str) -> Fp8Plan:
     n = 0
     for pt in cp.plan.tensors:
         module, _, name = pt.key.rpartition(".")
-        if name != rule.suffix or len(pt.shape) != rule.rank:
+        if name != rule.suffix or len(pt.shape) != rule.rank or pt.key.startswith(tuple(rule.keep_prefixes)):
             entries.append(pt)
             continue
         if pt.sources[0].value_dtype not in FLOAT_TAGS:
