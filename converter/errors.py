@@ -7,3 +7,7 @@ class ConversionError(Exception):
     def __init__(self, message: str, details: list[str] | None = None):
         super().__init__(message)
         self.details = details or []  # e.g. the offending keys, printed below the line
+
+
+class NotYet(ConversionError):
+    """A model the tool recognises but cannot convert yet (a table's `not_yet`): no option helps."""

@@ -107,3 +107,19 @@ def animate_module():
     animate = _load("wan.modules.animate.model_animate", "wan/modules/animate/model_animate.py")
     animate.flash_attention = model.flash_attention
     return animate
+
+
+def s2v_module():
+    """wan/modules/s2v/model_s2v.py (WanModel_S2V) with what it imports, as `animate_module`."""
+    wan_model_module()
+    for pkg in ("wan.distributed", "wan.modules.s2v"):
+        if pkg not in sys.modules:
+            p = types.ModuleType(pkg)
+            p.__path__ = []
+            sys.modules[pkg] = p
+    _load("wan.distributed.util", "wan/distributed/util.py")
+    _load("wan.distributed.ulysses", "wan/distributed/ulysses.py")
+    _load("wan.distributed.sequence_parallel", "wan/distributed/sequence_parallel.py")
+    for name in ("s2v_utils", "auxi_blocks", "audio_utils", "motioner"):
+        _load(f"wan.modules.s2v.{name}", f"wan/modules/s2v/{name}.py")
+    return _load("wan.modules.s2v.model_s2v", "wan/modules/s2v/model_s2v.py")

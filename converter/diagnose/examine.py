@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..errors import ConversionError
+from ..errors import ConversionError, NotYet
 from ..mapping.rules import resolve_layouts, template_for
 from ..mapping.schema import Fixed, Nested
 from ..plan.detect import Detection, detect, within_limits
@@ -378,6 +378,11 @@ def _diagnose_original(d: Diagnosis, overrides: dict | None = None) -> None:
         d.plan = build_plan(unit.table, src, d.detection, d.derived_target)
     except ConversionError as e:
         keys = unit.weights.tensors
+        if isinstance(e, NotYet):  # recognised, and no option converts it
+            d.variant = next(m.name for m in unit.table.not_yet if all(k in keys for k in m.when_present))
+            d.findings.append(Finding("original-layout", f"original Wan layout: {e}", "none yet", None,
+                                      sorted(unit.sides.original)))
+            return
         d.variant = next((v.name for v in unit.table.variants if all(k in keys for k in v.when_present)), None)
         d.findings.append(Finding("original-layout", f"original Wan layout; converting it needs more: {e}",
                                   f"wan2diffusers convert {unit.path} OUT, giving what the weights cannot tell "

@@ -189,6 +189,14 @@ class Fixed(Strict):
     fixed: Union[int, str]
 
 
+class NotYet(Strict):
+    """A model of this component the tool recognises but cannot convert yet (Wan 2.2 S2V): told by
+    its keys, refused in one line that says what it is and why, before any other check."""
+    name: str
+    when_present: list[str] = Field(min_length=1)
+    says: str
+
+
 class Table(Strict):
     schema_version: Literal[1]
     component: str
@@ -196,6 +204,7 @@ class Table(Strict):
     source: SourceSpec
     output: OutputSpec
     variants: list[Variant] = Field(min_length=1)
+    not_yet: list[NotYet] = []
     sizes: list[Size] = []
     kinds: list[Kind] = []
     facts: dict[str, Fact] = {}
