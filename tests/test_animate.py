@@ -210,3 +210,24 @@ def test_every_output_kind_loads_in_bf16_and_runs(repo, tmp_path, inputs, kind, 
     got = run_diffusers(model.eval(), inputs, torch.bfloat16)
     assert torch.isfinite(got).all()
     assert rel_err(got, expected()) <= 0.06, kind  # measured: bf16 1.1e-2, int8 1.6e-2, float8 4.8e-2, Q8_0 1.6e-2, Q4_K_M 1.9e-2
+
+
+def test_a_cached_animate_repo_converts_offline_and_leaves_the_preprocessing_models(tmp_path):
+    """`convert Wan-AI/Wan2.2-Animate-14B OUT` from the Hub cache: the pipeline, and none of the
+    preprocessing checkpoints or the relighting LoRA is asked for."""
+    from fnmatch import fnmatch
+
+    from test_hub import cli
+    from wan2diffusers.hub import allow_patterns
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--Wan-AI--Wan2.2-Animate-14B"
+    make_animate_repo(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    r = cli(["convert", "Wan-AI/Wan2.2-Animate-14B", tmp_path / "out", "--clip-heads", "2"], tmp_path / "hf")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "out" / "model_index.json").read_text())["_class_name"] == "WanAnimatePipeline"
+    for unwanted in ("process_checkpoint/det/yolov10m.onnx", "process_checkpoint/sam2/sam2_hiera_large.pt",
+                     "relighting_lora.ckpt", "xlm-roberta-large/tokenizer.json"):
+        assert not any(fnmatch(unwanted, p) for p in allow_patterns(None)), unwanted

@@ -124,3 +124,17 @@ def test_gguf_of_each_expert_loads_in_bf16_and_runs(converted, repo, tmp_path, c
         assert "were not used" not in capfd.readouterr().err
         got = run_expert(model.eval(), torch.bfloat16)
         assert torch.isfinite(got).all() and rel_err(got, expected(expert)) <= 0.05, expert
+
+
+def test_a_cached_vace_fun_repo_converts_offline(tmp_path):
+    from test_hub import cli
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--alibaba-pai--Wan2.2-VACE-Fun-A14B"
+    make_vace_fun_repo(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    r = cli(["convert", "alibaba-pai/Wan2.2-VACE-Fun-A14B", tmp_path / "out"], tmp_path / "hf")
+    assert r.returncode == 0, r.stderr
+    index = json.loads((tmp_path / "out" / "model_index.json").read_text())
+    assert index["_class_name"] == "WanVACEPipeline" and index["boundary_ratio"] == 0.875
