@@ -207,11 +207,26 @@ def _split(rest: str, spec: LoraSpec) -> tuple[str, str, str] | None:
     return None
 
 
+PTH_SUFFIXES = (".ckpt", ".pth", ".pt")
+
+
+def lora_file(path: Path):
+    """The LoRA file's tensors and metadata: a .safetensors file, or a torch.save file (.ckpt/.pth/.pt:
+    PEFT's state dict as the official Wan 2.2 Animate relighting LoRA ships it)."""
+    if Path(path).suffix in PTH_SUFFIXES:
+        from types import SimpleNamespace
+
+        from .read.pth_file import read_pth_index
+
+        return SimpleNamespace(tensors=read_pth_index(Path(path)), metadata={})
+    return read_header(path)
+
+
 def read_lora(path: Path) -> Lora:
     """The LoRA file at `path`: its format (the first whose grammar places every key), each module in
     original naming with its tensors."""
     spec = load_lora_spec()
-    header = read_header(path)
+    header = lora_file(path)
     keys = list(header.tensors)
     for adapter, parts in spec.other_adapters.items():
         hit = next((k for k in keys if k.endswith(tuple("." + p for p in parts))), None)

@@ -231,3 +231,33 @@ def test_a_cached_animate_repo_converts_offline_and_leaves_the_preprocessing_mod
     for unwanted in ("process_checkpoint/det/yolov10m.onnx", "process_checkpoint/sam2/sam2_hiera_large.pt",
                      "relighting_lora.ckpt", "xlm-roberta-large/tokenizer.json"):
         assert not any(fnmatch(unwanted, p) for p in allow_patterns(None)), unwanted
+
+
+def test_the_relighting_lora_converts_and_diffusers_reproduces_it(converted, inputs, tmp_path):
+    """relighting_lora.ckpt as wan22 makes and loads it (wan/animate.py: get_loraconfig over every block
+    Linear but the face ones, torch.load(path)["state_dict"] into PEFT): made the same way on the
+    fixture model, converted to diffusers' LoRA format, loaded by diffusers' own LoRA loader into
+    the converted transformer, and run: the official model with the adapter gives the same output."""
+    from diffusers import WanAnimateTransformer3DModel
+    from peft.utils import get_peft_model_state_dict
+
+    official.animate_module()
+    utils = official._load("wan.modules.animate.animate_utils", "wan/modules/animate/animate_utils.py")
+    model = animate_fixture.build()
+    model.add_adapter(utils.get_loraconfig(transformer=model, rank=8, alpha=8))
+    g = torch.Generator().manual_seed(7350)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if ".lora_B." in name:  # PEFT's gaussian init leaves B at zero
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    ckpt = tmp_path / "relighting_lora.ckpt"
+    torch.save({"state_dict": get_peft_model_state_dict(model)}, ckpt)
+    want = animate_fixture.official_output(model, inputs)[None]
+    assert rel_err(want, expected()) > 10 * TOL  # the adapter changes the output
+
+    out = tmp_path / "relighting_lora_diffusers.safetensors"
+    report = run_cli("convert", ckpt, out, "--to", "diffusers", "--json").json()
+    assert report["lora"]["format"] == "original" and report["lora"]["modules"] == 10 * 12  # q k v o, q k v o k_img v_img, ffn 0 2
+    transformer = WanAnimateTransformer3DModel.from_pretrained(str(converted[0] / "transformer")).eval()
+    transformer.load_lora_adapter(str(out), adapter_name="relight", prefix="transformer")
+    assert rel_err(run_diffusers(transformer, inputs), want) <= TOL

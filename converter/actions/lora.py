@@ -14,15 +14,15 @@ from .common import silent
 
 
 def is_lora_source(src: Path) -> bool:
-    """A single .safetensors file whose keys are LoRA parts (lora_A/lora_down/..., or another adapter's)."""
-    from ..lora import looks_like_lora
+    """A single .safetensors (or torch.save .ckpt/.pth/.pt) file whose keys are LoRA parts
+    (lora_A/lora_down/..., or another adapter's)."""
+    from ..lora import PTH_SUFFIXES, lora_file, looks_like_lora
     from ..read.files import what_is
-    from ..read.safetensors_file import read_header
 
-    if Path(src).suffix != ".safetensors" or what_is(src) != "a regular file":
+    if Path(src).suffix not in (".safetensors", *PTH_SUFFIXES) or what_is(src) != "a regular file":
         return False
     try:
-        return looks_like_lora(read_header(src).tensors)
+        return looks_like_lora(lora_file(src).tensors)
     except ConversionError:
         return False
 

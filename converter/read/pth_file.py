@@ -158,6 +158,11 @@ class _Unpickler(pickle._Unpickler):
         return _Storage(stype.tag, str(key), numel)
 
 
+# a training checkpoint keeps its state dict under this key (PyTorch Lightning; Wan 2.2 Animate's
+# relighting_lora.ckpt, which wan22 wan/animate.py reads as torch.load(path)["state_dict"])
+WRAPPER = "state_dict"
+
+
 def read_pth_index(path: Path) -> dict[str, TensorRef]:
     """Key -> TensorRef for every tensor of a zip-format torch.save state dict."""
     path = Path(path)
@@ -189,6 +194,8 @@ def read_pth_index(path: Path) -> dict[str, TensorRef]:
             raise
         except Exception as e:  # noqa: BLE001 - any unpickling failure is a corrupt file
             raise ConversionError(f"{path}: corrupt pickle ({type(e).__name__}: {e})") from None
+        if isinstance(obj, dict) and isinstance(obj.get(WRAPPER), dict):  # a checkpoint wrapping its state dict
+            obj = obj[WRAPPER]
         if not isinstance(obj, dict) or not all(isinstance(v, _Tensor) for v in obj.values()):
             raise ConversionError(f"{path}: not a flat state dict of tensors")
         size = path.stat().st_size
