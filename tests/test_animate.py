@@ -233,7 +233,7 @@ def test_a_cached_animate_repo_converts_offline_and_leaves_the_preprocessing_mod
         assert not any(fnmatch(unwanted, p) for p in allow_patterns(None)), unwanted
 
 
-def test_the_relighting_lora_converts_and_diffusers_reproduces_it(converted, inputs, tmp_path):
+def test_the_relighting_lora_converts_and_diffusers_reproduces_it(converted, repo, inputs, tmp_path):
     """relighting_lora.ckpt as wan22 makes and loads it (wan/animate.py: get_loraconfig over every block
     Linear but the face ones, torch.load(path)["state_dict"] into PEFT): made the same way on the
     fixture model, converted to diffusers' LoRA format, loaded by diffusers' own LoRA loader into
@@ -261,3 +261,7 @@ def test_the_relighting_lora_converts_and_diffusers_reproduces_it(converted, inp
     transformer = WanAnimateTransformer3DModel.from_pretrained(str(converted[0] / "transformer")).eval()
     transformer.load_lora_adapter(str(out), adapter_name="relight", prefix="transformer")
     assert rel_err(run_diffusers(transformer, inputs), want) <= TOL
+    # merged into the model instead (merge reads the same .ckpt): the same output
+    run_cli("merge", repo, tmp_path / "merged", "--lora", str(ckpt), "--only", "transformer")
+    merged = WanAnimateTransformer3DModel.from_pretrained(str(tmp_path / "merged" / "transformer")).eval()
+    assert rel_err(run_diffusers(merged, inputs), want) <= TOL
