@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -155,25 +156,23 @@ def test_inspect_and_verify_take_the_animate_pipeline(converted, repo):
 
 
 def test_way_back_is_the_official_repo(converted, repo, tmp_path, inputs):
-    """--to original: every tensor byte-identical to the repo's, its config.json the repo's; the
-    official WanAnimateModel takes the file and reproduces its output. The blur kernels (fixed
-    buffers diffusers builds itself, as the official constructor does) are said to be left out."""
+    """--to original: every tensor byte-identical to the repo's (the 14 blur kernels, which diffusers
+    rebuilds, written again from mappings/constants.safetensors), its config.json the repo's; the
+    official WanAnimateModel takes the file and reproduces its output."""
     out, _ = converted
     back = tmp_path / "back"
     r = run_cli("convert", out, back, "--to", "original", "--only", "transformer")
-    assert "blur filter" in r.stdout + r.stderr
+    assert "not written" not in r.stdout + r.stderr
     assert json.loads((back / "config.json").read_text()) == json.loads((repo / "config.json").read_text())
     written = load_file(str(back / "diffusion_pytorch_model.safetensors"))
     source = {}
     for f in sorted(repo.glob("diffusion_pytorch_model-*.safetensors")):
         source.update(load_file(str(f)))
-    kernels = {k for k in source if k.endswith(".kernel")}
-    assert len(kernels) == 14 and set(written) == set(source) - kernels
+    assert len([k for k in written if k.endswith(".kernel")]) == 14 and set(written) == set(source)
     assert all(torch.equal(written[k], source[k]) and written[k].dtype == source[k].dtype for k in written)
     torch.manual_seed(0)  # the model the official loader builds (its config.json: the real defaults, text_dim
     model = official.animate_module().WanAnimateModel(**animate_fixture.INIT).eval()  # 4096, are the tiny's)
-    missing, unexpected = model.load_state_dict(written, strict=False)
-    assert sorted(missing) == sorted(kernels) and not unexpected
+    model.load_state_dict(written, strict=True)
     got = animate_fixture.official_output(model, inputs)
     assert rel_err(got[None], expected()) <= TOL
 
@@ -265,3 +264,20 @@ def test_the_relighting_lora_converts_and_diffusers_reproduces_it(converted, rep
     run_cli("merge", repo, tmp_path / "merged", "--lora", str(ckpt), "--only", "transformer")
     merged = WanAnimateTransformer3DModel.from_pretrained(str(tmp_path / "merged" / "transformer")).eval()
     assert rel_err(run_diffusers(merged, inputs), want) <= TOL
+
+
+def test_the_restored_blur_kernel_is_the_official_one(repo, tmp_path):
+    """mappings/constants.safetensors (scripts/make_constants.py) holds what wan22's make_kernel builds;
+    from a bf16 model the kernels go back in bf16, as the model's own buffers are."""
+    from wan2diffusers.mapping.tables import constants_path
+
+    official.animate_module()
+    kernel = sys.modules["wan.modules.animate.motion_encoder"].make_kernel([1, 3, 3, 1])
+    stored = load_file(str(constants_path()))["blur_kernel_1331"]
+    assert stored.dtype == kernel.dtype and torch.equal(stored, kernel)
+    run_cli("convert", repo, tmp_path / "bf16", "--only", "transformer", "--dtype", "bf16")
+    run_cli("convert", tmp_path / "bf16", tmp_path / "back", "--to", "original")
+    written = load_file(str(tmp_path / "back" / "diffusion_pytorch_model.safetensors"))
+    kernels = [k for k in written if k.endswith(".kernel")]
+    assert len(kernels) == 14 and all(written[k].dtype == torch.bfloat16 and torch.equal(written[k].float(), kernel)
+                                      for k in kernels)

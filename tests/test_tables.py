@@ -150,8 +150,16 @@ def test_the_installed_distribution_ships_every_table():
     from importlib.metadata import PackageNotFoundError, files
 
     try:
-        shipped = {p.name for p in files("wan2diffusers") or [] if p.suffix == ".yaml"}
+        shipped = {p.name for p in files("wan2diffusers") or [] if p.suffix in (".yaml", ".safetensors")}
     except PackageNotFoundError:
         pytest.skip("wan2diffusers is not installed (running from a bare checkout)")
-    in_repo = {p.name for p in (Path(__file__).parents[1] / "mappings").glob("*.yaml")}
+    in_repo = {p.name for p in (Path(__file__).parents[1] / "mappings").glob("*.yaml")} | {"constants.safetensors"}
     assert in_repo and in_repo <= shipped
+
+
+def test_every_variant_a_pipeline_asks_for_exists():
+    from wan2diffusers.pipeline import load_pipeline_table
+
+    for spec in load_pipeline_table().pipelines:
+        for component, variant in spec.variants.items():
+            assert variant in [v.name for v in load_table(component).variants], (spec.name, component, variant)

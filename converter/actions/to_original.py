@@ -57,11 +57,10 @@ class OriginalLayout:
         _place([r for r in parts if r not in clip], src)
         ComfyLayout().place(clip, src, model_name)
         notes = []
-        for r in parts:  # what the way in dropped by rule and the original code builds itself
+        for r in parts:  # what the way in dropped by rule with nothing to restore it from
             if r not in clip and r.cp.plan.lost:
                 reasons = "; ".join(dict.fromkeys(lost.reason for lost in r.cp.plan.lost if lost.reason))
-                notes.append(f"{r.instance}: not written, as Diffusers does not keep them: {reasons} (the original "
-                             f"code builds them itself; its loader reports them as not in the checkpoint)")
+                notes.append(f"{r.instance}: not written, as Diffusers does not keep them: {reasons}")
         for r in clip:  # the vision tower, as ComfyUI's clip_vision reads it, at the root
             r.dest = ""
             notes.append(f"{r.instance}: {load_table('image_encoder').source.file_names[0]} cannot be rebuilt: the "

@@ -137,6 +137,10 @@ class Rule(Strict):
     shape: list[int] | None = None  # reshape (-1 allowed once)
     undo_shape: list[int] | None = None  # reshape: the source's shape (-1 allowed once), for running backwards
     reason: str | None = None  # drop
+    # drop: a fixed value the original holds and Diffusers rebuilds; the way back writes it again from
+    # this tensor of mappings/constants.safetensors (each of the rule's keys; its placeholders must
+    # be lists or facts-sized layouts, so that every key can be named)
+    restore: str | None = None
     variant: list[str] | None = None  # active only for these detected variants
 
     @model_validator(mode="after")
@@ -154,6 +158,8 @@ class Rule(Strict):
         for a in args:
             if getattr(self, a) in (None, ""):
                 raise ValueError(f"op {self.op} needs `{a}`")
+        if self.restore is not None and self.op != "drop":
+            raise ValueError("`restore` is for drop rules (a fixed value Diffusers rebuilds)")
         return self
 
     @property

@@ -47,6 +47,13 @@ def load_table(component: str) -> Table:
     return parse_table(path.read_text(encoding="utf-8"), str(path))
 
 
+CONSTANTS = "constants.safetensors"  # fixed tensors a drop rule's `restore` names (scripts/make_constants.py)
+
+
+def constants_path() -> Path:
+    return Path(str(tables_root().joinpath(CONSTANTS)))
+
+
 @lru_cache(maxsize=None)
 def target_key_prefix(class_name: str) -> str:
     """The `key_prefix` a table variant declares for this target class ("" when none does)."""

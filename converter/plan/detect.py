@@ -53,7 +53,10 @@ def detect(table: Table, src: SourceCheckpoint, overrides: dict[str, Any] | None
             f"{src.path}: not a Wan {table.component} checkpoint: no {absent[0]} "
             f"(holds {len(keys)} tensors, e.g. {sample})")
     if variant is not None:
-        variant = next(v for v in table.variants if v.name == variant)
+        asked, variant = variant, next((v for v in table.variants if v.name == variant), None)
+        if variant is None:
+            raise ConversionError(f"mappings/pipeline.yaml asks for the {asked!r} variant of mappings/"
+                                  f"{table.component}.yaml, which has none of that name")
     else:
         variant = next(v for v in table.variants if all(k in keys for k in v.when_present))
     notes: list[str] = []

@@ -196,6 +196,7 @@ def build_plan(table: Table, src: SourceCheckpoint, det: Detection, target: Targ
             problems.append(f"{src.path}: missing key {_expected_source(table, rules, key, lay)} (for {key})"
                             if direction.forward else f"{src.path}: missing key {key} ({target.class_name} has it)")
 
+    restored = [] if direction.forward else _restored(table, rules, lay, produced, problems)
     out_tag = DTYPE_CHOICES[dtype]
     if direction.forward:
         order = [produced[k] for k in target.shapes if k in produced]
@@ -204,16 +205,21 @@ def build_plan(table: Table, src: SourceCheckpoint, det: Detection, target: Targ
         for key in target.shapes:
             for out_key in made_from.get(key, []):
                 seen.setdefault(out_key, produced[out_key])
-        order = list(seen.values())
+        order = list(seen.values()) + restored
     placed = {pt.key for pt in order}
     for key, pt in produced.items():  # every tensor planned is written: never a silent loss
         if key not in placed:
             problems.append(f"{_where(src, pt.sources[0].key)}: {key} is planned from {pt.sources[0].key} but "
                             f"placed in no output (the planner would lose it)")
     ordered = []
+    fixed = {id(pt) for pt in restored}
+    floats = [pt.sources[0].value_dtype for pt in order if id(pt) not in fixed]
+    model_tag = max(set(floats) & FLOAT_TAGS, key=floats.count, default=None)
     for pt in order:
         src_tag = pt.sources[0].value_dtype
-        if out_tag and src_tag in FP8_TAGS:
+        if id(pt) in fixed and not out_tag:  # a restored constant takes the model's dtype
+            pt.dtype = model_tag or src_tag
+        elif out_tag and src_tag in FP8_TAGS:
             pt.dtype = out_tag  # fp8 only widens: no float32-only module loses anything
         elif out_tag and src_tag in FLOAT_TAGS and not (direction.forward and _keep_fp32(pt.key, target.keep_in_fp32, out_tag)):
             pt.dtype = out_tag
@@ -222,8 +228,49 @@ def build_plan(table: Table, src: SourceCheckpoint, det: Detection, target: Targ
         else:
             pt.dtype = src_tag
         ordered.append(pt)
-    lost = [] if direction.forward else [Dropped(" + ".join(r.sources), r.reason) for _, r in rules if r.op == "drop"]
+    lost = [] if direction.forward else [Dropped(" + ".join(r.sources), r.reason) for _, r in rules
+                                         if r.op == "drop" and r.restore is None]
     return Plan(det, target, ordered, dropped, problems, direction, lost)
+
+
+def _restored(table: Table, rules, lay: dict, produced: dict, problems: list[str]) -> list[PlannedTensor]:
+    """Backward: every key of a drop rule with `restore`, written from mappings/constants.safetensors
+    (a fixed value the original keeps and Diffusers rebuilds, e.g. Animate's blur kernels)."""
+    import itertools
+    import re
+
+    from ..mapping.tables import constants_path
+    from ..read.safetensors_file import read_header
+
+    out = []
+    for _, rule in rules:
+        if rule.op != "drop" or rule.restore is None:
+            continue
+        const = read_header(constants_path()).tensors.get(rule.restore)
+        if const is None:
+            problems.append(f"mappings/{table.component}.yaml: restore {rule.restore!r}: no such constant")
+            continue
+        for text in rule.sources:
+            names = list(dict.fromkeys(re.findall(r"\{(\w+)\}", text)))
+            choices = []
+            for name in names:
+                spec = table.placeholders.get(name)
+                if name in lay:
+                    choices.append(list(lay[name].forward))
+                elif isinstance(spec, list):
+                    choices.append(spec)
+                else:
+                    problems.append(f"mappings/{table.component}.yaml: restore {text}: {{{name}}} cannot be enumerated")
+                    break
+            else:
+                t = template_for(table, text, lay)
+                for values in itertools.product(*choices):
+                    key = t.fill(dict(zip(names, values)))
+                    if key in produced:
+                        problems.append(f"{key} would be produced twice (restored and from {produced[key].sources[0].key})")
+                        continue
+                    out.append(PlannedTensor(key, tuple(const.shape), "", [const], KEEP, 0))
+    return out
 
 
 def _keep_fp32(key: str, modules: list[str], out_tag: str) -> bool:
