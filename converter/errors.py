@@ -10,4 +10,5 @@ class ConversionError(Exception):
 
 
 class NotYet(ConversionError):
-    """A model the tool recognises but cannot convert yet (a table's `not_yet`): no option helps."""
+    """A model the tool recognises but cannot write in the layout asked for yet (a table variant's
+    `no_class`: no Diffusers class for it)."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ConversionError
+from ..errors import ConversionError, NotYet
 from ..plan.plan import DTYPE_CHOICES
 from ..sizes import human_size
 from .common import silent
@@ -171,6 +171,9 @@ def write_diffusers(src, out, o: Options, say, warn, progress, check) -> dict:
         say(f"downloading from the Hub: {src} (only what the components need)")
         hub_repo, src = str(src), download(str(src), only)
     plans = plan_components(src, only, dtype, overrides, clip_heads, override_config, say)
+    classless = next((cp for cp in plans if cp.plan.target.missing), None)
+    if classless is not None:  # e.g. Wan 2.2 S2V: no Diffusers layout to write (its GGUF is written)
+        raise NotYet(f"{classless.source.path}: {classless.plan.target.missing}")
     fp8 = next((cp for cp in plans if cp.source.fp8 is not None), None)
     if fp8 is not None and dtype == "keep" and not quantize:
         raise ConversionError(f"{fp8.source.path}: holds fp8 weights ({fp8.source.fp8.scheme}), which Diffusers "
@@ -237,8 +240,9 @@ def plan_components(src: Path, only, dtype, overrides, clip_heads, override_conf
             say(f"  note:     {note}")
         require_coverage(cp)
         say(f"  coverage: {len(cp.source.tensors)}/{len(cp.source.tensors)} source tensors used "
-            f"({len(cp.plan.dropped)} dropped by rule), {len(cp.plan.tensors)}/{len(cp.plan.target.shapes)} "
-            f"target tensors produced, shapes match")
+            f"({len(cp.plan.dropped)} dropped by rule), " + (
+                f"{len(cp.plan.tensors)}/{len(cp.plan.target.shapes)} target tensors produced, shapes match"
+                if not cp.plan.target.missing else "every key known to the table (no Diffusers class to check against)"))
         plans.append(cp)
     order = list(found)
     return sorted(plans, key=lambda cp: order.index(cp.folder))

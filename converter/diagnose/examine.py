@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..errors import ConversionError, NotYet
+from ..errors import ConversionError
 from ..mapping.rules import resolve_layouts, template_for
 from ..mapping.schema import Fixed, Nested
 from ..plan.detect import Detection, detect, within_limits
@@ -378,15 +378,16 @@ def _diagnose_original(d: Diagnosis, overrides: dict | None = None) -> None:
         d.plan = build_plan(unit.table, src, d.detection, d.derived_target)
     except ConversionError as e:
         keys = unit.weights.tensors
-        if isinstance(e, NotYet):  # recognised, and no option converts it
-            d.variant = next(m.name for m in unit.table.not_yet if all(k in keys for k in m.when_present))
-            d.findings.append(Finding("original-layout", f"original Wan layout: {e}", "none yet", None,
-                                      sorted(unit.sides.original)))
-            return
         d.variant = next((v.name for v in unit.table.variants if all(k in keys for k in v.when_present)), None)
         d.findings.append(Finding("original-layout", f"original Wan layout; converting it needs more: {e}",
                                   f"wan2diffusers convert {unit.path} OUT, giving what the weights cannot tell "
                                   f"with --set {unit.component}.FACT=VALUE", None, sorted(unit.sides.original)))
+        return
+    if d.derived_target.missing:  # a variant diffusers has no class for (Wan 2.2 S2V): what it is, what works
+        d.findings.append(Finding("original-layout", f"original Wan layout: {d.derived_target.missing}",
+                                  f"wan2diffusers convert {unit.path} OUT.gguf --to gguf --quantize TYPE"
+                                  + ("" if d.plan.ok else f" (its coverage check fails: {d.plan.problems[0]})"),
+                                  None, sorted(unit.sides.original)))
         return
     d.target = d.derived_target
     d.missing, d.unexpected, d.mismatched = compare(unit, d.derived_target)

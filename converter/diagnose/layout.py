@@ -359,9 +359,14 @@ def read_config(folder: Path, unit: Unit) -> None:
     unit.config_kind = config_kind(unit.table, data)
 
 
+def table_library(table) -> str:
+    """diffusers or transformers: the library of the classes the table converts to."""
+    return class_signature(next(v.target_class for v in table.variants if v.no_class is None))[0]
+
+
 def config_kind(table, cfg: dict) -> str:
     """diffusers / transformers (a class this table targets), original (fields the facts read), unknown."""
-    targets = {v.target_class for v in table.variants}
+    targets = {v.target_class for v in table.variants if v.no_class is None}  # Diffusers classes
     name = cfg.get("_class_name") or (cfg.get("architectures") or [None])[0]
     if name in targets:
         return class_signature(name)[0]
@@ -410,8 +415,7 @@ def folder_units(folder: Path, component: str | None) -> list[Unit]:
         if chosen is not None:
             unit.keys, unit.quantized, unit.key_format = fold_quantized(chosen.tensors)
             unit.sides = classify(c, unit.keys)
-        target = unit.table.variants[0].target_class
-        library = class_signature(target)[0]
+        library = table_library(unit.table)
         unit.loads = loader_pick(library, [ws for ws in group if ws.kind != "pth file"])
         if component is None and (len(assigned) > 1 or (chosen is not None and chosen.kind == "pth file")
                                   or unit.layout == "original"):
@@ -425,7 +429,7 @@ def choose(unit: Unit, group: list[WeightSet]) -> WeightSet | None:
     Diffusers ones, preferring what from_pretrained would load; the rest are leftovers."""
     if not group:
         return None
-    library = class_signature(unit.table.variants[0].target_class)[0]
+    library = table_library(unit.table)
 
     def score(ws: WeightSet):
         keys, _, _ = fold_quantized(ws.tensors)

@@ -44,8 +44,9 @@ def component_dict(d: Diagnosis) -> dict:
         "from_pretrained_opens": u.loads,
         "config": {"state": u.config_kind, "missing_fields": d.config_missing,
                    "contradictions": {k: {"config": a, "weights": b} for k, (a, b) in d.config_wrong.items()}},
-        "from_pretrained": {"missing": d.missing, "unexpected": d.unexpected,
-                            "mismatched": [{"key": k, "shape": a, "expected": b} for k, a, b in d.mismatched]},
+        "from_pretrained": None if d.derived_target is not None and d.derived_target.missing else {
+            "missing": d.missing, "unexpected": d.unexpected,
+            "mismatched": [{"key": k, "shape": a, "expected": b} for k, a, b in d.mismatched]},
         "leftovers": [p.name for p in u.leftovers],
         "findings": [f.as_dict() for f in d.findings],
         "notes": (det.notes if det else []) + d.notes,
@@ -146,7 +147,8 @@ def render(report: dict) -> list[str]:
             lines.append(f"  ComfyUI:  {c['comfyui']} keys, as ComfyUI's loader reads them")
         else:
             lines.append(f"  config:   {c['config']['state']}")
-            lines += _from_pretrained_lines(c)
+            lines += _from_pretrained_lines(c) if c["from_pretrained"] is not None else [
+                "  from_pretrained: no Diffusers class for it"]
         for note in c["notes"]:
             lines.append(f"  note:     {note}")
         for f in c["findings"]:

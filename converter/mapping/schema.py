@@ -37,6 +37,10 @@ class Variant(Strict):
     # itself has none (transformers 5 CLIPVisionModel; its checkpoints, transformers 4's included,
     # hold `vision_model.`, which transformers 5 maps when it loads them)
     key_prefix: str = ""
+    # why diffusers has no class for this variant yet: target_class then names the original class,
+    # never built; the keys are proven against the rules alone, and only the outputs in the original
+    # key names (GGUF) are written; a Diffusers output is refused with this text
+    no_class: str | None = None
 
 
 class Kind(Strict):
@@ -195,14 +199,6 @@ class Fixed(Strict):
     fixed: Union[int, str]
 
 
-class NotYet(Strict):
-    """A model of this component the tool recognises but cannot convert yet (Wan 2.2 S2V): told by
-    its keys, refused in one line that says what it is and why, before any other check."""
-    name: str
-    when_present: list[str] = Field(min_length=1)
-    says: str
-
-
 class Table(Strict):
     schema_version: Literal[1]
     component: str
@@ -210,7 +206,6 @@ class Table(Strict):
     source: SourceSpec
     output: OutputSpec
     variants: list[Variant] = Field(min_length=1)
-    not_yet: list[NotYet] = []
     sizes: list[Size] = []
     kinds: list[Kind] = []
     facts: dict[str, Fact] = {}

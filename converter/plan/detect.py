@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConversionError, NotYet
+from ..errors import ConversionError
 from ..mapping.rules import template_for
 from ..mapping.schema import Fact, Table, config_entry
 from ..read.source import SourceCheckpoint
@@ -43,9 +43,6 @@ def detect(table: Table, src: SourceCheckpoint, overrides: dict[str, Any] | None
     if unknown:
         raise ConversionError(f"{table.component}: cannot override {sorted(unknown)}; known facts: {sorted(table.facts)}")
     keys = src.tensors
-    for model in table.not_yet:  # recognised, not convertible yet: said as such, not as missing rules
-        if all(k in keys for k in model.when_present):
-            raise NotYet(f"{src.path}: {model.says}")
     absent = [k for k in table.source.required_keys if k not in keys]
     if absent:
         sample = ", ".join(sorted(keys)[:3]) or "no tensors at all"

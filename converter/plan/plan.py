@@ -177,7 +177,12 @@ def build_plan(table: Table, src: SourceCheckpoint, det: Detection, target: Targ
                 made_from.setdefault(slots[s_], []).append(out_key)
 
     # 2. the Diffusers side is exactly the class's keys with its shapes: forward the keys written,
-    # backward the keys read
+    # backward the keys read. A variant diffusers has no class for (target.missing): what the rules
+    # make is all there is to prove (every source key taken by one rule, each output made once)
+    if target.shapes is None:
+        if not direction.forward:
+            raise ValueError(f"{target.class_name}: no class to run the table backwards from")
+        target.shapes = {k: tuple(pt.shape) for k, pt in produced.items()}
     if direction.forward:
         side = {k: (pt.shape, pt.sources[0].key) for k, pt in produced.items()}
     else:

@@ -30,6 +30,7 @@ class TargetModel:
     tied: dict[str, str] = field(default_factory=dict)
     config_json: str = ""  # exactly what the library's save_config writes as config.json
     _model: Any = None
+    missing: str = ""  # a variant diffusers has no class for (its table's `no_class`): why; shapes None
 
     @property
     def model(self):
@@ -95,8 +96,11 @@ def build_target(class_name: str, config: dict[str, Any]) -> TargetModel:
     """The target's layout. Building the model needs diffusers/transformers imported (seconds);
     the layout it yields depends only on the class, the config and the library versions, so it
     is kept in the layout cache (converter/plan/layout_cache.py) and reused."""
-    from ..mapping.tables import target_key_prefix
+    from ..mapping.tables import no_class, target_key_prefix
 
+    why = no_class(class_name)
+    if why is not None:  # nothing to build: the plan proves the keys against the rules alone
+        return TargetModel(class_name, "none", dict(config), None, [], {}, "", None, why)
     pre = target_key_prefix(class_name)  # the files' keys: the model's own behind a declared prefix
     cached = layout_cache.load(class_name, config)
     if cached is not None:
