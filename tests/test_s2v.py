@@ -33,7 +33,10 @@ def repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("s2v") / "Wan2.2-S2V-14B-tiny"
     root.mkdir()
     torch.manual_seed(7500)
-    model = official.s2v_module().WanModel_S2V(**INIT)
+    model = official.s2v_module().WanModel_S2V(**INIT).requires_grad_(False)
+    g = torch.Generator().manual_seed(7501)  # zero_init leaves the injectors' outputs at zero: made visible
+    for _, p in sorted(model.named_parameters()):
+        p.add_(torch.randn(p.shape, generator=g) * 0.05)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(root / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
     model.save_config(str(root))
@@ -50,16 +53,61 @@ def one_line_about_s2v(r):
     assert "no rule knows" not in r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("to", [[], ["--dtype", "bf16"], ["--quantize", "int8"], ["--to", "comfyui"],
-                                ["--to", "original"]])
-def test_a_diffusers_or_comfyui_output_of_s2v_is_refused_in_one_line(repo, tmp_path, to):
+@pytest.mark.parametrize("to", [[], ["--dtype", "bf16"], ["--quantize", "int8"]])
+def test_a_diffusers_output_of_s2v_is_refused_in_one_line(repo, tmp_path, to):
     out = tmp_path / "out"
-    r = run_cli("convert", repo, out, *to, ok=False)
-    if to[:2] in (["--to", "comfyui"], ["--to", "original"]):  # these start from a Diffusers folder
-        assert "not Diffusers" in r.stderr, r.stderr
-    else:
-        one_line_about_s2v(r)
+    one_line_about_s2v(run_cli("convert", repo, out, *to, ok=False))
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_comfyui_file_of_s2v_is_its_weights_and_the_official_class_takes_it(repo, tmp_path):
+    """--to comfyui --only transformer: ComfyUI's diffusion_models file in the original key names
+    (what comfy/ldm/wan/model.py WanModel_S2V holds), each tensor the source's cast to bf16; the
+    official class loads it strictly. The repo's VAE and umT5 (original layout) go through Diffusers
+    first, as for every model: refused here in one line."""
+    from safetensors.torch import load_file
+
+    run_cli("convert", repo, tmp_path / "comfy", "--to", "comfyui", "--only", "transformer", "--dtype", "bf16")
+    files = list((tmp_path / "comfy" / "diffusion_models").iterdir())
+    assert [f.name for f in files] == ["Wan2.2-S2V-14B-tiny_bf16.safetensors"]
+    written, src = load_file(str(files[0])), source_tensors(repo)
+    assert written.keys() == src.keys()
+    assert all(written[k].dtype == torch.bfloat16 and torch.equal(written[k], src[k].to(torch.bfloat16)) for k in src)
+    official.s2v_module().WanModel_S2V(**INIT).load_state_dict(written, strict=True)
+    r = run_cli("convert", repo, tmp_path / "all", "--to", "comfyui", ok=False)
+    assert "not Diffusers" in r.stderr and not (tmp_path / "all").exists()
+
+
+def test_fp8_scaled_file_of_s2v_is_comfyuis_quantizer_output(repo, tmp_path):
+    from fp8_files import FP8, comfy_quantize
+    from safetensors.torch import load_file
+
+    run_cli("convert", repo, tmp_path / "comfy", "--to", "comfyui", "--only", "transformer", "--quantize", "fp8_scaled")
+    path = next((tmp_path / "comfy" / "diffusion_models").iterdir())
+    assert path.name.endswith("_fp8_scaled.safetensors")
+    written, src = load_file(str(path)), source_tensors(repo)
+    n = 0
+    for key, w in src.items():
+        if written[key].dtype != FP8:
+            assert torch.equal(written[key], w.to(torch.float16)), key  # kept: F16, as Comfy-Org's files
+            continue
+        q, scale = comfy_quantize(w.to(torch.float32))
+        assert torch.equal(written[key].view(torch.uint8), q.view(torch.uint8)), key
+        assert torch.equal(written[f"{key.removesuffix('.weight')}.scale_weight"], scale), key
+        n += 1
+    assert written["trainable_cond_mask.weight"].dtype == torch.float16  # ComfyUI casts it itself
+    assert written["audio_injector.injector.0.q.weight"].dtype == FP8 and n > 40
+    # and read back: the GGUF of the fp8 file holds the dequantized values (ComfyUI's formula)
+    import gguf
+    import numpy as np
+
+    gg = run_cli("convert", path, tmp_path / "from-fp8.gguf", "--to", "gguf", "--quantize", "F32",
+                 "--set", "transformer.num_heads=4", "--json").json()  # tiny: no published width
+    assert gg["variant"] == "s2v"
+    key = "audio_injector.injector.0.q.weight"
+    t = next(t for t in gguf.GGUFReader(str(tmp_path / "from-fp8.gguf")).tensors if t.name == key)
+    want = written[key].float() * written[key.removesuffix(".weight") + ".scale_weight"]
+    assert torch.equal(torch.from_numpy(np.array(t.data)).reshape(want.shape), want)
 
 
 def source_tensors(repo) -> dict[str, torch.Tensor]:

@@ -124,8 +124,18 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
             problems = "; ".join(unit.weights.problems) if unit.weights is not None else "no weights"
             raise ConversionError(f"{unit.path}: {name}: {problems}; nothing was written")
         if unit.layout != "diffusers":
-            raise ConversionError(f"{unit.path}: {name} is in the {unit.layout} layout, not Diffusers: nothing to "
-                                  f"convert back")
+            cp = _original_as_it_is(unit, dtype, to, fp8) if unit.layout == "original" else None
+            if cp is None:
+                raise ConversionError(f"{unit.path}: {name} is in the {unit.layout} layout, not Diffusers: nothing to "
+                                      f"convert back")
+            if fp8 is not None:
+                from ..quantization.fp8_scaled import plan_fp8
+
+                cp.quantized = plan_fp8(cp, fp8)
+            say(f"{name}: {len(cp.plan.tensors)} tensors in the original key names ({cp.plan.detection.variant}: "
+                f"no Diffusers class), written as they are; coverage proven against the table")
+            out.append(Reversed(name, cp, "", ""))
+            continue
         if unit.quantized:
             raise ConversionError(f"{unit.path}: {name} is quantized: its float weights cannot be recovered exactly; "
                                   f"convert back the float folder it was made from")
@@ -165,6 +175,31 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
                                   f"{r.file_name} (torch.save's typed storages) does not hold; convert back a folder "
                                   f"with float32/bf16/fp16 weights")
     return out, notes
+
+
+def _original_as_it_is(unit, dtype: str, to: str, fp8: str | None):
+    """A transformer diffusers has no class for (its table variant's `no_class`, e.g. Wan 2.2 S2V), in
+    the original layout, for an output in the original key names (ComfyUI's file): planned forward to
+    prove its keys, then written key for key as it is (cast by --dtype). None for anything else."""
+    from dataclasses import replace
+
+    from ..component import plan_component, require_coverage
+    from ..plan.plan import DTYPE_CHOICES, FLOAT_TAGS, KEEP, PlannedTensor
+
+    if to != "comfyui" or unit.component != "transformer":
+        return None
+    try:
+        cp = plan_component(unit.component, unit.path)
+    except ConversionError:
+        return None
+    if not cp.plan.target.missing:
+        return None
+    require_coverage(cp)
+    tag = DTYPE_CHOICES[_fp8_keep_dtype(dtype) if fp8 is not None else dtype]
+    tensors = [PlannedTensor(k, tuple(r.shape), tag if tag and r.value_dtype in FLOAT_TAGS else r.value_dtype, [r],
+                             KEEP, 0) for k, r in cp.source.tensors.items()]
+    cp.plan = replace(cp.plan, tensors=tensors, direction=SAME)
+    return cp
 
 
 def _fp8_keep_dtype(dtype: str) -> str:
