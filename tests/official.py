@@ -88,19 +88,25 @@ def flash_attn_func_fp32(q, k, v, **kwargs):
     return out.transpose(1, 2).to(q.dtype)
 
 
-def animate_module():
-    """wan/modules/animate/model_animate.py (WanAnimateModel) with what it imports: the shared
-    model.py as in `wan_model_module` (flash_attention -> the package's own float32 fallback), the
-    face blocks' flash_attn_func -> `flash_attn_func_fp32`."""
+def _with_distributed(family: str):
+    """model.py as in `wan_model_module`, the package `wan.modules.<family>` and the sequence-parallel
+    helpers the Wan 2.2 family models import (wan/distributed: one process, never used here)."""
     model = wan_model_module()
-    for pkg in ("wan.distributed", "wan.modules.animate"):
+    for pkg in ("wan.distributed", f"wan.modules.{family}"):
         if pkg not in sys.modules:
             p = types.ModuleType(pkg)
             p.__path__ = []
             sys.modules[pkg] = p
-    _load("wan.distributed.util", "wan/distributed/util.py")
-    _load("wan.distributed.ulysses", "wan/distributed/ulysses.py")
-    _load("wan.distributed.sequence_parallel", "wan/distributed/sequence_parallel.py")
+    for name in ("util", "ulysses", "sequence_parallel"):
+        _load(f"wan.distributed.{name}", f"wan/distributed/{name}.py")
+    return model
+
+
+def animate_module():
+    """wan/modules/animate/model_animate.py (WanAnimateModel) with what it imports: the shared
+    model.py as in `wan_model_module` (flash_attention -> the package's own float32 fallback), the
+    face blocks' flash_attn_func -> `flash_attn_func_fp32`."""
+    model = _with_distributed("animate")
     face = _load("wan.modules.animate.face_blocks", "wan/modules/animate/face_blocks.py")
     face.flash_attn_func = flash_attn_func_fp32
     _load("wan.modules.animate.motion_encoder", "wan/modules/animate/motion_encoder.py")
@@ -111,15 +117,7 @@ def animate_module():
 
 def s2v_module():
     """wan/modules/s2v/model_s2v.py (WanModel_S2V) with what it imports, as `animate_module`."""
-    wan_model_module()
-    for pkg in ("wan.distributed", "wan.modules.s2v"):
-        if pkg not in sys.modules:
-            p = types.ModuleType(pkg)
-            p.__path__ = []
-            sys.modules[pkg] = p
-    _load("wan.distributed.util", "wan/distributed/util.py")
-    _load("wan.distributed.ulysses", "wan/distributed/ulysses.py")
-    _load("wan.distributed.sequence_parallel", "wan/distributed/sequence_parallel.py")
+    _with_distributed("s2v")
     for name in ("s2v_utils", "auxi_blocks", "audio_utils", "motioner"):
         _load(f"wan.modules.s2v.{name}", f"wan/modules/s2v/{name}.py")
     return _load("wan.modules.s2v.model_s2v", "wan/modules/s2v/model_s2v.py")
