@@ -4,7 +4,7 @@ proof -> write (streamed, one tensor at a time) -> verify the written headers ag
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ class ComponentPlan:
     weights_name: str  # output file name (sharded: <stem>-0000i-of-0000n.safetensors)
     folder: str  # output subfolder
     quantized: Any = None  # a wan2diffusers.quantization.plan.QuantizedPlan: write its entries instead
+    metadata: dict = field(default_factory=dict)  # more safetensors metadata for the files written
 
 
 def open_source(component: str, src_path: Path) -> SourceCheckpoint:
@@ -103,7 +104,7 @@ def write_weights(cp: ComponentPlan, folder: Path, weights_name: str, max_shard_
     make = cp.quantized.produce if cp.quantized is not None else produce
     layout = plan_shards({k: pt.nbytes for k, pt in by_key.items()}, weights_name, max_shard_size)
     total = sum(pt.nbytes for pt in by_key.values())
-    metadata = {"format": "pt", **(cp.quantized.file_metadata() if cp.quantized is not None else {})}
+    metadata = {"format": "pt", **cp.metadata, **(cp.quantized.file_metadata() if cp.quantized is not None else {})}
     shards = {name: sorted((by_key[k] for k in keys), key=lambda pt: (data_order(pt.nbytes), _source_position(pt)))
               for name, keys in layout.files.items()}
     if cp.quantized is not None:  # its next weight is quantized while one is written

@@ -116,6 +116,7 @@ class Drift:
     name: str
     detected: str = ""
     target_keys: int = 0
+    classless: bool = False  # a variant diffusers has no class for: only "every key taken by a rule" is checked
     appeared: dict[str, tuple] = field(default_factory=dict)  # target key nothing produces -> shape
     vanished: dict[str, tuple[str, int]] = field(default_factory=dict)  # produced key not in target -> (source, rule)
     unconsumed: list[str] = field(default_factory=list)  # source keys no rule takes
@@ -169,7 +170,8 @@ def check_entry(component: str, table, entry: dict, fixtures: Path) -> Drift:
     except ConversionError as e:
         drift.other.append(str(e))
         return drift
-    drift.target_keys = len(target.shapes)
+    drift.classless = bool(target.missing)
+    drift.target_keys = len(target.shapes) if target.shapes is not None else 0
     produced, drift.unconsumed = produced_keys(table, src, det)
     drift.appeared = {k: s for k, s in target.shapes.items() if k not in produced}
     drift.vanished = {k: v for k, v in produced.items() if k not in target.shapes}
@@ -237,7 +239,8 @@ def rule_text(rule) -> str:
 
 def print_drift(d: Drift) -> None:
     if d.ok:
-        print(f"ok     {d.component:13} {d.name}: {d.detected}, {d.target_keys} keys produced with their shapes")
+        print(f"ok     {d.component:13} {d.name}: {d.detected}, {d.target_keys} keys produced with their shapes"
+              + (" (no Diffusers class: every key taken by a rule)" if d.classless else ""))
         return
     print(f"DRIFT  {d.component:13} {d.name}: {d.detected}")
     lines = []

@@ -43,7 +43,7 @@ def test_the_shipped_tables_match_every_published_checkpoint(script, capsys, tmp
     out = capsys.readouterr().out
     # Wan 2.1: 6 transformers (T2V 1.3B/14B, I2V, FLF2V, VACE 1.3B/14B), the VAE, umT5-XXL, CLIP ViT-H/14;
     # Wan 2.2: the T2V-A14B and I2V-A14B experts, TI2V-5B, the 2.2 VAE
-    assert "16/16 checkpoints match the tables" in out and "DRIFT" not in out
+    assert "17/17 checkpoints match the tables" in out and "DRIFT" not in out
     assert "Wan2.2-TI2V-5B: t2v, 5B -> WanTransformer3DModel, 825 keys" in out
     assert "Wan2.2-I2V-A14B (each expert): t2v, 14B -> WanTransformer3DModel, 1095 keys" in out
     assert "Wan2.2_VAE.pth (Wan2.2-TI2V-5B): wan2.2 -> AutoencoderKLWan, 196 keys" in out

@@ -1,8 +1,10 @@
 """Wan 2.2 S2V-14B (issue 22): diffusers has no class for it, so a Diffusers output is refused in one
-line that says why; its GGUF file is written in the original key names (what ComfyUI-GGUF loads),
-checked against gguf-py and ggml and loaded strictly by the official class; inspect and verify take
-it. The checkpoint is a tiny WanModel_S2V built by the official code (wan22) in the layout of
-Wan-AI/Wan2.2-S2V-14B, with its S2V config (wan22 wan/configs/wan_s2v_14B.py)."""
+line that says why; its GGUF and ComfyUI files (bf16, fp8_scaled) are written in the original key
+names, checked against gguf-py/ggml and ComfyUI's fp8 formula and loaded strictly by the official
+class; the way back from the ComfyUI file gives the repo again; inspect and verify take them. The
+checkpoint is a tiny WanModel_S2V built by the official code (wan22) in the layout of
+Wan-AI/Wan2.2-S2V-14B, with its S2V config (wan22 wan/configs/wan_s2v_14B.py); its header is kept in
+tests/fixtures/s2v/ for scripts/regenerate_mappings.py."""
 
 from __future__ import annotations
 
@@ -165,3 +167,27 @@ def test_inspect_says_what_s2v_is_and_what_works(repo, tmp_path):
     run_cli("convert", repo, tmp_path / "s2v.gguf", "--to", "gguf", "--quantize", "Q8_0")
     gg = run_cli("inspect", tmp_path / "s2v.gguf", "--json").json()
     assert gg["healthy"] and "s2v" in json.dumps(gg)
+
+
+def test_way_back_from_the_comfyui_file_is_the_original_repo(repo, tmp_path):
+    """The ComfyUI file carries the source's config.json in its metadata (the weights cannot tell
+    audio_inject_layers and the rest); `--to original` from it gives the repo's weights byte for byte
+    and its config.json. A file that carries none is refused in one line."""
+    from safetensors.torch import load_file, save_file
+
+    run_cli("convert", repo, tmp_path / "comfy", "--to", "comfyui", "--only", "transformer")
+    path = next((tmp_path / "comfy" / "diffusion_models").iterdir())
+    assert run_cli("verify", path, "--source", repo, "--json").json()["ok"]  # against the repo, key for key
+    run_cli("convert", path, tmp_path / "back", "--to", "original")
+    assert json.loads((tmp_path / "back" / "config.json").read_text()) == json.loads((repo / "config.json").read_text())
+    a, b = load_file(str(tmp_path / "back" / "diffusion_pytorch_model.safetensors")), source_tensors(repo)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    bare = tmp_path / "bare.safetensors"
+    changed = load_file(str(path))
+    changed["audio_injector.injector.1.k.weight"][2, 3] += 1
+    save_file(changed, str(bare))  # also a ComfyUI file made elsewhere: no carried config.json
+    bad = run_cli("verify", bare, "--source", repo, "--json", ok=False).json()
+    assert [d["key"] for d in bad["differences"]] == ["audio_injector.injector.1.k.weight"]
+    r = run_cli("convert", bare, tmp_path / "nope", "--to", "original", ok=False)  # (tiny: its head count is
+    assert len([x for x in r.stderr.splitlines() if x.startswith("error:")]) == 1  # unknown too; 14B: "carries none")
+    assert not (tmp_path / "nope").exists()

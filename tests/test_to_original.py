@@ -251,6 +251,10 @@ def test_verify_source_works_backwards(tmp_path, i2v_pipeline):
     save_file(tensors, str(shard), metadata={"format": "pt"})
     bad = run_cli("verify", tmp_path / "o", "--source", pipe, "--json", ok=False).json()
     assert [d["key"] for d in bad["differences"]] == ["blocks.1.ffn.0.weight"]
+    # one ComfyUI file given by itself (it crashed with a traceback before: its folder is not OUT)
+    one = next((tmp_path / "c" / "diffusion_models").iterdir())
+    report = run_cli("verify", one, "--source", pipe, "--json").json()
+    assert report["ok"] and report["components"][0]["compared"] == report["components"][0]["tensors"] > 0
 
 
 def test_the_python_api_goes_back_too(tmp_path, i2v_pipeline):

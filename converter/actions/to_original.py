@@ -179,14 +179,17 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
 
 def _original_as_it_is(unit, dtype: str, to: str, fp8: str | None):
     """A transformer diffusers has no class for (its table variant's `no_class`, e.g. Wan 2.2 S2V), in
-    the original layout, for an output in the original key names (ComfyUI's file): planned forward to
-    prove its keys, then written key for key as it is (cast by --dtype). None for anything else."""
+    the original layout, for an output in the original key names (ComfyUI's file, the original repo's
+    layout): planned forward to prove its keys, then written key for key as it is (cast by --dtype).
+    Its config.json, which the weights cannot tell, travels in a ComfyUI file's metadata
+    (read.source.CARRIED_CONFIG) and comes back from there. None for anything else."""
     from dataclasses import replace
 
     from ..component import plan_component, require_coverage
     from ..plan.plan import DTYPE_CHOICES, FLOAT_TAGS, KEEP, PlannedTensor
+    from ..read.source import CARRIED_CONFIG
 
-    if to != "comfyui" or unit.component != "transformer":
+    if to not in ("comfyui", "original") or unit.component != "transformer":
         return None
     try:
         cp = plan_component(unit.component, unit.path)
@@ -199,6 +202,8 @@ def _original_as_it_is(unit, dtype: str, to: str, fp8: str | None):
     tensors = [PlannedTensor(k, tuple(r.shape), tag if tag and r.value_dtype in FLOAT_TAGS else r.value_dtype, [r],
                              KEEP, 0) for k, r in cp.source.tensors.items()]
     cp.plan = replace(cp.plan, tensors=tensors, direction=SAME)
+    if to == "comfyui" and cp.source.original_config is not None:
+        cp.metadata[CARRIED_CONFIG] = json.dumps(cp.source.original_config)
     return cp
 
 
@@ -279,6 +284,14 @@ def _place(parts: list[Reversed], src: Path) -> None:
             folder = layout.instances[r.instance] if layout is not None else "."
             r.dest = "" if folder == "." else folder
             r.file_name = table.source.weights_name
+            if r.cp.plan.target.missing:  # no class, no table of its config: the one it carries, as it is
+                r.config = r.cp.source.original_config
+                if r.config is None:
+                    raise ConversionError(f"{r.cp.source.path}: {det.variant}: its config.json cannot be told from "
+                                          f"the weights and this file carries none (a ComfyUI file wan2diffusers "
+                                          f"writes carries its source's); convert the original repo instead")
+                r.config_from = {k: "the config.json the source carries (all of it)" for k in r.config if k == "_class_name"}
+                continue
             r.config, r.config_from = original_config(table, det, pipe.original_config if pipe else {},
                                                       kept.get(r.instance), record_path)
         else:

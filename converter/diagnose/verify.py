@@ -87,16 +87,19 @@ def verify_path(out: Path, source: Path | None = None, progress: bool = True, pl
 
 
 def _reversed_source(found, source: Path | None, plan_reversed):
-    """When OUT holds original-layout or ComfyUI files and SRC is a Diffusers folder: SRC's
-    components planned backwards ({"original": [...], "comfyui": [...]}, as --to wrote them)."""
+    """When OUT holds original-layout or ComfyUI files and SRC is a Diffusers folder (or an original
+    repo whose transformer diffusers has no class for, Wan 2.2 S2V): SRC's components planned as
+    --to wrote them (backwards; the S2V transformer key for key)."""
     if source is None or plan_reversed is None or not found.units or any(u.layout == "diffusers" and not u.comfy for u in found.units):
         return None
     to = "comfyui" if any(u.comfy for u in found.units) else "original"
-    try:
-        parts, _ = plan_reversed(Path(source), None, "keep", to=to)
-    except ConversionError:
-        return None  # not a Diffusers source: nothing to compare backwards
-    return parts
+    for only in (None, sorted({u.component for u in found.units})):  # all, else the components OUT holds
+        try:  # (an S2V repo: its transformer goes to ComfyUI from the original layout, its VAE does not)
+            parts, _ = plan_reversed(Path(source), only, "keep", to=to)
+            return parts
+        except ConversionError:
+            continue
+    return None  # not a source the way back starts from: nothing to compare backwards
 
 
 def _unlisted(out: Path, found, parts: list) -> list[Unit]:
@@ -118,8 +121,13 @@ def compare_backwards(unit: Unit, found, parts: list, progress: bool) -> tuple[i
     backwards through the table (cast once to the stored dtype, when --dtype changed it)."""
     root = Path(found.path)
     first = Path(unit.weights.files[0]) if unit.weights and unit.weights.files else Path(unit.path)
-    where = first.parent.relative_to(root).as_posix() if first.parent != root else ""
-    match = [r for r in parts if r.cp.component == unit.component and r.dest == where]
+    if root.is_file():  # one file given (a ComfyUI file): its component's, by name when there are two experts
+        same = [r for r in parts if r.cp.component == unit.component]
+        match = [r for r in same if r.file_name == first.name] or same
+        where = first.parent.name
+    else:
+        where = first.parent.relative_to(root).as_posix() if first.parent != root else ""
+        match = [r for r in parts if r.cp.component == unit.component and r.dest == where]
     if len(match) != 1:
         return 0, [{"key": None, "problem": f"the source has no {unit.component} written to "
                     f"{where or 'the top folder'}"}]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import ConversionError
 from ..write.naming import index_name
-from .files import load_json, what_is
+from .files import load_json, parse_json, what_is
 from .safetensors_file import SafetensorsHeader, TensorRef, read_header
 
 
@@ -29,6 +29,11 @@ class SourceCheckpoint:
         return sum(r.nbytes for r in self.tensors.values())
 
 
+# the safetensors metadata entry in which a single file wan2diffusers writes carries its source's
+# config.json, where the weights cannot tell it (a transformer diffusers has no class for: Wan 2.2 S2V)
+CARRIED_CONFIG = "wan2diffusers.config.json"
+
+
 def open_safetensors_source(path: Path, weights_name: str, strip_prefixes: list[str]) -> SourceCheckpoint:
     """`weights_name` is e.g. diffusion_pytorch_model.safetensors; its index is `<name>.index.json`."""
     path = Path(path)
@@ -38,7 +43,11 @@ def open_safetensors_source(path: Path, weights_name: str, strip_prefixes: list[
         header = read_header(path)
         prefix = common_prefix(header.tensors, strip_prefixes)
         tensors = {k[len(prefix):]: r for k, r in header.tensors.items()}
-        return SourceCheckpoint(path, "single file", [path], tensors, None, prefix, header.metadata)
+        carried = header.metadata.get(CARRIED_CONFIG) if header.metadata else None
+        config = parse_json(carried, path, "carried config.json") if carried is not None else None
+        if config is not None and not isinstance(config, dict):
+            raise ConversionError(f"{path}: its carried config.json ({CARRIED_CONFIG}) is not a JSON object")
+        return SourceCheckpoint(path, "single file", [path], tensors, config, prefix, header.metadata)
 
     config_path = path / "config.json"
     config = load_json(config_path, "config") if config_path.exists() else None
