@@ -86,7 +86,7 @@ def already_converted(src: Path, tables: dict) -> None:
     """Refuse a folder this tool (or diffusers) already wrote, saying what to run instead."""
     from .pipeline import transformer_instances
 
-    targets = {v.target_class for t in tables.values() for v in t.variants if v.no_class is None}
+    targets = {c for t in tables.values() for c in t.built_classes}
     folders = {t.output.folder for t in tables.values()} | set(transformer_instances())
     what = None
     if (src / MODEL_INDEX).is_file():

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .errors import ConversionError
 from .mapping.rules import compile_template, template_for
 from .mapping.tables import load_table, parse_yaml, tables_root
-from .read.safetensors_file import TensorRef, itemsize, read_header, read_tensor
+from .read.safetensors_file import SafetensorsHeader, TensorRef, itemsize, read_header, read_tensor
 
 SPEC_FILE = "lora.yaml"
 ROLES = ("down", "up", "alpha", "bias", "diff", "diff_b", "diff_m")
@@ -214,11 +214,9 @@ def lora_file(path: Path):
     """The LoRA file's tensors and metadata: a .safetensors file, or a torch.save file (.ckpt/.pth/.pt:
     PEFT's state dict as the official Wan 2.2 Animate relighting LoRA ships it)."""
     if Path(path).suffix in PTH_SUFFIXES:
-        from types import SimpleNamespace
-
         from .read.pth_file import read_pth_index
 
-        return SimpleNamespace(tensors=read_pth_index(Path(path)), metadata={})
+        return SafetensorsHeader(Path(path), read_pth_index(Path(path)), {})
     return read_header(path)
 
 

@@ -129,9 +129,7 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
                 raise ConversionError(f"{unit.path}: {name} is in the {unit.layout} layout, not Diffusers: nothing to "
                                       f"convert back")
             if fp8 is not None:
-                from ..quantization.fp8_scaled import plan_fp8
-
-                cp.quantized = plan_fp8(cp, fp8)
+                _attach_fp8(cp, fp8, name, say)
             say(f"{name}: {len(cp.plan.tensors)} tensors in the original key names ({cp.plan.detection.variant}: "
                 f"no Diffusers class), written as they are; coverage proven against the table")
             out.append(Reversed(name, cp, "", ""))
@@ -156,11 +154,7 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
         cp = ComponentPlan(unit.component, weights, plan, "", name)
         require_coverage(cp)
         if fp8_here:
-            from ..quantization.fp8_scaled import plan_fp8
-
-            cp.quantized = plan_fp8(cp, fp8)
-            say(f"{name}: {cp.quantized.quantized} Linear weights as {fp8} (ComfyUI's formula, mappings/fp8.yaml), the "
-                f"other tensors {', '.join(sorted({pt.dtype for pt in plan.tensors}))}")
+            _attach_fp8(cp, fp8, name, say)
         say(f"{name}: {len(weights.tensors)} Diffusers tensors ({det.variant}{', ' + det.size if det.size else ''}) "
             f"-> {len(plan.tensors)} {'original' if direction is BACKWARD else 'Diffusers'}-named tensors; "
             f"coverage proven")
@@ -175,6 +169,15 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
                                   f"{r.file_name} (torch.save's typed storages) does not hold; convert back a folder "
                                   f"with float32/bf16/fp16 weights")
     return out, notes
+
+
+def _attach_fp8(cp, fp8: str, name: str, say) -> None:
+    """The transformer's file as fp8_scaled or plain fp8 (quantization/fp8_scaled.py), said."""
+    from ..quantization.fp8_scaled import plan_fp8
+
+    cp.quantized = plan_fp8(cp, fp8)
+    say(f"{name}: {cp.quantized.quantized} Linear weights as {fp8} (ComfyUI's formula, mappings/fp8.yaml), the "
+        f"other tensors {', '.join(sorted({pt.dtype for pt in cp.plan.tensors}))}")
 
 
 def _original_as_it_is(unit, dtype: str, to: str, fp8: str | None):
@@ -290,7 +293,8 @@ def _place(parts: list[Reversed], src: Path) -> None:
                     raise ConversionError(f"{r.cp.source.path}: {det.variant}: its config.json cannot be told from "
                                           f"the weights and this file carries none (a ComfyUI file wan2diffusers "
                                           f"writes carries its source's); convert the original repo instead")
-                r.config_from = {k: "the config.json the source carries (all of it)" for k in r.config if k == "_class_name"}
+                r.config_from = {"_class_name": "the config.json the source carries (all of it)"} \
+                    if "_class_name" in r.config else {}
                 continue
             r.config, r.config_from = original_config(table, det, pipe.original_config if pipe else {},
                                                       kept.get(r.instance), record_path)

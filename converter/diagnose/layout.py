@@ -361,14 +361,13 @@ def read_config(folder: Path, unit: Unit) -> None:
 
 def table_library(table) -> str:
     """diffusers or transformers: the library of the classes the table converts to."""
-    return class_signature(next(v.target_class for v in table.variants if v.no_class is None))[0]
+    return class_signature(table.built_classes[0])[0]
 
 
 def config_kind(table, cfg: dict) -> str:
     """diffusers / transformers (a class this table targets), original (fields the facts read), unknown."""
-    targets = {v.target_class for v in table.variants if v.no_class is None}  # Diffusers classes
     name = cfg.get("_class_name") or (cfg.get("architectures") or [None])[0]
-    if name in targets:
+    if name in table.built_classes:
         return class_signature(name)[0]
     original_fields = {f.config or f.check for f in table.facts.values()} - {None}
     if original_fields & set(cfg):

@@ -220,3 +220,9 @@ class Table(Strict):
     # num_layers of 20000 would take minutes and GBs on the meta device)
     limits: dict[str, int] = {}
     placeholders: dict[str, Union[Literal["index"], list[str], Nested, Fixed]] = {}
+
+    @property
+    def built_classes(self) -> list[str]:
+        """The Diffusers/transformers classes this table converts to, in variant order (a variant with
+        `no_class` names an original class diffusers does not have)."""
+        return list(dict.fromkeys(v.target_class for v in self.variants if v.no_class is None))

@@ -55,17 +55,19 @@ def constants_path() -> Path:
 
 
 @lru_cache(maxsize=None)
+def _variants_of(class_name: str) -> tuple:
+    """Every table variant whose target is this class."""
+    return tuple(v for name in table_names() for v in load_table(name).variants if v.target_class == class_name)
+
+
 def no_class(class_name: str) -> str | None:
     """Why a table variant's target class does not exist in diffusers yet (`no_class`), or None."""
-    return next((v.no_class for name in table_names() for v in load_table(name).variants
-                 if v.target_class == class_name and v.no_class), None)
+    return next((v.no_class for v in _variants_of(class_name) if v.no_class), None)
 
 
-@lru_cache(maxsize=None)
 def target_key_prefix(class_name: str) -> str:
     """The `key_prefix` a table variant declares for this target class ("" when none does)."""
-    return next((v.key_prefix for name in table_names() for v in load_table(name).variants
-                 if v.target_class == class_name and v.key_prefix), "")
+    return next((v.key_prefix for v in _variants_of(class_name) if v.key_prefix), "")
 
 
 def parse_yaml(text: str, where: str, model, what: str, locate=None):

@@ -242,7 +242,6 @@ def _restored(table: Table, rules, lay: dict, produced: dict, problems: list[str
     """Backward: every key of a drop rule with `restore`, written from mappings/constants.safetensors
     (a fixed value the original keeps and Diffusers rebuilds, e.g. Animate's blur kernels)."""
     import itertools
-    import re
 
     from ..mapping.tables import constants_path
     from ..read.safetensors_file import read_header
@@ -256,7 +255,8 @@ def _restored(table: Table, rules, lay: dict, produced: dict, problems: list[str
             problems.append(f"mappings/{table.component}.yaml: restore {rule.restore!r}: no such constant")
             continue
         for text in rule.sources:
-            names = list(dict.fromkeys(re.findall(r"\{(\w+)\}", text)))
+            t = template_for(table, text, lay)
+            names = list(t.regex.groupindex)  # its placeholders, in order
             choices = []
             for name in names:
                 spec = table.placeholders.get(name)
@@ -268,7 +268,6 @@ def _restored(table: Table, rules, lay: dict, produced: dict, problems: list[str
                     problems.append(f"mappings/{table.component}.yaml: restore {text}: {{{name}}} cannot be enumerated")
                     break
             else:
-                t = template_for(table, text, lay)
                 for values in itertools.product(*choices):
                     key = t.fill(dict(zip(names, values)))
                     if key in produced:

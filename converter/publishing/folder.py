@@ -76,7 +76,7 @@ def component_of_class(class_name) -> str | None:
     from ..mapping.tables import load_table, table_names
 
     for c in table_names():
-        if class_name in {v.target_class for v in load_table(c).variants if v.no_class is None}:
+        if class_name in load_table(c).built_classes:
             return load_table(c).output.folder
     return None
 
