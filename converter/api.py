@@ -129,10 +129,11 @@ def convert_lora(source: PathArg, output: PathArg, *, to: Literal["diffusers", "
     lightx2v, kohya/musubi, diffusers/PEFT, DiffSynth) into one LoRA file `output` in format `to`.
     Every key is placed on a module of the Wan transformer or the conversion is refused; what `to`
     cannot hold is refused, or with `drop_unsupported` left out and listed (report["left_out"])."""
-    from .actions.lora import is_lora_source, run_convert_lora
+    from .actions.lora import run_convert_lora
+    from .layouts import locate
 
     with os_errors(output, "; nothing was written"):
-        if not is_lora_source(Path(source)):
+        if locate(source).layout != "lora":
             raise ConversionError(f"{source}: not a LoRA file (a .safetensors file of LoRA keys)")
         return Report(run_convert_lora(Path(source), Path(output), to, overwrite, dry_run, drop_unsupported,
                                        log or silent))
@@ -157,16 +158,16 @@ def inspect(path: PathArg) -> Report:
     from .diagnose.report import inspect_path
 
     with os_errors(path):
-        from .gguf_out import gguf_folder, inspect_gguf, inspect_gguf_folder
+        from .actions.lora import inspect_lora
+        from .gguf_out import inspect_gguf, inspect_gguf_folder
+        from .layouts import locate
 
-        from .actions.lora import inspect_lora, is_lora_source
-
-        if Path(path).suffix == ".gguf":
-            return Report(inspect_gguf(Path(path)))
-        if is_lora_source(Path(path)):
-            return Report(inspect_lora(Path(path)))
-        if files := gguf_folder(Path(path)):
-            return Report(inspect_gguf_folder(Path(path), files))
+        by_layout = {  # converter/layouts: what locate says PATH is -> what reads it for inspect
+            "gguf": lambda at: inspect_gguf(at.path) if at.kind == "GGUF file" else inspect_gguf_folder(at.path, list(at.files)),
+            "lora": lambda at: inspect_lora(at.path)}
+        located = locate(path)
+        if located.layout in by_layout:
+            return Report(by_layout[located.layout](located))
         return Report({"ok": True, **inspect_path(Path(path))[2]})
 
 
@@ -181,14 +182,15 @@ def verify(path: PathArg, source: PathArg | None = None, *, progress: bool = Tru
         raise ConversionError(f"{source}: no such file or folder (--source)")
     with os_errors(path), bypassed():  # the judge builds every model itself: no cache can sway it
         from .actions.to_gguf import verify_gguf, verify_gguf_folder
-        from .gguf_out import gguf_folder
+        from .actions.to_original import plan_reversed
+        from .layouts import locate
 
         src = Path(source) if source is not None else None
-        if Path(path).suffix == ".gguf":
-            return Report(verify_gguf(Path(path), src, progress))
-        if files := gguf_folder(Path(path)):
-            return Report(verify_gguf_folder(Path(path), files, src, progress))
-        from .actions.to_original import plan_reversed
+        located = locate(path)
+        if located.layout == "gguf":  # converter/layouts: a GGUF file or a folder of them
+            if located.kind == "GGUF file":
+                return Report(verify_gguf(Path(path), src, progress))
+            return Report(verify_gguf_folder(Path(path), list(located.files), src, progress))
 
         return Report(verify_path(Path(path), Path(source) if source is not None else None, progress=progress,
                                   plan_reversed=plan_reversed))

@@ -4,16 +4,16 @@ tables, where a repo keeps its transformer instances from mappings/pipeline.yaml
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from .errors import ConversionError
 from .mapping.tables import load_table, table_names
 from .hub import missing_local_path
-from .read.files import load_json, what_is
+from .layouts import Located, locate
+from .layouts import diffusers
+from .layouts.original import transformer_folders
 from .read.pth_file import read_pth_index
 from .read.source import common_prefix
-from .write.naming import MODEL_INDEX, index_name
 
 
 def component_of(instance: str) -> str:
@@ -23,21 +23,6 @@ def component_of(instance: str) -> str:
     return transformer_instances().get(instance, instance)
 
 
-def transformer_folders(src: Path, weights_name: str) -> dict[str, Path]:
-    """The transformer instances of a repo folder (mappings/pipeline.yaml transformer_layouts: the
-    first layout whose folders all hold transformer weights), instance -> folder."""
-    from .pipeline import load_pipeline_table
-
-    def has_weights(folder: Path) -> bool:
-        return os.path.lexists(folder / weights_name) or os.path.lexists(folder / index_name(weights_name))
-
-    for layout in load_pipeline_table().transformer_layouts:
-        folders = {inst: src if sub == "." else src / sub for inst, sub in layout.instances.items()}
-        if all(has_weights(f) for f in folders.values()):
-            return folders
-    return {}
-
-
 def discover(src: Path, only: list[str] | None = None) -> dict[str, Path]:
     """instance (output folder: transformer, transformer_2, vae, ...) -> the path to hand to
     plan_component with its component (`component_of`), in pipeline order. `only` names components:
@@ -45,12 +30,14 @@ def discover(src: Path, only: list[str] | None = None) -> dict[str, Path]:
     src = Path(src)
     tables = {name: load_table(name) for name in table_names()}
     found: dict[str, Path] = {}
-    kind = what_is(src)
-    if kind == "missing":
+    located = locate(src)
+    if located.what == "missing":
         raise ConversionError(missing_local_path(str(src)))
-    if kind not in ("a regular file", "a folder"):
-        raise ConversionError(f"{src}: is {kind}; expected a checkpoint file or folder")
-    if kind == "a regular file":
+    if located.what not in ("a regular file", "a folder"):
+        raise ConversionError(f"{src}: is {located.what}; expected a checkpoint file or folder")
+    if located.layout == "diffusers":
+        already_converted(located)
+    if located.what == "a regular file":
         if src.suffix == ".safetensors":
             found = {n: src for n, t in tables.items() if t.source.weights_name}
         elif src.suffix in (".pth", ".pt", ".bin"):
@@ -62,7 +49,6 @@ def discover(src: Path, only: list[str] | None = None) -> dict[str, Path]:
         else:
             raise ConversionError(f"{src}: expected a .safetensors or .pth file, or a folder")
     else:
-        already_converted(src, tables)
         for name, t in tables.items():
             if t.source.weights_name:
                 found.update(transformer_folders(src, t.source.weights_name))
@@ -82,28 +68,17 @@ def discover(src: Path, only: list[str] | None = None) -> dict[str, Path]:
     return found
 
 
-def already_converted(src: Path, tables: dict) -> None:
+def already_converted(located: Located) -> None:
     """Refuse a folder this tool (or diffusers) already wrote, saying what to run instead."""
-    from .pipeline import transformer_instances
-
-    targets = {c for t in tables.values() for c in t.built_classes}
-    folders = {t.output.folder for t in tables.values()} | set(transformer_instances())
-    what = None
-    if (src / MODEL_INDEX).is_file():
+    src = located.path
+    if located.kind == diffusers.PIPELINE:
         what = "a Diffusers pipeline folder (model_index.json)"
-    elif any((src / f / "config.json").is_file() for f in folders):
-        what = "a folder of converted components (" + ", ".join(f + "/" for f in sorted(folders) if (src / f).is_dir()) + ")"
-    elif (src / "config.json").is_file():
-        try:
-            cfg = load_json(src / "config.json", "config")
-        except ConversionError:
-            return
-        name = cfg.get("_class_name") or (cfg.get("architectures") or [None])[0] if isinstance(cfg, dict) else None
-        if name in targets:
-            what = f"a converted {name} folder"
-    if what:
-        raise ConversionError(f"{src}: already {what}; nothing to convert. Check it with `wan2diffusers verify "
-                              f"{src}`, quantize it with `wan2diffusers quantize {src} OUT --weights int8`")
+    elif located.kind == diffusers.SUBFOLDERS:
+        what = "a folder of converted components (" + ", ".join(sorted(p.name + "/" for p in diffusers.subfolders(src))) + ")"
+    else:
+        what = f"a converted {diffusers.converted_class(src)} folder"
+    raise ConversionError(f"{src}: already {what}; nothing to convert. Check it with `wan2diffusers verify "
+                          f"{src}`, quantize it with `wan2diffusers quantize {src} OUT --weights int8`")
 
 
 def _has_all(keys: dict, required: list[str], prefixes: list[str]) -> bool:

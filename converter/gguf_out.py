@@ -283,24 +283,6 @@ def inspect_gguf(path: Path) -> dict:
     return report
 
 
-DOC_SUFFIXES = (".md", ".txt", ".png", ".jpg", ".jpeg", ".gif", ".webp")
-
-
-def gguf_folder(path: Path) -> list[Path]:
-    """The .gguf files of a folder `convert --to gguf` wrote for a two-expert source (one per
-    expert), or [] when `path` is not such a folder (it holds other model files, or no .gguf)."""
-    from .write.workfiles import RECORD_NAME, excluded
-
-    path = Path(path)
-    if not path.is_dir():
-        return []
-    entries = [p for p in path.iterdir() if not excluded(p.name) and p.name != RECORD_NAME]
-    ggufs = sorted(p for p in entries if p.suffix == ".gguf" and p.is_file())
-    others = [p for p in entries if p not in ggufs]
-    docs = all(p.is_file() and p.suffix.lower() in DOC_SUFFIXES for p in others)  # a README beside the files
-    return ggufs if ggufs and docs else []
-
-
 def inspect_gguf_folder(path: Path, files: list[Path]) -> dict:
     from .write.workfiles import work_folders
 

@@ -118,11 +118,12 @@ def run_convert(src, out, only, max_shard_size, dtype, overrides, clip_heads, fl
                 override_config=False, backend=None, to="diffusers", drop_unsupported=False, loras=()) -> dict:
     """`--to` picks an output (OUTPUTS), which refuses what it does not honour and writes; a LoRA
     file (recognised by its keys) goes to the LoRA format `--to` names (actions/lora.py)."""
-    from .lora import is_lora_source, run_convert_lora
+    from ..layouts import locate
+    from .lora import run_convert_lora
 
     o = Options(only, dtype, max_shard_size, clip_heads, flow_shift, overrides or {}, override_config, quantize,
                 backend, check_finite, drop_unsupported, tuple(loras), overwrite, dry_run)
-    if is_lora_source(Path(src)):
+    if locate(src).layout == "lora":  # converter/layouts
         extra = [OPTION_NAMES[k] for k in o.given() if k != "drop_unsupported"]
         if extra:
             raise ConversionError(f"{extra[0]} does not apply to a LoRA file ({src}): a LoRA is converted key by key "

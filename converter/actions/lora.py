@@ -13,20 +13,6 @@ from ..sizes import human_size
 from .common import silent
 
 
-def is_lora_source(src: Path) -> bool:
-    """A single .safetensors (or torch.save .ckpt/.pth/.pt) file whose keys are LoRA parts
-    (lora_A/lora_down/..., or another adapter's)."""
-    from ..lora import PTH_SUFFIXES, lora_file, looks_like_lora
-    from ..read.files import what_is
-
-    if Path(src).suffix not in (".safetensors", *PTH_SUFFIXES) or what_is(src) != "a regular file":
-        return False
-    try:
-        return looks_like_lora(lora_file(src).tensors)
-    except ConversionError:
-        return False
-
-
 def run_convert_lora(src: Path, out: Path, to: str, overwrite: bool, dry_run: bool, drop: bool = False,
                      say=silent) -> dict:
     from ..lora import plan_lora, produce, read_lora

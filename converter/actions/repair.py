@@ -84,7 +84,7 @@ class Backups:
     DIR itself when it is new or empty, else a new `<name>.backup-<time>` inside it."""
 
     def __init__(self, path: Path, option: str | None):
-        from ..diagnose.layout import model_root
+        from ..layouts.names import model_root
 
         self.model = model_root(path)
         self.root: Path | None = None  # made on first use

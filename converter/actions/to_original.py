@@ -305,7 +305,7 @@ def _place(parts: list[Reversed], src: Path) -> None:
 
 def _record(src: Path) -> tuple[dict | None, Path | None]:
     """The conversion record of SRC, or of the folder SRC is a component folder of, and its path."""
-    from ..diagnose.layout import output_folders
+    from ..layouts.names import output_folders
     from ..publishing.provenance import read_record
     from ..write.workfiles import RECORD_NAME
 

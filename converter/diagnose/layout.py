@@ -13,15 +13,16 @@ from pathlib import Path
 from ..errors import ConversionError
 from ..mapping.tables import load_table, table_names
 from ..plan.target import class_signature
-from ..read.files import what_is
 from ..read.pth_file import read_pth_index
 from ..read.safetensors_file import TensorRef, read_header
 from ..read.files import load_json
 from ..read.source import SourceCheckpoint, common_prefix
 from .. import fp8
-from ..write.workfiles import RECORD_NAME
 from ..write.naming import MODEL_INDEX, SHARD, index_name, shard_name
 from ..quantization.keyformats import KeyFormat, fold_quantized
+from ..layouts import Located, locate
+from ..layouts import comfyui as comfy_layout, diffusers as diffusers_layout
+from ..layouts.names import output_folders, pth_names, weight_stems
 from .keys import Sides, best_component, classify
 
 
@@ -95,84 +96,53 @@ class Found:
     stray: list[str] = field(default_factory=list)  # notes about the root of a pipeline folder
 
 
-def weight_stems() -> list[str]:
-    names = []
-    for c in table_names():
-        t = load_table(c)
-        names += [t.output.weights_name] + ([t.source.weights_name] if t.source.weights_name else [])
-    return list(dict.fromkeys(names))
-
-
-def pth_names() -> dict[str, str]:
-    return {n: c for c in table_names() for n in load_table(c).source.file_names}
-
-
-def output_folders() -> dict[str, str]:
-    """Folder of a pipeline folder -> its component: each table's, and the extra transformer
-    instances of mappings/pipeline.yaml (transformer_2, Wan 2.2 A14B's second expert)."""
-    from ..pipeline import transformer_instances
-
-    folders: dict[str, str] = {}
-    for c in table_names():
-        folders[load_table(c).output.folder] = c
-        if c == "transformer":  # pipeline order: transformer, transformer_2, vae, ...
-            for name in transformer_instances():
-                folders.setdefault(name, c)
-    return folders
-
-
-def model_root(path: Path) -> Path:
-    """The model folder PATH belongs to: the pipeline folder (or folder of component subfolders)
-    holding it when PATH is one of its component folders, else PATH itself."""
-    path = Path(path)
-    parent = path.parent
-    if path.name in output_folders() and parent != path:
-        if ((parent / MODEL_INDEX).is_file() or (parent / RECORD_NAME).is_file()
-                or any((parent / f).is_dir() for f in output_folders() if f != path.name)):
-            return parent
-    return path
-
-
 def find(path: Path) -> Found:
-    path = Path(path)
-    kind = what_is(path)
-    if kind == "missing":
+    """What `locate` says PATH is, opened for diagnosis: every weight set read from its headers."""
+    located = locate(path)
+    if located.what == "missing":
         raise ConversionError(f"{path}: no such file or folder")
-    if kind == "a regular file":
-        return Found(path, "single file", [single_file_unit(path)])
-    if kind != "a folder":
-        raise ConversionError(f"{path}: is {kind}; expected a checkpoint file or folder")
-    comfy = comfy_files(path)
-    if comfy:  # `convert --to comfyui` output (or a ComfyUI models/ folder): one file per component
-        from ..comfyui import load_comfy_layout
+    if located.what not in ("a regular file", "a folder"):
+        raise ConversionError(f"{path}: is {located.what}; expected a checkpoint file or folder")
+    return OPENERS.get(located.layout, _plain)(located)
 
-        by_folder = {spec.folder: spec.keys for spec in load_comfy_layout().components.values()}
-        units = []
-        for f in comfy:
-            u = single_file_unit(f)
-            u.instance = f.relative_to(path).as_posix()
-            u.comfy = by_folder[f.parent.name]
-            units.append(u)
-        return Found(path, "ComfyUI models folder", units)
-    folders = output_folders()
-    subs = [(path / f, c) for f, c in folders.items() if (path / f).is_dir()]
+
+def _comfy_found(located: Located) -> Found:
+    """`convert --to comfyui` output (or a ComfyUI models/ folder): one file per component."""
+    by_folder = comfy_layout.key_layouts()
+    units = []
+    for f in located.files:
+        u = single_file_unit(f)
+        u.instance = f.relative_to(located.path).as_posix()
+        u.comfy = by_folder[f.parent.name]
+        units.append(u)
+    return Found(located.path, located.kind, units)
+
+
+def _diffusers_found(located: Located) -> Found:
+    path = located.path
+    if located.kind == diffusers_layout.COMPONENT:
+        return _folder_found(located)
+    subs = diffusers_layout.subfolders(path)
     index = path / MODEL_INDEX
-    if index.exists() or subs:
-        model_index = None
-        if index.exists():
-            data = load_json(index, "model_index.json")
-            model_index = data if isinstance(data, dict) else None
-        units = [u for sub, c in subs for u in folder_units(sub, c)]
-        for u in units:
-            u.instance = u.path.name
-        kind = "pipeline folder" if index.exists() else "folder of component subfolders"
-        found = Found(path, kind, units, model_index)
-        root = [u for u in folder_units(path, None)] if _has_weights(path) else []
-        for u in root:
-            found.stray.append(f"{', '.join(p.name for p in u.weights.files)} at the root ({u.layout} {u.component} "
-                               f"weights): DiffusionPipeline.from_pretrained does not read them")
-        return found
-    units = folder_units(path, folders.get(path.name))
+    model_index = None
+    if index.exists():
+        data = load_json(index, "model_index.json")
+        model_index = data if isinstance(data, dict) else None
+    units = [u for sub, c in subs.items() for u in folder_units(sub, c)]
+    for u in units:
+        u.instance = u.path.name
+    found = Found(path, located.kind, units, model_index)
+    root = [u for u in folder_units(path, None)] if _has_weights(path) else []
+    for u in root:
+        found.stray.append(f"{', '.join(p.name for p in u.weights.files)} at the root ({u.layout} {u.component} "
+                           f"weights): DiffusionPipeline.from_pretrained does not read them")
+    return found
+
+
+def _folder_found(located: Located) -> Found:
+    """A folder of weights: an original repo folder (several components, or original keys) or one component's."""
+    path = located.path
+    units = folder_units(path, output_folders().get(path.name))
     if not units:
         from ..write.workfiles import work_folders
 
@@ -183,19 +153,17 @@ def find(path: Path) -> Found:
     return Found(path, kind, units)
 
 
-def comfy_files(path: Path) -> list[Path]:
-    """The .safetensors files in the ComfyUI models/ subfolders of `path` (mappings/comfyui.yaml),
-    when it has one only ComfyUI uses (diffusion_models/, text_encoders/, clip_vision/) and no
-    Diffusers weights in its vae/."""
-    from ..comfyui import load_comfy_layout
+def _file_found(located: Located) -> Found:
+    return Found(located.path, "single file", [single_file_unit(located.path)])
 
-    folders = {spec.folder for spec in load_comfy_layout().components.values()}
-    if not any((path / f).is_dir() for f in folders - set(output_folders())):
-        return []
-    stems = tuple(name.removesuffix(".safetensors") for name in weight_stems())
-    if any(p.name.startswith(stems) for f in folders & set(output_folders()) for p in (path / f).glob("*.safetensors")):
-        return []  # Diffusers weights in vae/: a pipeline folder
-    return sorted(p for f in sorted(folders) if (path / f).is_dir() for p in (path / f).glob("*.safetensors"))
+
+def _plain(located: Located) -> Found:
+    """A layout not read for diagnosis (a LoRA, GGUF): read as a file or folder of weights, which says what it is not."""
+    return _file_found(located) if located.what == "a regular file" else _folder_found(located)
+
+
+# layout (converter/layouts) -> how it is opened for diagnosis
+OPENERS = {"comfyui": _comfy_found, "diffusers": _diffusers_found, "original": _folder_found, "file": _file_found}
 
 
 def _has_weights(folder: Path) -> bool:

@@ -9,7 +9,8 @@ from pathlib import Path
 from ..sizes import human_size
 from .examine import Diagnosis, diagnose, summary
 from ..write.workfiles import leftovers_of
-from .layout import Found, find, model_root
+from ..layouts.names import model_root
+from .layout import Found, find
 from .pipeline_repair import model_index_fixes
 
 SHOW = 5  # keys listed per kind in the text report

@@ -17,7 +17,8 @@ from ..read.safetensors_file import read_tensor
 from .examine import Diagnosis, diagnose
 from ..quantization.formats import describe_config
 from ..write.workfiles import excluded, leftovers_of
-from .layout import Unit, find, model_root
+from ..layouts.names import model_root
+from .layout import Unit, find
 from .sourceplan import plan_from_source
 
 # what inspect finds about loading a folder as Diffusers: beside the point for the original-layout

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..component import ComponentPlan
 from ..errors import ConversionError
+from ..layouts import diffusers, locate
 from ..mapping.schema import Rule
 from ..mapping.tables import load_table, table_names
 from ..plan.detect import Detection, within_limits
@@ -50,9 +51,10 @@ def locate_all(root: Path) -> list[DiffusersSource]:
     """The quantizable components of a pipeline folder (every instance its model_index.json lists),
     of a folder of component subfolders, or the component folder itself."""
     root = Path(root)
-    if not root.is_dir():
+    located = locate(root)
+    if located.what != "a folder":
         raise ConversionError(f"{root}: no such folder (expected a Diffusers transformer or pipeline folder)")
-    if (root / PIPELINE_INDEX).is_file():
+    if located.kind == diffusers.PIPELINE:
         index = load_json(root / PIPELINE_INDEX, "model index")
         found = [DiffusersSource(root, root / f, c, True) for f, c in quantizable_folders()
                  if isinstance(index, dict) and index.get(f) not in (None, [None, None]) and (root / f).is_dir()]
@@ -60,17 +62,12 @@ def locate_all(root: Path) -> list[DiffusersSource]:
             raise ConversionError(f"{root}: a pipeline folder with no quantizable component "
                                   f"({', '.join(f + '/' for f, _ in quantizable_folders())})")
         return found
-    if not (root / "config.json").exists():  # a folder of component subfolders (convert --only ...)
+    if located.kind == diffusers.SUBFOLDERS and not (root / "config.json").exists():  # convert --only ...
         found = [DiffusersSource(root, root / f, c, True) for f, c in quantizable_folders()
                  if (root / f / "config.json").is_file()]
         if found:
             return found
     return [DiffusersSource(root, root, _component_of(root), False)]
-
-
-def locate(root: Path) -> DiffusersSource:
-    """The first quantizable component (see locate_all)."""
-    return locate_all(root)[0]
 
 
 def _component_of(folder: Path) -> str:
