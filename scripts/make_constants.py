@@ -4,7 +4,7 @@ holds and Diffusers rebuilds, which the way back writes again (a drop rule's `re
 
   blur_kernel_1331: the motion encoder's Blur kernel of Wan 2.2 Animate (wan22
   wan/modules/animate/motion_encoder.py make_kernel([1, 3, 3, 1]): the outer product of [1, 3, 3, 1]
-  with itself, divided by its sum; every value is exact in float32). tests/test_animate.py checks it
+  with itself, divided by its sum; every value is exact in float32). tests/families/test_animate.py checks it
   against the official make_kernel.
 
   python scripts/make_constants.py          # (re)write the file

@@ -18,7 +18,10 @@ from wan2diffusers.cli import main
 # keep the target-layout cache of the tests away from the user's ~/.cache (subprocesses inherit it)
 os.environ["WAN2DIFFUSERS_CACHE"] = tempfile.mkdtemp(prefix="wan2diffusers-test-cache-")
 
+ROOT = Path(__file__).parents[1]  # the project
 FIXTURES = Path(__file__).parent / "fixtures"
+DATA = Path(__file__).parent / "data"
+EXAMPLE = ROOT / "examples" / "Wan2.1-T2V-tiny"
 TOL = 1e-4  # max|out - expected| / max|expected|, float32
 
 

@@ -20,6 +20,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+import official
+from conftest import FIXTURES
+from loading import load_converted, run_official_call
+
 FP8 = torch.float8_e4m3fn
 
 
@@ -86,3 +90,19 @@ def dequantized(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
         scale = sd.get(f"{layer}.scale_weight", sd.get(f"{layer}.weight_scale"))
         out[key] = t.to(torch.float32) * scale if scale is not None else t.to(torch.float32)
     return out
+
+
+HEADS = ("--set", "transformer.num_heads=4")  # a single file has no config.json; the fixtures are 4-headed
+
+
+def official_out(state_dict: dict, fixture: str) -> torch.Tensor:
+    info = json.loads((FIXTURES / fixture / "fixture.json").read_text())
+    model = official.wan_model_module().WanModel(**info["official_init_kwargs"]).eval()
+    model.load_state_dict(state_dict, strict=True)
+    i = load_file(str(FIXTURES / fixture / "inputs.safetensors"))
+    with torch.no_grad():
+        return model(x=[i["x"]], t=i["t"], context=[i["context"]], seq_len=int(i["seq_len"]))[0]
+
+
+def diffusers_out(folder, fixture: str) -> torch.Tensor:
+    return run_official_call(load_converted(folder), fixture)[0][0]

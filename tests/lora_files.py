@@ -6,7 +6,7 @@
 - kohya (musubi-tuner networks/lora_wan.py + networks/lora.py: prefix `lora_unet`, the module path
   with `_`, lora_down / lora_up / alpha; scale alpha / rank);
 - diffusers/PEFT: made by PEFT itself on the Diffusers model and saved by diffusers'
-  `WanPipeline.save_lora_weights` (tests/test_lora.py).
+  `WanPipeline.save_lora_weights` (tests/e2e/lora/test_lora.py).
 
 `apply` is the LoRA formula on an original-layout state dict: W + alpha/rank * B @ A (+ diff),
 b + diff_b, modulation + diff_m, in float32 -- what the official model is run on."""

@@ -8,7 +8,7 @@ bytes by construction, at C speed; a numpy port of the K quantizers' iterative s
 slower and would need proving against this anyway. The wheel is built without -march=native: its
 portable C gives the same bytes as ggml-quants.c built without FMA (llama.cpp b3962), which is the
 reference (an FMA build rounds differently in the K quantizers' scale search). The legacy types
-(Q8_0 ... Q4_0) give the bytes gguf-py's `gguf.quants.quantize` gives (tests/test_gguf.py).
+(Q8_0 ... Q4_0) give the bytes gguf-py's `gguf.quants.quantize` gives (tests/e2e/gguf/test_gguf.py).
 
 Rows are quantized independently (every type's blocks lie along a row), so a tensor is handed over
 a slice of rows at a time and each slice is split between threads: ctypes releases the GIL during

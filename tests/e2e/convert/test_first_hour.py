@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 
 import wan2diffusers
-from conftest import FIXTURES, TOL, rel_err, run_cli
-from test_transformer import load_converted, run_official_call
+from conftest import EXAMPLE, FIXTURES, rel_err, run_cli, TOL
+from loading import load_converted, run_official_call
 
-EXAMPLE = Path(__file__).parents[1] / "examples" / "Wan2.1-T2V-tiny"
 VOLATILE = {"seconds", "output", "created"}
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import FIXTURES, run_cli
+from conftest import EXAMPLE, FIXTURES, run_cli
 
 SHARD1 = "diffusion_pytorch_model-00001-of-00002.safetensors"
 SHARD2 = "diffusion_pytorch_model-00002-of-00002.safetensors"
@@ -292,7 +292,6 @@ def test_a_transposed_weight_in_one_block_is_named(tmp_path, with_config):
 
 # ================================ data safety (items 1-6) ========================================
 
-EXAMPLE = Path(__file__).parents[1] / "examples" / "Wan2.1-T2V-tiny"
 PROBE = """
 import os, signal, sys
 from wan2diffusers.cli import main

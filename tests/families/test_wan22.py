@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from conftest import FIXTURES, TOL, rel_err, run_cli
 from repos import make_original_repo
-from test_pipeline import load_pipeline
-from test_transformer import load_converted, run_official_call
+from loading import load_pipeline
+from loading import load_converted, run_official_call
 
 EXPERTS = ("high_noise_model", "low_noise_model")
 

@@ -7,7 +7,7 @@ This is a regression guard, not a proof of correctness (the other tests judge th
 the official code and the reference libraries): when a change of output is intended, regenerate the
 baseline and say why in the commit:
 
-    WAN2DIFFUSERS_WRITE_BASELINE=1 .venv/bin/python -m pytest -q tests/test_output_baseline.py
+    WAN2DIFFUSERS_WRITE_BASELINE=1 .venv/bin/python -m pytest -q tests/e2e/convert/test_output_baseline.py
 
 Torchao and quanto outputs are left out: their bytes follow the installed library's version (their
 values are judged against the libraries themselves in test_quantize*.py)."""
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, run_cli
+from conftest import DATA, FIXTURES, run_cli
 from fp8_files import fixture_state_dict
 from lora_files import make_modules, write_original
 from repos import make_original_repo
 
-BASELINE = Path(__file__).parent / "data" / "output_baseline.json"
+BASELINE = DATA / "output_baseline.json"
 VOLATILE = ("_diffusers_version", "transformers_version")  # set by the installed library at save time
 SKIP = ("wan2diffusers.json",)  # the conversion record: a timestamp, absolute paths
 

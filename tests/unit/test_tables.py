@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import FIXTURES
+from conftest import FIXTURES, ROOT
 from wan2diffusers.errors import ConversionError
 from wan2diffusers.mapping import transforms
 from wan2diffusers.mapping.schema import Rule
@@ -153,7 +153,7 @@ def test_the_installed_distribution_ships_every_table():
         shipped = {p.name for p in files("wan2diffusers") or [] if p.suffix in (".yaml", ".safetensors")}
     except PackageNotFoundError:
         pytest.skip("wan2diffusers is not installed (running from a bare checkout)")
-    in_repo = {p.name for p in (Path(__file__).parents[1] / "mappings").glob("*.yaml")} | {"constants.safetensors"}
+    in_repo = {p.name for p in (ROOT / "mappings").glob("*.yaml")} | {"constants.safetensors"}
     assert in_repo and in_repo <= shipped
 
 

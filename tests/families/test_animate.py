@@ -19,7 +19,7 @@ import animate_fixture
 import official
 from conftest import FIXTURES, TOL, rel_err, run_cli
 from repos import CLIP_PTH, T5_PTH, VAE_PTH, make_umt5_tokenizer
-from test_pipeline import load_pipeline
+from loading import load_pipeline
 
 pytestmark = pytest.mark.skipif(not official.available(), reason="the official Wan code (wan22) is not installed")
 

@@ -5,32 +5,14 @@ ComfyUI's dequantization formula itself."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import official
 from conftest import FIXTURES, TOL, rel_err, run_cli
-from fp8_files import FP8, dequantized, make_fp8_file
-from test_transformer import load_converted, run_official_call
-
-HEADS = ("--set", "transformer.num_heads=4")  # a single file has no config.json; the fixtures are 4-headed
-
-
-def official_out(state_dict: dict, fixture: str) -> torch.Tensor:
-    info = json.loads((FIXTURES / fixture / "fixture.json").read_text())
-    model = official.wan_model_module().WanModel(**info["official_init_kwargs"]).eval()
-    model.load_state_dict(state_dict, strict=True)
-    i = load_file(str(FIXTURES / fixture / "inputs.safetensors"))
-    with torch.no_grad():
-        return model(x=[i["x"]], t=i["t"], context=[i["context"]], seq_len=int(i["seq_len"]))[0]
-
-
-def diffusers_out(folder, fixture: str) -> torch.Tensor:
-    return run_official_call(load_converted(folder), fixture)[0][0]
-
+from fp8_files import FP8, HEADS, dequantized, diffusers_out, make_fp8_file, official_out
+from loading import load_converted, run_official_call
 
 @pytest.mark.parametrize("fixture,scheme,prefix", [
     ("t2v", "scale_weight", ""),

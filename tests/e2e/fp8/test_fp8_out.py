@@ -12,11 +12,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import FIXTURES, TOL, rel_err, run_cli
+from conftest import DATA, FIXTURES, rel_err, run_cli, TOL
 from fp8_files import FP8, comfy_quantize, dequantized, fixture_state_dict
-from test_fp8_in import HEADS, diffusers_out, official_out
+from fp8_files import HEADS, diffusers_out, official_out
 
-HEADER = json.loads((Path(__file__).parent / "data" / "comfy_org_wan22_t2v_low_noise_fp8_scaled_header.json").read_text())
+HEADER = json.loads((DATA / "comfy_org_wan22_t2v_low_noise_fp8_scaled_header.json").read_text())
 
 
 @pytest.fixture(scope="module")

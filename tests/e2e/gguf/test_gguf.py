@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FIXTURES, TOL, rel_err, run_cli
-from test_transformer import run_official_call
+from loading import run_official_call
 
 gguf = pytest.importorskip("gguf")
 # measured on the t2v fixture (float32 CPU), with margin; F32 is the float model itself

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FIXTURES, TOL, rel_err, run_cli
-from test_transformer import run_official_call
+from loading import run_official_call
 
 torchao = pytest.importorskip("torchao")
 WEIGHTS = ("int8", "float8")

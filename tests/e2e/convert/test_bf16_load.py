@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES, rel_err, run_cli
-from test_transformer import run_official_call
+from loading import run_official_call
 
 pytest.importorskip("torchao")
 pytest.importorskip("gguf")
@@ -25,7 +25,7 @@ DIFFUSERS_KINDS = {("torchao", "int8"): 0.03, ("torchao", "float8"): 0.06,
                    ("quanto", "int8"): 0.03, ("quanto", "float8"): 0.06, ("quanto", "int4"): 0.2}
 GGUF_KINDS = {"F16": 0.03, "BF16": 0.03, "Q8_0": 0.03, "Q5_1": 0.06, "Q5_0": 0.06, "Q4_1": 0.15, "Q4_0": 0.15,
               # K types: on these 128-wide fixtures only the 256-wide ffn.2 weights take a K type (the rest
-              # falls back to F16, as ComfyUI-GGUF's patch does); tests/test_gguf_kquants.py runs a 256-wide model
+              # falls back to F16, as ComfyUI-GGUF's patch does); tests/e2e/gguf/test_gguf_kquants.py runs a 256-wide model
               "Q6_K": 0.03, "Q5_K_M": 0.03, "Q5_K_S": 0.03, "Q4_K_M": 0.03, "Q4_K_S": 0.04, "Q3_K_M": 0.05,
               "Q3_K_S": 0.07, "Q2_K": 0.15}
 CLIP = {"i2v": ["--clip-heads", "2"], "flf2v": ["--clip-heads", "2"]}

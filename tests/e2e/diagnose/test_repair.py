@@ -16,7 +16,7 @@ from diffusers import AutoencoderKLWan
 from conftest import FIXTURES, TOL, fixture_io, rel_err, run_cli
 from test_inspect import (EMB_POS, POS_EMBED, codes, converted_root, drop_key, fresh, inspect_json,  # noqa: F401
                           only_component)
-from test_transformer import load_converted, run_official_call
+from loading import load_converted, run_official_call
 
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
 

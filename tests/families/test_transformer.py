@@ -11,31 +11,9 @@ from safetensors.torch import load_file, save_file
 
 import diffusers
 from conftest import FIXTURES, TOL, fixture_io, rel_err, run_cli
+from loading import CALL_ARGS, load_converted, run_official_call  # noqa: F401 (CALL_ARGS: used below)
 
 VARIANTS = ["t2v", "i2v", "flf2v", "vace"]
-CALL_ARGS = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image",
-             "control_hidden_states", "control_hidden_states_scale")
-
-
-def load_converted(folder, dtype=torch.float32):
-    cls = getattr(diffusers, json.loads((folder / "config.json").read_text())["_class_name"])
-    model, info = cls.from_pretrained(str(folder), torch_dtype=dtype, output_loading_info=True)
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        assert not info[kind], (kind, info[kind])
-    return model.eval()
-
-
-def run_official_call(model, name, dtype=None):
-    """The fixture's official call; `dtype`: the float inputs cast to it (a model loaded in bf16)."""
-    inputs, expected, _ = fixture_io(name)
-    kwargs = {k: inputs[k] for k in CALL_ARGS if k in inputs}
-    if dtype is not None:
-        kwargs = {k: v.to(dtype) if k != "timestep" and v.is_floating_point() else v for k, v in kwargs.items()}
-    with torch.no_grad():
-        out = model(**kwargs, return_dict=False)[0]
-    return out, expected["sample"]
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """Each fixture converted once through the CLI (with --json)."""

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import diffusers
 from conftest import FIXTURES, TOL, rel_err, run_cli
-from test_transformer import run_official_call
+from loading import run_official_call
 
 from wan2diffusers.errors import ConversionError
 from wan2diffusers.quantization.policy import load_policy, parse_policy, policy_path

@@ -8,25 +8,9 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import EXAMPLE, run_cli
+from loading import load_pipeline
 from repos import make_original_repo
-
-WEIGHT_WARNINGS = ("missing", "unexpected", "not used", "were not used", "mismatch", "newly initialized")
-
-
-def load_pipeline(folder, capfd):
-    import diffusers
-    from diffusers.utils import logging as dlogging
-    from transformers.utils import logging as tlogging
-
-    dlogging.set_verbosity_warning()
-    tlogging.set_verbosity_warning()
-    capfd.readouterr()
-    pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32)
-    err = capfd.readouterr().err.lower()
-    assert not [w for w in WEIGHT_WARNINGS if w in err], err
-    return pipe
-
 
 @pytest.fixture(scope="module")
 def t2v_pipeline(tmp_path_factory):
@@ -106,9 +90,8 @@ def test_only_and_flow_shift(tmp_path):
 
 def test_the_bundled_example_becomes_a_pipeline_that_generates(tmp_path, capfd):
     """README's first command: the example shipped with the project converts to a whole pipeline."""
-    from pathlib import Path
 
-    example = Path(__file__).parents[1] / "examples" / "Wan2.1-T2V-tiny"
+    example = EXAMPLE
     result = run_cli("convert", example, tmp_path / "out")
     assert f"result: {(tmp_path / 'out').resolve()}" in result.stdout
     pipe = load_pipeline(tmp_path / "out", capfd)

@@ -16,8 +16,8 @@ import diffusers
 from conftest import FIXTURES, TOL, rel_err, run_cli
 from fp8_files import fixture_state_dict
 from lora_files import ALPHA, RANK, apply, make_modules, write_kohya, write_original
-from test_fp8_in import official_out
-from test_transformer import load_converted, run_official_call
+from fp8_files import official_out
+from loading import load_converted, run_official_call
 
 MODULES = ["blocks.0.self_attn.q", "blocks.0.self_attn.o", "blocks.1.cross_attn.k", "blocks.1.ffn.2",
            "blocks.0.ffn.0", "text_embedding.0"]  # partial: some modules of some blocks

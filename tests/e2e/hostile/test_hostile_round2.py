@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import FIXTURES, run_cli
+from conftest import EXAMPLE, FIXTURES, run_cli
 from test_hostile_input import PROBE, one_error
 
-EXAMPLE = Path(__file__).parents[1] / "examples" / "Wan2.1-T2V-tiny"
 
 
 def run_in(cwd: Path, *args, env=None) -> subprocess.CompletedProcess:

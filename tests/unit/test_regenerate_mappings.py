@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT
 
-ROOT = Path(__file__).parents[1]
 MAPPINGS = ROOT / "mappings"
 
 

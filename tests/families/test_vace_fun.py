@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import FIXTURES, TOL, rel_err, run_cli
 from repos import T5_PTH, VAE_PTH, make_umt5_tokenizer
-from test_pipeline import load_pipeline
+from loading import load_pipeline
 
 FIX = FIXTURES / "vace_fun_a14b"
 EXPERTS = {"high_noise_model": "transformer", "low_noise_model": "transformer_2"}  # diffusers' script

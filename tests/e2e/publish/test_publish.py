@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from conftest import FIXTURES, TOL, run_cli
+from conftest import FIXTURES, ROOT, run_cli, TOL
 from fake_hub import FakeHub
 from repos import make_original_repo
 
@@ -32,7 +32,7 @@ pipeline_tag: text-to-video
 ---
 # Wan2.1
 """
-MAPPINGS = Path(__file__).parents[1] / "mappings"
+MAPPINGS = ROOT / "mappings"
 
 
 def sha256(path: Path) -> str:
