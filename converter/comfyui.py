@@ -6,25 +6,22 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from .mapping.schema import Strict
 from .mapping.tables import parse_yaml, tables_root
 
 LAYOUT_FILE = "comfyui.yaml"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ComfyComponent(_Strict):
+class ComfyComponent(Strict):
     folder: str
     keys: Literal["original", "diffusers"]
     file: str
     experts: dict[str, str] = {}  # expert folder of the original repo -> the file name's suffix
 
 
-class ComfyLayout(_Strict):
+class ComfyLayout(Strict):
     schema_version: int = Field(ge=1, le=1)
     description: str
     components: dict[str, ComfyComponent]

@@ -18,9 +18,10 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from .errors import ConversionError
+from .mapping.schema import Strict
 from .mapping.tables import parse_yaml, tables_root
 from .read.safetensors_file import TensorRef, read_tensor
 from .read.source import SourceCheckpoint, common_prefix
@@ -28,24 +29,20 @@ from .read.source import SourceCheckpoint, common_prefix
 SPEC_FILE = "fp8.yaml"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Scheme(_Strict):
+class Scheme(Strict):
     weight_scale: str
     input_scale: str
     layer_config: str | None = None
     metadata: str | None = None
 
 
-class WeightRule(_Strict):
+class WeightRule(Strict):
     suffix: str
     rank: int = Field(ge=1)
     keep_prefixes: list[str] = []  # modules whose weights ComfyUI reads raw (not through its ops): never fp8
 
 
-class WriteSpec(_Strict):
+class WriteSpec(Strict):
     scheme: str
     format: str
     weights: WeightRule
@@ -57,7 +54,7 @@ class WriteSpec(_Strict):
     plain_formats: dict[str, str]
 
 
-class Fp8Spec(_Strict):
+class Fp8Spec(Strict):
     schema_version: int = Field(ge=1, le=1)
     description: str
     marker: str

@@ -12,27 +12,25 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from .errors import ConversionError
+from .mapping.schema import Strict
 from .mapping.tables import parse_yaml, tables_root
 
 
-class FirstN(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class FirstN(Strict):
     n: int
     to: str
 
 
-class Raise(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Raise(Strict):
     match: list[str]
     to: dict[str, str] = {}
     first: dict[str, FirstN] = {}
 
 
-class GGUFPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class GGUFPolicy(Strict):
     schema_version: int
     description: str
     architecture: str

@@ -17,10 +17,11 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from .errors import ConversionError
 from .mapping.rules import compile_template, template_for
+from .mapping.schema import Strict
 from .mapping.tables import load_table, parse_yaml, tables_root
 from .read.safetensors_file import SafetensorsHeader, TensorRef, itemsize, read_header, read_tensor
 
@@ -28,11 +29,7 @@ SPEC_FILE = "lora.yaml"
 ROLES = ("down", "up", "alpha", "bias", "diff", "diff_b", "diff_m")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Format(_Strict):
+class Format(Strict):
     read_prefixes: list[str]
     write_prefix: str
     names: Literal["original", "diffusers"]
@@ -42,12 +39,12 @@ class Format(_Strict):
     alpha: Literal["kept", "folded"] = "kept"
 
 
-class Fit(_Strict):
+class Fit(Strict):
     touches: list[str]  # a LoRA touching a module whose name holds one of these ([]: any LoRA)
     says: str
 
 
-class LoraSpec(_Strict):
+class LoraSpec(Strict):
     schema_version: int = Field(ge=1, le=1)
     description: str
     parts: dict[str, list[str]]

@@ -12,16 +12,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from .errors import ConversionError
+from .mapping.schema import Strict
 from .mapping.tables import parse_yaml, tables_root
 from .write.naming import MODEL_INDEX
 from .write.copying import copy_folder
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+class _Strict(Strict):
+    model_config = ConfigDict(**Strict.model_config, populate_by_name=True)  # the table's "from" alias
 
 
 class When(_Strict):

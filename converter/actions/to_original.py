@@ -40,7 +40,7 @@ class Reversed:
         return self.file_name.endswith(".pth")
 
 
-class OriginalLayout:
+class OriginalFiles:
     """The layout of the original Wan-AI repos: every component's original keys (the CLIP vision
     tower excepted: its file cannot be rebuilt, it goes out as ComfyUI's clip_vision file)."""
 
@@ -48,14 +48,14 @@ class OriginalLayout:
     sharded = True  # at --max-shard-size, with an index, as the repos are
 
     def direction(self, component: str):
-        return ComfyLayout().direction(component) if component == "image_encoder" else BACKWARD
+        return ComfyFiles().direction(component) if component == "image_encoder" else BACKWARD
 
     def place(self, parts: list[Reversed], src: Path, model_name: str) -> list[str]:
         from ..mapping.tables import load_table
 
         clip = [r for r in parts if r.cp.component == "image_encoder"]
         _place([r for r in parts if r not in clip], src)
-        ComfyLayout().place(clip, src, model_name)
+        ComfyFiles().place(clip, src, model_name)
         notes = []
         for r in parts:  # what the way in dropped by rule with nothing to restore it from
             if r not in clip and r.cp.plan.lost:
@@ -73,7 +73,7 @@ class OriginalLayout:
         return _tokenizer(src, parts)
 
 
-class ComfyLayout:
+class ComfyFiles:
     """ComfyUI's single files (mappings/comfyui.yaml): per component its models/ folder and keys."""
 
     name = "comfyui"
@@ -95,13 +95,13 @@ class ComfyLayout:
         return None  # ComfyUI's umT5 loader brings its own tokenizer
 
 
-LAYOUTS = {"original": OriginalLayout(), "comfyui": ComfyLayout()}
+WAY_BACK = {"original": OriginalFiles(), "comfyui": ComfyFiles()}  # the output layouts of the way back
 
 
 def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
                   to: str = "original", model_name: str | None = None, found=None,
                   fp8: str | None = None) -> tuple[list[Reversed], list[str]]:
-    """Every Diffusers component of SRC planned in the direction the output layout `to` (LAYOUTS)
+    """Every Diffusers component of SRC planned in the direction the output layout `to` (WAY_BACK)
     asks of it, its coverage proven, and placed; and notes on what cannot be written.
     `model_name`: the model's name in ComfyUI file names (default: SRC's); `found`: what
     diagnose.layout.find made of SRC, when the caller has it already; `fp8` (ComfyUI files):
@@ -111,7 +111,7 @@ def plan_reversed(src: Path, only: list[str] | None, dtype: str, say=silent,
     from ..diagnose.layout import find
     from ..read.source import SourceCheckpoint
 
-    layout = LAYOUTS[to]
+    layout = WAY_BACK[to]
     found = found if found is not None else find(src)
     units = [u for u in found.units if only is None or u.component in only]
     if not units:
@@ -390,8 +390,8 @@ def run_to_original(src: Path, out: Path, only, dtype: str, max_shard_size, over
         from .merge import plan_merges
 
         merged = plan_merges([r.cp for r in parts], list(loras), say)
-    tokenizer = LAYOUTS[to].tokenizer(src, parts)
-    if not LAYOUTS[to].sharded:
+    tokenizer = WAY_BACK[to].tokenizer(src, parts)
+    if not WAY_BACK[to].sharded:
         max_shard_size = 1 << 62  # one file per component
     report = {"ok": True, "dry_run": dry_run, "to": to, "source": str(src), "components": [
         {"instance": r.instance, "component": r.cp.component, "variant": r.cp.plan.detection.variant,

@@ -16,7 +16,7 @@ from ..plan.target import class_signature
 from ..read.pth_file import read_pth_index
 from ..read.safetensors_file import TensorRef, read_header
 from ..read.files import load_json
-from ..read.source import SourceCheckpoint, common_prefix
+from ..read.source import SourceCheckpoint, common_prefix, load_index
 from .. import fp8
 from ..write.naming import MODEL_INDEX, SHARD, index_name, shard_name
 from ..quantization.keyformats import KeyFormat, fold_quantized
@@ -270,9 +270,8 @@ def _group(folder: Path, name: str, n: int, files: dict[int, Path]) -> WeightSet
 
 def _index_names_group(idx: Path, files: dict[int, Path]) -> bool:
     try:
-        data = load_json(idx, "index")
-        named = set(data["weight_map"].values())
-    except (ConversionError, KeyError, TypeError, AttributeError):
+        named = set(load_index(idx)[0].values())
+    except (ConversionError, TypeError):  # unreadable, or names that are not strings
         return False
     return bool(named & {p.name for p in files.values()})
 
@@ -284,10 +283,7 @@ def _check_index(ws: WeightSet) -> None:
         ws.problems.append(f"no {index_name(ws.name)}: from_pretrained cannot find the {len(ws.files)} shards")
     else:
         try:
-            data = load_json(ws.index, "index")
-            weight_map = data.get("weight_map") if isinstance(data, dict) else None
-            if not isinstance(weight_map, dict):
-                raise ConversionError(f"{ws.index.name}: no weight_map")
+            weight_map, metadata = load_index(ws.index)
         except ConversionError as e:
             ws.problems.append(f"{ws.index.name} is unreadable: {e}")
         else:
@@ -306,7 +302,7 @@ def _check_index(ws: WeightSet) -> None:
                                ("does not list", unlisted)):
                 if keys:
                     ws.problems.append(f"{ws.index.name} {what} {keys[0]}" + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""))
-            total = (data.get("metadata") or {}).get("total_size") if isinstance(data.get("metadata"), dict) else None
+            total = metadata.get("total_size")
             if total is not None and total != ws.total_bytes:
                 ws.problems.append(f"{ws.index.name} says total_size {total}, the shards hold {ws.total_bytes} bytes")
     ws.rebuildable = len(ws.problems) > before and not ws.fatal

@@ -7,9 +7,10 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from ..errors import ConversionError
+from ..mapping.schema import Strict
 from ..mapping.tables import parse_yaml, tables_root
 from .backend import BACKENDS
 
@@ -17,11 +18,7 @@ POLICY_FILE = "quantization.yaml"
 MODULE_NAME = r"^([A-Za-z_][A-Za-z0-9_]*|[0-9]+)$"  # an attribute name: diffusers matches the last path part
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ComponentPolicy(_Strict):
+class ComponentPolicy(Strict):
     classes: list[str] = Field(min_length=1)  # the target classes this policy may quantize
     modules_to_not_convert: list[str]
 
@@ -40,7 +37,7 @@ class ComponentPolicy(_Strict):
         return v
 
 
-class BackendPolicy(_Strict):
+class BackendPolicy(Strict):
     """The policy of a further backend (mappings/quantization.yaml `backends:`)."""
 
     description: str
@@ -48,7 +45,7 @@ class BackendPolicy(_Strict):
     components: dict[str, ComponentPolicy] = Field(min_length=1)
 
 
-class Policy(_Strict):
+class Policy(Strict):
     schema_version: int = Field(ge=1, le=1)
     description: str
     backend: str  # the default backend, whose policy is this one

@@ -74,10 +74,20 @@ def common_prefix(tensors: dict[str, TensorRef], candidates: list[str]) -> str:
     return ""
 
 
-def read_index(folder: Path, index_path: Path) -> tuple[list[Path], dict[str, TensorRef]]:
+def load_index(index_path: Path) -> tuple[dict, dict]:
+    """A shard index (strict JSON): its weight_map (key -> shard file name) and its metadata; the one
+    reader of an index, for the planner (read_index) and for diagnosis (diagnose/layout.py)."""
     index = load_json(index_path, "index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
+    if not isinstance(weight_map, dict):
+        raise ConversionError(f"{index_path}: no weight_map in the index")
+    metadata = index.get("metadata")
+    return weight_map, metadata if isinstance(metadata, dict) else {}
+
+
+def read_index(folder: Path, index_path: Path) -> tuple[list[Path], dict[str, TensorRef]]:
+    weight_map, _ = load_index(index_path)
+    if not weight_map:
         raise ConversionError(f"{index_path}: no weight_map in the index")
     headers: dict[str, SafetensorsHeader] = {}
     for name in dict.fromkeys(weight_map.values()):
