@@ -160,10 +160,10 @@ def inspect(path: PathArg) -> Report:
     with os_errors(path):
         from .actions.lora import inspect_lora
         from .gguf_out import inspect_gguf, inspect_gguf_folder
-        from .layouts import locate
+        from .layouts import gguf, locate
 
         by_layout = {  # converter/layouts: what locate says PATH is -> what reads it for inspect
-            "gguf": lambda at: inspect_gguf(at.path) if at.kind == "GGUF file" else inspect_gguf_folder(at.path, list(at.files)),
+            "gguf": lambda at: inspect_gguf(at.path) if at.kind == gguf.FILE else inspect_gguf_folder(at.path, list(at.files)),
             "lora": lambda at: inspect_lora(at.path)}
         located = locate(path)
         if located.layout in by_layout:
@@ -183,12 +183,12 @@ def verify(path: PathArg, source: PathArg | None = None, *, progress: bool = Tru
     with os_errors(path), bypassed():  # the judge builds every model itself: no cache can sway it
         from .actions.to_gguf import verify_gguf, verify_gguf_folder
         from .actions.to_original import plan_reversed
-        from .layouts import locate
+        from .layouts import gguf, locate
 
         src = Path(source) if source is not None else None
         located = locate(path)
-        if located.layout == "gguf":  # converter/layouts: a GGUF file or a folder of them
-            if located.kind == "GGUF file":
+        if located.layout == gguf.NAME:  # converter/layouts: a GGUF file or a folder of them
+            if located.kind == gguf.FILE:
                 return Report(verify_gguf(Path(path), src, progress))
             return Report(verify_gguf_folder(Path(path), list(located.files), src, progress))
 

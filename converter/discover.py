@@ -1,6 +1,7 @@
-"""Which components a source holds: a folder in the original repo layout (transformer weights at
-the root or in expert folders, .pth files beside them), or a single file. File names come from the
-tables, where a repo keeps its transformer instances from mappings/pipeline.yaml."""
+"""Which components a source holds, for convert (strict): `locate` says which layout SRC is in; a
+Diffusers folder is refused naming what to run instead; an original repo folder lists its
+transformer instances and .pth files (layouts/original.instances), a checkpoint file what it can
+be converted as (layouts/file.instances)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,8 @@ from pathlib import Path
 from .errors import ConversionError
 from .mapping.tables import load_table, table_names
 from .hub import missing_local_path
-from .layouts import Located, locate
-from .layouts import diffusers
-from .layouts.original import transformer_folders
-from .read.pth_file import read_pth_index
-from .read.source import common_prefix
+from .layouts import Located, diffusers, locate, original
+from .layouts import file as file_layout
 
 
 def component_of(instance: str) -> str:
@@ -29,7 +27,6 @@ def discover(src: Path, only: list[str] | None = None) -> dict[str, Path]:
     `transformer` takes every transformer instance."""
     src = Path(src)
     tables = {name: load_table(name) for name in table_names()}
-    found: dict[str, Path] = {}
     located = locate(src)
     if located.what == "missing":
         raise ConversionError(missing_local_path(str(src)))
@@ -37,26 +34,8 @@ def discover(src: Path, only: list[str] | None = None) -> dict[str, Path]:
         raise ConversionError(f"{src}: is {located.what}; expected a checkpoint file or folder")
     if located.layout == "diffusers":
         already_converted(located)
-    if located.what == "a regular file":
-        if src.suffix == ".safetensors":
-            found = {n: src for n, t in tables.items() if t.source.weights_name}
-        elif src.suffix in (".pth", ".pt", ".bin"):
-            keys = read_pth_index(src)
-            found = {n: src for n, t in tables.items() if not t.source.weights_name
-                     and _has_all(keys, t.source.required_keys, t.source.strip_prefixes)}
-            if not found:
-                raise ConversionError(f"{src}: not a Wan VAE, umT5 or CLIP state dict (no known keys)")
-        else:
-            raise ConversionError(f"{src}: expected a .safetensors or .pth file, or a folder")
-    else:
-        for name, t in tables.items():
-            if t.source.weights_name:
-                found.update(transformer_folders(src, t.source.weights_name))
-            elif any((src / f).is_file() for f in t.source.file_names):
-                found[name] = src
-        if not found:
-            names = [t.source.weights_name or t.source.file_names[0] for t in tables.values()]
-            raise ConversionError(f"{src}: no Wan weights here (looked for {', '.join(names)})")
+    # a file (a LoRA or GGUF file too: the checkpoint-file reader says what it is not) or a folder of weights
+    found = (file_layout.instances if located.what == "a regular file" else original.instances)(src, tables)
     if only:
         unknown = set(only) - set(tables)
         if unknown:
@@ -79,8 +58,3 @@ def already_converted(located: Located) -> None:
         what = f"a converted {diffusers.converted_class(src)} folder"
     raise ConversionError(f"{src}: already {what}; nothing to convert. Check it with `wan2diffusers verify "
                           f"{src}`, quantize it with `wan2diffusers quantize {src} OUT --weights int8`")
-
-
-def _has_all(keys: dict, required: list[str], prefixes: list[str]) -> bool:
-    prefix = common_prefix(keys, prefixes)
-    return all(prefix + k in keys for k in required)

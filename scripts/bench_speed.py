@@ -26,9 +26,14 @@ Q8_0 <= 2.5x.  Every output is removed (and synced) before the next run.  The la
 transformer class is cached before the first timed run (a repeat conversion of a family, as
 scripts/bench_convert.py documents).
 
+`--before CHECKOUT` (a checkout of an earlier commit, e.g. `git worktree add /tmp/before REV`)
+runs that commit's converter/ too, in the same rounds (cp, this checkout, that one), and reports its
+median, peak RSS and the ratio between the two: a before/after of a change that the disk's
+drift between two separate runs cannot blur.
+
 Usage (repository root):
     .venv/bin/python scripts/bench_speed.py [--layers 4] [--repeat 3] [--paths copy bf16 int8 Q8_0]
-        [--workdir DIR] [--keep] [--json]
+        [--workdir DIR] [--before CHECKOUT] [--keep] [--json]
 """
 
 from __future__ import annotations
@@ -97,12 +102,13 @@ def read_through(folder: Path) -> None:
                 pass
 
 
-def timed(argv: list[str], logs: Path, label: str) -> dict:
+def timed(argv: list[str], logs: Path, label: str, env: dict | None = None) -> dict:
     subprocess.run(["sync"], check=True)
     tfile, ofile = logs / f"{label}.time", logs / f"{label}.log"
     t0 = time.perf_counter()
     with open(ofile, "wb") as out:
-        rc = subprocess.run([TIME, "-v", "-o", str(tfile), *argv], stdout=out, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run([TIME, "-v", "-o", str(tfile), *argv], stdout=out, stderr=subprocess.STDOUT,
+                            env=env).returncode
     subprocess.run(["sync"], check=True)
     wall = time.perf_counter() - t0
     if rc != 0:
@@ -125,9 +131,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--before", type=Path, default=None, help="a checkout of an earlier commit, run in the same rounds")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    kinds = ("cp", "ours") + (("before",) if args.before else ())
 
     need = checkpoint_bytes(args.layers)
     work = Path(tempfile.mkdtemp(prefix="bench-speed-", dir=args.workdir))
@@ -137,6 +145,12 @@ def main() -> None:
     log(f"source {human(need)}; needs about {human(2.2 * need)} free under {work} ({human(free)} free)")
     if free < 2.2 * need:
         raise SystemExit("not enough free disk")
+    before_env = None
+    if args.before:  # its converter/ imported as wan2diffusers ahead of the installed one
+        shim = work / "before-shim"
+        shim.mkdir()
+        (shim / "wan2diffusers").symlink_to((args.before / "converter").resolve())
+        before_env = {**os.environ, "PYTHONPATH": str(shim)}
     try:
         src = work / "src"
         pool = work / "pool.bin"
@@ -164,30 +178,34 @@ def main() -> None:
             write_lora(lora_file, args.layers)
         runs: dict[str, list[dict]] = {p: [] for p in args.paths}
         cps: dict[str, list[dict]] = {p: [] for p in args.paths}
+        befores: dict[str, list[dict]] = {p: [] for p in args.paths}
         for rnd in range(1, args.repeat + 1):
             for path in args.paths:
                 out = work / ("out.gguf" if "gguf" in PATHS[path] else "out")
                 source = diffusers / "transformer" if path in BACKWARDS else fp8_file if path in FP8_SOURCE else src
-                for kind in ("cp", path):  # alternating: cp, then the path, every round
+                for kind in kinds:  # alternating: cp, then the path (then the earlier commit's), every round
                     read_through(source)
+                    env = before_env if kind == "before" else None
+                    into = befores if kind == "before" else runs
+                    label = f"{rnd}-{path}" + ("-before" if kind == "before" else "")
                     if kind == "cp":
                         r = timed(["cp", "-r", str(source), str(work / "copy")], logs, f"{rnd}-{path}-cp")
                         remove(work / "copy")
                         cps[path].append(r)
                     elif path == "merge":
                         r = timed([str(CLI), "merge", str(src), str(out), "--only", "transformer", "--lora",
-                                   str(lora_file)], logs, f"{rnd}-{path}")
+                                   str(lora_file)], logs, label, env)
                         remove(out)
-                        runs[path].append(r)
+                        into[path].append(r)
                     elif path == "verify":
-                        r = timed([str(CLI), "verify", str(diffusers), "--source", str(src)], logs, f"{rnd}-{path}")
-                        runs[path].append(r)
+                        r = timed([str(CLI), "verify", str(diffusers), "--source", str(src)], logs, label, env)
+                        into[path].append(r)
                     else:
                         only = [] if path in BACKWARDS or path in FP8_SOURCE else ["--only", "transformer"]
-                        r = timed([str(CLI), "convert", str(source), str(out), *only, *PATHS[path]],
-                                  logs, f"{rnd}-{path}")
+                        r = timed([str(CLI), "convert", str(source), str(out), *only, *PATHS[path]], logs, label, env)
                         remove(out)
-                        runs[path].append(r)
+                        into[path].append(r)
+                    kind = path if kind == "ours" else kind
                     log(f"  round {rnd} {kind:8s} wall {r['wall_s']:6.2f} s  RSS {r['rss_mib']:5d} MiB  "
                         f"cpu {r['cpu_s']:6.1f} s")
         rows = []
@@ -199,6 +217,11 @@ def main() -> None:
                          "rss_mib": max(r["rss_mib"] for r in runs[path]),
                          "cpu_s": statistics.median(r["cpu_s"] for r in runs[path]),
                          "runs": [r["wall_s"] for r in runs[path]], "cp_runs": [r["wall_s"] for r in cps[path]]})
+            if args.before:
+                was = statistics.median(r["wall_s"] for r in befores[path])
+                rows[-1].update({"before_s": was, "before_runs": [r["wall_s"] for r in befores[path]],
+                                 "vs_before": round(ours / was, 2), "before_rss_mib": max(r["rss_mib"] for r in befores[path]),
+                                 "before_cpu_s": statistics.median(r["cpu_s"] for r in befores[path])})
         result = {"layers": args.layers, "source_bytes": made["bytes"], "repeat": args.repeat, "cpus": os.cpu_count(),
                   "rows": rows}
         if args.json:
@@ -210,7 +233,9 @@ def main() -> None:
             for r in rows:
                 t = f"<= {r['target']}" if r["target"] else ""
                 print(f"{r['path']:8s} {r['wall_s']:8.2f} {r['cp_s']:7.2f} {r['ratio']:5.2f}x {t:>7s} "
-                      f"{r['rss_mib']:6d} MiB {r['cpu_s']:7.1f}")
+                      f"{r['rss_mib']:6d} MiB {r['cpu_s']:7.1f}" + (
+                          f"   before {r['before_s']:6.2f} s ({r['vs_before']:.2f}x) {r['before_rss_mib']:5d} MiB "
+                          f"{r['before_cpu_s']:6.1f} cpu s" if args.before else ""))
     finally:
         if args.keep:
             log(f"kept: {work}")

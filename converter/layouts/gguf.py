@@ -9,14 +9,15 @@ from pathlib import Path
 from . import Located
 
 NAME = "gguf"
+FILE, FOLDER = "GGUF file", "folder of gguf files"
 DOC_SUFFIXES = (".md", ".txt", ".png", ".jpg", ".jpeg", ".gif", ".webp")
 
 
 def claim(path: Path, what: str) -> Located | None:
     if path.suffix == ".gguf":
-        return Located(path, NAME, "GGUF file", (path,), what)
+        return Located(path, NAME, FILE, (path,), what)
     files = folder_files(path) if what == "a folder" else []
-    return Located(path, NAME, "folder of gguf files", tuple(files), what) if files else None
+    return Located(path, NAME, FOLDER, tuple(files), what) if files else None
 
 
 def folder_files(path: Path) -> list[Path]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import ConversionError
 from ..write.naming import index_name
 from . import Located
 
@@ -31,3 +32,18 @@ def transformer_folders(src: Path, weights_name: str) -> dict[str, Path]:
         if all(has_weights(f) for f in folders.values()):
             return folders
     return {}
+
+
+def instances(src: Path, tables: dict) -> dict[str, Path]:
+    """Instance (transformer, transformer_2, vae, ...) -> where its weights are: the transformer
+    instances by the pipeline table's folders, the others by their .pth names (mappings' `source:`)."""
+    found: dict[str, Path] = {}
+    for name, t in tables.items():
+        if t.source.weights_name:
+            found.update(transformer_folders(src, t.source.weights_name))
+        elif any((src / f).is_file() for f in t.source.file_names):
+            found[name] = src
+    if not found:
+        names = [t.source.weights_name or t.source.file_names[0] for t in tables.values()]
+        raise ConversionError(f"{src}: no Wan weights here (looked for {', '.join(names)})")
+    return found
