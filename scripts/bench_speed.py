@@ -21,10 +21,11 @@ by round, --repeat rounds (default 3), medians reported.  Paths (default all fiv
     merge     merge SRC OUT --lora LORA (a rank-64 bf16 LoRA on every Linear of every block, made once)
 
 For each: median wall (s), median of the matching cp runs, the ratio, peak RSS (/usr/bin/time -v,
-mapped pages count), and user+sys CPU seconds.  Targets (issue 13): bf16 <= 1.2x cp, int8 <= 1.5x,
-Q8_0 <= 2.5x.  Every output is removed (and synced) before the next run.  The layout of the
-transformer class is cached before the first timed run (a repeat conversion of a family, as
-scripts/bench_convert.py documents).
+mapped pages count), user+sys CPU seconds, and GB/s of float input for the whole process (compare
+with the kernel alone: scripts/bench_cast_floor.py, bench_ggml_floor.py, bench_fp8_floor.py).
+Targets: TARGETS (issue 23 for the casts, torchao, legacy GGUF, the way back and verify).  Every
+output is removed (and synced) before the next run.  The layout of the transformer class is cached
+before the first timed run (a repeat conversion of a family, as scripts/bench_convert.py documents).
 
 `--before CHECKOUT` (a checkout of an earlier commit, e.g. `git worktree add /tmp/before REV`)
 runs that commit's converter/ too, in the same rounds (cp, this checkout, that one), and reports its
@@ -56,10 +57,15 @@ from bench_convert import (CLI, TIME, checkpoint_bytes, human, log, make_pool,  
 PATHS = {
     "copy": [],
     "bf16": ["--dtype", "bf16"],
+    "fp16": ["--dtype", "fp16"],
     "int8": ["--quantize", "int8"],
+    "float8": ["--quantize", "float8"],
     "quanto8": ["--quantize", "int8", "--backend", "quanto"],
     "Q8_0": ["--to", "gguf", "--quantize", "Q8_0"],
     "Q4_0": ["--to", "gguf", "--quantize", "Q4_0"],
+    "Q4_1": ["--to", "gguf", "--quantize", "Q4_1"],
+    "Q5_0": ["--to", "gguf", "--quantize", "Q5_0"],
+    "Q5_1": ["--to", "gguf", "--quantize", "Q5_1"],
     "Q6_K": ["--to", "gguf", "--quantize", "Q6_K"],
     "Q4_K_M": ["--to", "gguf", "--quantize", "Q4_K_M"],
     "Q2_K": ["--to", "gguf", "--quantize", "Q2_K"],
@@ -72,7 +78,10 @@ PATHS = {
 }
 BACKWARDS = ("original", "comfyui", "fp8_out")  # these read the Diffusers folder; their cp copies that folder
 FP8_SOURCE = ("fp8_in",)  # reads the fp8_scaled file fp8_out writes; its cp copies that file
-TARGETS = {"merge": 1.5, "fp8_out": 1.5, "fp8_in": 1.5, "verify": 1.5, "bf16": 1.2, "int8": 1.5, "Q8_0": 1.5, "Q4_0": 1.5, "Q6_K": 3.0, "Q4_K_M": 3.0, "Q2_K": 3.0}
+# issue 23's targets (against cp -r into the same tmpfs); K-quants, fp8 and merge: their issues' own
+TARGETS = {"merge": 1.5, "fp8_out": 1.5, "fp8_in": 1.5, "verify": 1.5, "bf16": 1.1, "fp16": 1.1, "int8": 1.3,
+           "float8": 1.3, "Q8_0": 1.5, "Q4_0": 1.5, "Q4_1": 1.5, "Q5_0": 1.5, "Q5_1": 1.5, "original": 1.2,
+           "Q6_K": 3.0, "Q4_K_M": 3.0, "Q2_K": 3.0}
 
 
 def write_lora(path: Path, layers: int, rank: int = 64) -> None:
@@ -213,6 +222,7 @@ def main() -> None:
             ours = statistics.median(r["wall_s"] for r in runs[path])
             cp = statistics.median(r["wall_s"] for r in cps[path])
             rows.append({"path": path, "args": " ".join(PATHS[path]) or "(dtype keep)", "wall_s": ours, "cp_s": cp,
+                         "input_gb_s": round(made["bytes"] / ours / 1e9, 2),  # float input, whole process
                          "ratio": round(ours / cp, 2), "target": TARGETS.get(path),
                          "rss_mib": max(r["rss_mib"] for r in runs[path]),
                          "cpu_s": statistics.median(r["cpu_s"] for r in runs[path]),
@@ -229,11 +239,12 @@ def main() -> None:
         else:
             print(f"\nsynthetic T2V-14B, {args.layers} layers, {human(made['bytes'])} float32, source in page cache, "
                   f"timed to a final sync, alternating with cp -r, median of {args.repeat}, {os.cpu_count()} CPUs")
-            print(f"{'path':8s} {'ours s':>8s} {'cp s':>7s} {'ratio':>6s} {'target':>7s} {'peak RSS':>9s} {'cpu s':>7s}")
+            print(f"{'path':8s} {'ours s':>8s} {'cp s':>7s} {'ratio':>6s} {'target':>7s} {'peak RSS':>9s} {'cpu s':>7s} "
+                  f"{'GB/s in':>8s}")
             for r in rows:
                 t = f"<= {r['target']}" if r["target"] else ""
                 print(f"{r['path']:8s} {r['wall_s']:8.2f} {r['cp_s']:7.2f} {r['ratio']:5.2f}x {t:>7s} "
-                      f"{r['rss_mib']:6d} MiB {r['cpu_s']:7.1f}" + (
+                      f"{r['rss_mib']:6d} MiB {r['cpu_s']:7.1f} {r['input_gb_s']:8.2f}" + (
                           f"   before {r['before_s']:6.2f} s ({r['vs_before']:.2f}x) {r['before_rss_mib']:5d} MiB "
                           f"{r['before_cpu_s']:6.1f} cpu s" if args.before else ""))
     finally:
