@@ -214,8 +214,7 @@ def main() -> None:
                         r = timed([str(CLI), "convert", str(source), str(out), *only, *PATHS[path]], logs, label, env)
                         remove(out)
                         into[path].append(r)
-                    kind = path if kind == "ours" else kind
-                    log(f"  round {rnd} {kind:8s} wall {r['wall_s']:6.2f} s  RSS {r['rss_mib']:5d} MiB  "
+                    log(f"  round {rnd} {path if kind == 'ours' else kind:8s} wall {r['wall_s']:6.2f} s  RSS {r['rss_mib']:5d} MiB  "
                         f"cpu {r['cpu_s']:6.1f} s")
         rows = []
         for path in args.paths:

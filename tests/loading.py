@@ -33,12 +33,10 @@ def run_official_call(model, name, dtype=None):
     return out, expected["sample"]
 
 
-
 WEIGHT_WARNINGS = ("missing", "unexpected", "not used", "were not used", "mismatch", "newly initialized")
 
 
 def load_pipeline(folder, capfd):
-    import diffusers
     from diffusers.utils import logging as dlogging
     from transformers.utils import logging as tlogging
 

@@ -20,6 +20,7 @@ from ..plan.detect import Detection, detect, within_limits
 from ..plan.plan import Plan, active_rules, build_plan
 from ..plan.target import TargetModel, build_target, class_signature
 from ..quantization.formats import describe_config
+from ..read.files import config_class
 from ..read.source import SourceCheckpoint
 from .keys import original_view
 from .layout import Unit
@@ -137,10 +138,6 @@ def init_config(class_name: str, cfg: dict) -> dict:
     if library != "diffusers":
         return {k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version", "_name_or_path")}
     return {k: v for k, v in cfg.items() if k in params}
-
-
-def loaded_class(cfg: dict) -> str | None:
-    return cfg.get("_class_name") or (cfg.get("architectures") or [None])[0]
 
 
 def compare(unit: Unit, target: TargetModel) -> tuple[list, list, list]:
@@ -354,7 +351,7 @@ def _judge_comfy(d: Diagnosis) -> None:
 def _diagnose_mixed(d: Diagnosis) -> None:
     unit = d.unit
     cfg = unit.config or {}
-    name = loaded_class(cfg)
+    name = config_class(cfg)
     if unit.config_kind in ("diffusers", "transformers"):
         try:
             within_limits(unit.table, cfg, unit.path / "config.json")
@@ -412,10 +409,10 @@ def _diagnose_diffusers(d: Diagnosis) -> None:
     elif cfg is None:
         problem = f"no config.json: from_pretrained cannot load {unit.path}"
     elif unit.config_kind not in ("diffusers", "transformers"):
-        problem = f"config.json is not the config of a class the {unit.component} table targets ({loaded_class(cfg)!r})"
+        problem = f"config.json is not the config of a class the {unit.component} table targets ({config_class(cfg)!r})"
     else:
         problem = ""
-        name = loaded_class(cfg)
+        name = config_class(cfg)
         try:
             within_limits(unit.table, cfg, unit.path / "config.json")
             d.target = build_target(name, init_config(name, cfg))
@@ -444,8 +441,8 @@ def _diagnose_diffusers(d: Diagnosis) -> None:
     if d.derived_target is not None and cfg is not None and not problem:
         d.config_missing = [k for k in d.derived_config if k not in cfg]
         d.config_wrong = {k: (cfg[k], v) for k, v in d.derived_config.items() if k in cfg and not _same(cfg[k], v)}
-        if loaded_class(cfg) != d.derived_target.class_name:
-            d.config_wrong["class"] = (loaded_class(cfg), d.derived_target.class_name)
+        if config_class(cfg) != d.derived_target.class_name:
+            d.config_wrong["class"] = (config_class(cfg), d.derived_target.class_name)
         consistent = d.target is not None and not d.unexpected and not d.mismatched
         if consistent and not d.config_wrong:  # the class defaults fill the gaps with the right values
             if d.config_missing:

@@ -15,7 +15,7 @@ from ..mapping.tables import load_table, table_names
 from ..plan.target import class_signature
 from ..read.pth_file import read_pth_index
 from ..read.safetensors_file import TensorRef, read_header
-from ..read.files import load_json
+from ..read.files import config_class, load_json
 from ..read.source import SourceCheckpoint, common_prefix, load_index
 from .. import fp8
 from ..write.naming import MODEL_INDEX, SHARD, index_name, shard_name
@@ -330,7 +330,7 @@ def table_library(table) -> str:
 
 def config_kind(table, cfg: dict) -> str:
     """diffusers / transformers (a class this table targets), original (fields the facts read), unknown."""
-    name = cfg.get("_class_name") or (cfg.get("architectures") or [None])[0]
+    name = config_class(cfg)
     if name in table.built_classes:
         return class_signature(name)[0]
     original_fields = {f.config or f.check for f in table.facts.values()} - {None}

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ConversionError
-from ..read.files import load_json
+from ..read.files import config_class, load_json
 from ..write.naming import MODEL_INDEX
 from . import Located
 from .names import output_folders
@@ -47,6 +47,6 @@ def converted_class(folder: Path) -> str | None:
         return None
     if not isinstance(cfg, dict):
         return None
-    name = cfg.get("_class_name") or (cfg.get("architectures") or [None])[0]
+    name = config_class(cfg)
     built = {c for n in table_names() for c in load_table(n).built_classes}
     return name if name in built else None

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConversionError
+from ..read.files import config_class
 from ..write.naming import MODEL_INDEX
 from ..write.workfiles import RECORD_NAME, model_files, not_model_files
 from .provenance import read_record
@@ -36,7 +37,7 @@ class ConvertedFolder:
 
     def class_of(self, component: str) -> str | None:
         cfg = self.components.get(component) or {}
-        return cfg.get("_class_name") or (cfg.get("architectures") or [None])[0]
+        return config_class(cfg)
 
 
 def upload_files(out: Path) -> list[tuple[str, int]]:
@@ -102,7 +103,7 @@ def read_folder(out: Path, record: Path | None = None) -> ConvertedFolder:
             components[sub.name] = _json(cfg)
     if not components and (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         cfg = _json(out / "config.json")  # one component folder (e.g. what `quantize X/transformer OUT` writes)
-        name = component_of_class(cfg.get("_class_name") or (cfg.get("architectures") or [None])[0])
+        name = component_of_class(config_class(cfg))
         if name is not None:
             components, single = {name: cfg}, True
     if not components:

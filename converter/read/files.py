@@ -98,6 +98,11 @@ def parse_json(data: bytes | str, path: Path, what: str = "JSON") -> object:
     return value
 
 
+def config_class(cfg: dict) -> str | None:
+    """The class a config.json names: diffusers' `_class_name`, else transformers' first `architectures`."""
+    return cfg.get("_class_name") or (cfg.get("architectures") or [None])[0]
+
+
 def load_json(path: Path, what: str = "JSON", max_bytes: int = MAX_JSON_BYTES) -> object:
     size = require_file(path, what)
     if size > max_bytes:
