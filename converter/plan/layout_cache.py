@@ -63,11 +63,12 @@ def _version(lib: str) -> str:
         return "absent"
 
 
-def _key(class_name: str, config: dict[str, Any]) -> str:
+def _key(class_name: str, config: dict[str, Any], libraries: tuple[str, ...] = ()) -> str:
     from ..version import __version__
 
     blob = json.dumps({"class": class_name, "config": config, "tool": __version__,
-                       "versions": {lib: _version(lib) for lib in LIBRARIES}}, sort_keys=True, default=list)
+                       "versions": {lib: _version(lib) for lib in LIBRARIES + tuple(libraries)}},
+                      sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -206,3 +207,31 @@ def store_signature(class_name: str, library: str, params: list[str]) -> None:
     key = _key(class_name, {"__signature__": 1})
     _write(folder, _signature_path(folder, class_name, key),
            {"key": key, "class": class_name, "library": library, "params": params})
+
+
+def _derived_path(folder: Path, class_name: str, kind: str, key: str) -> Path:
+    return folder / f"{class_name}-{kind}-{key[:24]}.json"
+
+
+def load_derived(kind: str, class_name: str, keyed: dict[str, Any], libraries: tuple[str, ...] = ()) -> dict | None:
+    """Another fact derived from the built model (`kind`, e.g. what a quantizing loader expects),
+    keyed by `keyed` (the config and whatever else it depends on) and the versions of LIBRARIES
+    and `libraries`: the payload store_derived kept, or None.  The caller checks its shape."""
+    folder = cache_dir()
+    if folder is None:
+        return None
+    key = _key(class_name, {"__kind__": kind, **keyed}, libraries)
+    entry = _read(folder, _derived_path(folder, class_name, kind, key))
+    if entry is None or entry.get("key") != key or entry.get("class") != class_name:
+        return None
+    payload = entry.get("payload")
+    return payload if isinstance(payload, dict) else None
+
+
+def store_derived(kind: str, class_name: str, keyed: dict[str, Any], payload: dict,
+                  libraries: tuple[str, ...] = ()) -> None:
+    folder = cache_dir()
+    if folder is None:
+        return
+    key = _key(class_name, {"__kind__": kind, **keyed}, libraries)
+    _write(folder, _derived_path(folder, class_name, kind, key), {"key": key, "class": class_name, "payload": payload})

@@ -38,7 +38,8 @@ SLICE_ELEMENTS = 1024 * 1024  # float values quantized at once (4 MB in float32:
 HP_DTYPE = {"float8": "BF16"}
 
 
-def _torchao():
+@lru_cache(maxsize=None)
+def _torchao():  # once: it is asked for each slice of rows quantized
     with quiet_imports():
         import torchao.quantization as q
         from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict

@@ -75,6 +75,10 @@ class QuantBackend(ABC):
 
 
 BACKENDS = {"quanto": f"{__package__}.quanto:QuantoBackend", "torchao": f"{__package__}.ao:TorchaoBackend"}
+# The weight types each backend offers, known without importing it: the policy is checked against
+# these on every run, and importing optimum.quanto (it pulls in transformers' model classes) took
+# 1.7 s of a torchao run that never uses it.  Each class's `weights` must equal its entry (a test says so).
+OFFERS = {"quanto": ("int8", "float8", "int4"), "torchao": ("int8", "float8")}
 
 
 def get_backend(name: str) -> QuantBackend:

@@ -186,10 +186,9 @@ def plan_quantized(cp, weights: str, backend_name: str | None = None) -> Quantiz
     spec = component_policy(cp.component, target.class_name, backend_name)
     backend = get_backend(policy.backend)
     keep_float = list(spec.modules_to_not_convert)
-    check_policy_names(backend, target.model, keep_float, target.class_name)
+    modules, expected, qconfig = loader_layout(backend, target, weights, keep_float)
 
     by_key = {pt.key: pt for pt in cp.plan.tensors}
-    modules = backend.quantized_modules(target.model, keep_float)
     own: dict[str, dict[str, PlannedTensor]] = {}  # quantized module -> its float tensors by name
     for pt in cp.plan.tensors:
         module, _, name = pt.key.rpartition(".")
@@ -209,8 +208,6 @@ def plan_quantized(cp, weights: str, backend_name: str | None = None) -> Quantiz
             planned[f"{module}.{e.name}"] = QuantizedTensor(f"{module}.{e.name}", e.dtype, e.shape, weight, e.name)
 
     # the proof: exactly the keys and shapes the loader will build, in its order
-    fresh = build_target(target.class_name, cp.plan.detection.config).model  # the backend quantizes this one
-    expected = backend.loader_state_dict(fresh, weights, keep_float, target.keep_in_fp32)
     problems = []
     for key in sorted(set(planned) - set(expected)):
         problems.append(f"{key}: planned, but the quantized {target.class_name} has no such entry")
@@ -229,9 +226,49 @@ def plan_quantized(cp, weights: str, backend_name: str | None = None) -> Quantiz
                               f"{target.class_name}.from_pretrained expects; nothing was written", problems)
     tensors = [planned[k] for k in expected]
     widths = {m: (own[m]["weight"].shape[1], own[m]["weight"].dtype) for m in modules}
-    return QuantizedPlan(backend, weights, keep_float, modules, tensors,
-                         backend.config(weights, keep_float, target.keep_in_fp32),
+    return QuantizedPlan(backend, weights, keep_float, modules, tensors, qconfig,
                          sum(pt.nbytes for pt in cp.plan.tensors), list(target.shapes), widths)
+
+
+def loader_layout(backend: QuantBackend, target, weights: str, keep_float: list[str]):
+    """(the modules written quantized, what the loader expects: key -> (dtype, shape) in its order,
+    the quantization_config) for `target` (a TargetModel) quantized by `backend`.  All three come
+    from the model built on the meta device and quantized as the loader does it (the backend
+    imports diffusers and its library: seconds), so they are kept in the layout cache beside the
+    target's layout, keyed by everything they depend on (class, config, backend, weights, the
+    modules kept float, the versions of diffusers, transformers, torch and the backend's library)."""
+    from ..plan import layout_cache
+    from .formats import PACKAGES
+
+    libraries = (PACKAGES[backend.name].partition(">")[0],)
+    keyed = {"config": target.config, "backend": backend.name, "weights": weights, "keep_float": keep_float,
+             "keep_in_fp32": target.keep_in_fp32}
+    cached = layout_cache.load_derived("quantized", target.class_name, keyed, libraries)
+    if _well_formed(cached):
+        return (cached["modules"], {k: (DTYPES[tag], tuple(shape)) for k, tag, shape in cached["expected"]},
+                cached["config"])
+    check_policy_names(backend, target.model, keep_float, target.class_name)
+    modules = backend.quantized_modules(target.model, keep_float)
+    fresh = build_target(target.class_name, target.config).model  # the backend quantizes this one
+    expected = backend.loader_state_dict(fresh, weights, keep_float, target.keep_in_fp32)
+    qconfig = backend.config(weights, keep_float, target.keep_in_fp32)
+    layout_cache.store_derived("quantized", target.class_name, keyed, {
+        "modules": modules, "config": qconfig,
+        "expected": [[k, TAGS[dtype], list(shape)] for k, (dtype, shape) in expected.items()]}, libraries)
+    return modules, expected, qconfig
+
+
+def _well_formed(payload) -> bool:
+    """The shape of what loader_layout stores: anything else is ignored (and rebuilt)."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
+        return False
+    modules, expected = payload.get("modules"), payload.get("expected")
+    return (isinstance(modules, list) and all(isinstance(m, str) for m in modules)
+            and isinstance(expected, list)
+            and all(isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and e[1] in DTYPES
+                    and isinstance(e[2], list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                       for d in e[2])
+                    for e in expected))
 
 
 def check_policy_names(backend: QuantBackend, model: torch.nn.Module, keep_float: list[str], class_name: str) -> None:

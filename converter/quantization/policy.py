@@ -12,7 +12,7 @@ from pydantic import Field, field_validator
 from ..errors import ConversionError
 from ..mapping.schema import Strict
 from ..mapping.tables import parse_yaml, tables_root
-from .backend import BACKENDS
+from .backend import BACKENDS, OFFERS
 
 POLICY_FILE = "quantization.yaml"
 MODULE_NAME = r"^([A-Za-z_][A-Za-z0-9_]*|[0-9]+)$"  # an attribute name: diffusers matches the last path part
@@ -112,11 +112,9 @@ def _load_file() -> Policy:
 
 def parse_policy(text: str, where: str) -> Policy:
     policy = parse_yaml(text, where, Policy, "quantization policy")
-    from .backend import get_backend
-
     for name in [policy.backend, *policy.backends]:
         sub = policy.for_backend(name)
-        offered = get_backend(name).weights
+        offered = OFFERS[name]
         unknown = [w for w in sub.weights if w not in offered]
         if unknown:
             raise ConversionError(f"{where}: invalid quantization policy at weights: backend {name} "

@@ -96,3 +96,35 @@ def test_the_way_back_with_a_warm_cache_imports_neither_torch_nor_diffusers(tmp_
     damaged, damaged_imports = imported(cache, "convert", tmp_path / "d", tmp_path / "o3", "--to", "original")
     assert damaged.returncode == 0 and "diffusers" in damaged_imports
     assert files(tmp_path / "o3") == files(tmp_path / "o1")
+
+
+def test_a_warm_quantized_conversion_imports_no_diffusers_and_writes_the_same(tmp_path):
+    """What the quantizing loader expects (modules, keys, dtypes, shapes, quantization_config) is kept
+    beside the layout: a warm `--quantize int8` imports neither diffusers nor transformers (seconds
+    of a torchao run) and writes the same bytes; a tampered or foreign entry is ignored and rebuilt."""
+    from wan2diffusers.plan import layout_cache
+
+    cache = tmp_path / "cache"
+    args = ("convert", FIXTURES / "t2v", "--only", "transformer", "--quantize", "int8")
+    cold, cold_imports = imported(cache, args[0], args[1], tmp_path / "cold", *args[2:])
+    assert cold.returncode == 0, cold.stderr
+    assert "diffusers" in cold_imports
+    (entry,) = cache.glob("WanTransformer3DModel-quantized-*.json")
+    warm, warm_imports = imported(cache, args[0], args[1], tmp_path / "warm", *args[2:])
+    assert warm.returncode == 0, warm.stderr
+    assert "diffusers" not in warm_imports and "transformers" not in warm_imports, warm_imports
+    assert files(tmp_path / "cold") == files(tmp_path / "warm")
+    data = json.loads(entry.read_text())
+    first = data["payload"]["expected"][0]
+    data["payload"]["expected"][0] = [first[0], first[1], [1, 1]]  # tampered: the signature fails
+    entry.write_text(json.dumps(data))
+    again, again_imports = imported(cache, args[0], args[1], tmp_path / "again", *args[2:])
+    assert again.returncode == 0 and "diffusers" in again_imports
+    assert files(tmp_path / "cold") == files(tmp_path / "again")
+    data = json.loads(entry.read_text())
+    data["payload"]["expected"] = [["proj_out.weight", "no such dtype", [1]]]  # signed, but not what is stored
+    data["mac"] = layout_cache._mac(layout_cache._secret(cache, create=False), data)
+    entry.write_text(json.dumps(data))
+    foreign, foreign_imports = imported(cache, args[0], args[1], tmp_path / "foreign", *args[2:])
+    assert foreign.returncode == 0 and "diffusers" in foreign_imports
+    assert files(tmp_path / "cold") == files(tmp_path / "foreign")

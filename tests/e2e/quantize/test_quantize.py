@@ -302,6 +302,16 @@ def test_the_shipped_policy_is_valid_and_bad_policies_are_refused():
         assert "quantization.yaml" in str(e.value) and words in str(e.value), str(e.value)
 
 
+def test_what_the_policy_is_checked_against_is_what_each_backend_offers():
+    """The policy is checked against OFFERS, without importing the backends (optimum.quanto's import
+    cost a torchao run 1.7 s): each table entry is the backend class's own list."""
+    from wan2diffusers.quantization.backend import BACKENDS, OFFERS, get_backend
+
+    assert set(OFFERS) == set(BACKENDS)
+    for name in BACKENDS:
+        assert OFFERS[name] == tuple(get_backend(name).weights), name
+
+
 def test_a_policy_name_that_keeps_nothing_float_is_refused(t2v_float):
     """diffusers only compares Linear names: a parent module (time_embedder) protects nothing."""
     from wan2diffusers.plan.target import build_target
