@@ -24,7 +24,8 @@ For each: median wall (s), median of the matching cp runs, the ratio, peak RSS (
 mapped pages count), user+sys CPU seconds, and GB/s of float input for the whole process (compare
 with the kernel alone: scripts/bench_cast_floor.py, bench_ggml_floor.py, bench_fp8_floor.py).
 Targets: TARGETS (issue 23 for the casts, torchao, legacy GGUF, the way back and verify).  Every
-output is removed (and synced) before the next run.  The layout of the transformer class is cached
+output is removed (and synced) before the next run.  The layout of the transformer class (and, for
+--quantize, what the quantizing loader expects) is cached
 before the first timed run (a repeat conversion of a family, as scripts/bench_convert.py documents).
 
 `--before CHECKOUT` (a checkout of an earlier commit, e.g. `git worktree add /tmp/before REV`)
@@ -170,6 +171,12 @@ def main() -> None:
         # the transformer class's layout cached (a repeat conversion of the family)
         subprocess.run([str(CLI), "convert", str(src), str(work / "dry"), "--only", "transformer", "--dry-run"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for path in args.paths:  # and what a quantizing loader expects (a repeat quantization of the family)
+            if "--quantize" in PATHS[path] and "--to" not in PATHS[path]:
+                for env in [None] + ([before_env] if before_env else []):
+                    subprocess.run([str(CLI), "convert", str(src), str(work / "dry"), "--only", "transformer",
+                                    *PATHS[path], "--dry-run"], check=True, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         diffusers = work / "diffusers"
         if any(p in BACKWARDS or p in FP8_SOURCE or p == "verify" for p in args.paths):
             subprocess.run([str(CLI), "convert", str(src), str(diffusers), "--only", "transformer"],
