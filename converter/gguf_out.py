@@ -159,6 +159,11 @@ def quantized_values(t: GGUFTensor):
     def quantize(values: np.ndarray) -> np.ndarray:
         if t.qtype not in ("F32", "F16", "BF16"):  # ggml's own quantizer (quantization/ggml_lib.py)
             return ggml_lib.quantize(values.reshape(-1, values.shape[-1]), int(qt), block, type_size)
+        if t.qtype == "F16" and values.size:  # torch's vectorised cast: gguf-py's numpy astype ran 1.4 GB/s
+            half = torch.from_numpy(values).to(torch.float16)
+            lo, hi = torch.aminmax(half)
+            if bool(torch.isfinite(lo) & torch.isfinite(hi)):  # no NaN/Inf: the same bits as astype (both RNE)
+                return half.numpy()
         with np.errstate(over="ignore"):  # an overflow is named below, not warned about by numpy
             out = gguf.quants.quantize(values, qt)
         if t.qtype in ("F16", "BF16"):  # a float type that may not hold every float32 value
@@ -184,11 +189,16 @@ def append_tensor(writer, t: GGUFTensor, bar) -> None:
     if name != t.key or info.nbytes != t.nbytes:
         raise ConversionError(f"{t.key}: the GGUF header planned {name} with {info.nbytes} bytes")
     writer.write_padding(fout, fout.tell())
-    done = 0
-    for part in quantized_values(t):
-        part.tofile(fout)
-        done += part.nbytes
-        bar.update(part.nbytes)
+    from .write.safetensors_writer import write_chunks
+
+    def counted():
+        for part in quantized_values(t):
+            bar.update(part.nbytes)
+            yield part.reshape(-1).view(np.uint8)
+
+    import numpy as np
+
+    done = write_chunks(fout, counted())  # a slice is written while the next is read and quantized
     if done != t.nbytes:
         raise ConversionError(f"{t.key}: planned {t.nbytes} bytes as {t.qtype}, quantized {done}")
     writer.write_padding(fout, t.nbytes)

@@ -208,3 +208,31 @@ def same_gguf(a, b) -> bool:
     tb = {t.name: (t.tensor_type, tuple(t.shape.tolist()), bytes(t.data.tobytes())) for t in rb.tensors}
     fields = lambda r: {k: bytes(f.parts[-1]) for k, f in r.fields.items() if not k.startswith("GGUF.")}
     return ta == tb and fields(ra) == fields(rb)
+
+
+def test_f16_tensors_are_gguf_quants_bytes_for_every_kind_of_value(tmp_path):
+    """F16 tensors are cast by torch (gguf-py's numpy astype ran 1.4 GB/s), falling back to gguf-py where
+    a NaN or Inf is (their payload bits differ): subnormals, rounding ties, the edge of the range, NaN,
+    +-Inf and a sweep of float32 bit patterns all give gguf.quants.quantize's bytes."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from wan2diffusers.gguf_out import GGUFTensor, quantized_values
+    from wan2diffusers.read.safetensors_file import read_header
+
+    sweep = np.arange(0, 2**32, 4099, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    finite = sweep[np.isfinite(sweep) & (np.abs(sweep) < 65504)]
+    finite = finite[:len(finite) // 256 * 256]
+    special = np.array([1e-8, 6e-8, 2.98e-8, 65504, -65504, 65519.99, 1 + 2**-11, 1 + 3 * 2**-11, -0.0, 0.0],
+                       dtype=np.float32)
+    arrays = {"finite": finite.reshape(-1, 256), "special": np.tile(special, 32).reshape(-1, 32),
+              "nan_inf": np.array([[1.0, np.nan, -np.inf, np.inf], [2.0, 3.0, -np.nan, 0.5]], dtype=np.float32),
+              "nan_payloads": sweep[~np.isfinite(sweep)][:4032].reshape(-1, 64)}
+    save_file(arrays, str(tmp_path / "values.safetensors"))
+    refs = read_header(tmp_path / "values.safetensors").tensors
+    for key, value in arrays.items():
+        t = GGUFTensor(key, value.shape, "F16", refs[key], value.size * 2)
+        got = b"".join(bytes(np.ascontiguousarray(part).view(np.uint8)) for part in quantized_values(t))
+        with np.errstate(over="ignore", invalid="ignore"):
+            want = gguf.quants.quantize(value, gguf.GGMLQuantizationType.F16)
+        assert got == want.tobytes(), key
