@@ -33,6 +33,16 @@ def verify_path(out: Path, source: Path | None = None, progress: bool = True, pl
     (this layer does not import the commands' actions)."""
     out = Path(out)
     found = find(out)
+    files = [p for p in sorted(out.rglob("*") if out.is_dir() else [out]) if p.is_file()
+             and not (out.is_dir() and any(excluded(x) for x in p.relative_to(out).parts))]
+    hashing = _Hashes(out, files)  # on another thread while the model is built and the tensors compared
+    try:
+        return _verify(out, found, source, progress, plan_reversed, hashing)
+    finally:
+        hashing.stop()
+
+
+def _verify(out: Path, found, source: Path | None, progress: bool, plan_reversed, hashing: "_Hashes") -> dict:
     components, differences = [], []
     backwards = _reversed_source(found, source, plan_reversed)  # OUT written by --to original/comfyui from a Diffusers SRC
     units = list(found.units) + (_unlisted(out, found, backwards) if backwards else [])
@@ -74,17 +84,51 @@ def verify_path(out: Path, source: Path | None = None, progress: bool = True, pl
                                 "problem": f"is {have!r}, the pipeline needs {want!r} (repair rewrites it)"})
     for item in leftovers_of(out, model_root(out)):
         differences.append({"component": "folder", "key": None, "problem": item})
-    files = [p for p in sorted(out.rglob("*") if out.is_dir() else [out]) if p.is_file()
-             and not (out.is_dir() and any(excluded(x) for x in p.relative_to(out).parts))]
-    hashes = []
-    with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="sha256",
-              disable=None if progress else True, leave=False) as bar:
-        for p in files:
-            hashes.append({"file": str(p.relative_to(out)) if p != out else p.name, "bytes": p.stat().st_size,
-                           "sha256": file_sha256(p)})
-            bar.update(p.stat().st_size)
     return {"ok": not differences, "path": str(out), "kind": found.kind, "source": str(source) if source else None,
-            "components": components, "differences": differences, "files": hashes}
+            "components": components, "differences": differences, "files": hashing.result(progress)}
+
+
+class _Hashes:
+    """The sha256 of every output file, streamed on one thread of its own from the start of verify
+    (hashlib and file reads release the GIL): it overlaps the imports, the model build and the
+    comparison, which need the other core.  result() waits for it under a progress bar."""
+
+    def __init__(self, out: Path, files: list[Path]):
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.out, self.files, self.total = out, files, sum(p.stat().st_size for p in files)
+        self.lock, self.done, self.bar, self.stopped = threading.Lock(), 0, None, False
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="verify-sha256")
+        self.future = self.pool.submit(self._run)
+
+    def _count(self, n: int) -> None:
+        with self.lock:
+            self.done += n
+            if self.bar is not None:
+                self.bar.update(n)
+        if self.stopped:
+            raise ConversionError("verify stopped")  # the comparison failed: no need to finish hashing
+
+    def _run(self) -> list[dict]:
+        return [{"file": str(p.relative_to(self.out)) if p != self.out else p.name, "bytes": p.stat().st_size,
+                 "sha256": file_sha256(p, self._count)} for p in self.files]
+
+    def result(self, progress: bool) -> list[dict]:
+        with tqdm(total=self.total, unit="B", unit_scale=True, desc="sha256",
+                  disable=None if progress else True, leave=False) as bar:
+            with self.lock:
+                bar.update(self.done)
+                self.bar = bar
+            try:
+                return self.future.result()
+            finally:
+                with self.lock:
+                    self.bar = None
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.pool.shutdown(wait=True)
 
 
 def _reversed_source(found, source: Path | None, plan_reversed):
