@@ -19,6 +19,9 @@ by round, --repeat rounds (default 3), medians reported.  Paths (default all fiv
     fp8_out   convert DIFFUSERS --to comfyui --quantize fp8_scaled
     fp8_in    convert FP8_SCALED_FILE --dtype bf16 (the file fp8_out writes, made once, untimed)
     merge     merge SRC OUT --lora LORA (a rank-64 bf16 LoRA on every Linear of every block, made once)
+    pth_in    convert T5.pth OUT --only text_encoder (a synthetic umT5-XXL encoder in bf16: the real widths
+              and vocabulary, --layers blocks; written by torch.save, made once)
+    pth_back  convert DIFFUSERS --to original (that encoder converted once, untimed): the .pth writer
 
 For each: median wall (s), median of the matching cp runs, the ratio, peak RSS (/usr/bin/time -v,
 mapped pages count), user+sys CPU seconds, and GB/s of float input for the whole process (compare
@@ -76,11 +79,13 @@ PATHS = {
     "fp8_out": ["--to", "comfyui", "--quantize", "fp8_scaled"],  # ComfyUI's fp8_scaled file from the Diffusers folder
     "fp8_in": ["--dtype", "bf16"],  # that fp8_scaled file (made once, untimed) -> Diffusers bf16
     "merge": ["--lora"],  # merge SRC OUT --lora LORA: a rank-64 bf16 LoRA on every block Linear (made once)
+    "pth_in": ["--only", "text_encoder"],  # a synthetic umT5-XXL .pth (real widths, --layers blocks) -> Diffusers
+    "pth_back": ["--to", "original"],  # that Diffusers text_encoder (made once, untimed) -> the .pth again
 }
 BACKWARDS = ("original", "comfyui", "fp8_out")  # these read the Diffusers folder; their cp copies that folder
 FP8_SOURCE = ("fp8_in",)  # reads the fp8_scaled file fp8_out writes; its cp copies that file
 # issue 23's targets (against cp -r into the same tmpfs); K-quants, fp8 and merge: their issues' own
-TARGETS = {"merge": 1.5, "fp8_out": 1.5, "fp8_in": 1.5, "verify": 1.5, "bf16": 1.1, "fp16": 1.1, "int8": 1.3,
+TARGETS = {"pth_back": 1.2, "merge": 1.5, "fp8_out": 1.5, "fp8_in": 1.5, "verify": 1.5, "bf16": 1.1, "fp16": 1.1, "int8": 1.3,
            "float8": 1.3, "Q8_0": 1.5, "Q4_0": 1.5, "Q4_1": 1.5, "Q5_0": 1.5, "Q5_1": 1.5, "original": 1.2,
            "Q6_K": 3.0, "Q4_K_M": 3.0, "Q2_K": 3.0}
 
@@ -104,9 +109,36 @@ def write_lora(path: Path, layers: int, rank: int = 64) -> None:
     save_file(sd, str(path))
 
 
+def write_t5_pth(path: Path, layers: int, pool: Path) -> int:
+    """The official umT5-XXL encoder's state dict (models_t5_umt5-xxl-enc-bf16.pth: dim 4096, ffn 10240,
+    64 heads, 32 buckets, vocabulary 256384) with `layers` blocks, bf16 values taken from the pool,
+    written by torch.save as the Wan repos ship it. Returns its bytes."""
+    import numpy as np
+    import torch
+
+    dim, ffn, buckets, heads, vocab = 4096, 10240, 32, 64, 256384
+    shapes = {"token_embedding.weight": (vocab, dim)}
+    for i in range(layers):
+        b = f"blocks.{i}."
+        shapes.update({b + "norm1.weight": (dim,), **{b + f"attn.{x}.weight": (dim, dim) for x in "qkvo"},
+                       b + "norm2.weight": (dim,), b + "ffn.gate.0.weight": (ffn, dim), b + "ffn.fc1.weight": (ffn, dim),
+                       b + "ffn.fc2.weight": (dim, ffn), b + "pos_embedding.embedding.weight": (buckets, heads)})
+    shapes["norm.weight"] = (dim,)
+    values = np.memmap(pool, dtype=np.float32, mode="r")
+    sd, at = {}, 0
+    for key, shape in shapes.items():
+        n = int(np.prod(shape))
+        start = at % max(1, len(values) - n)
+        part = np.resize(values[start:start + n], n)  # repeated when larger than the pool (the embedding)
+        sd[key] = torch.from_numpy(part).to(torch.bfloat16).reshape(shape)
+        at += 1_048_573
+    torch.save(sd, path)
+    return sum(t.numel() * 2 for t in sd.values())
+
+
 def read_through(folder: Path) -> None:
     """The source (a folder, or one file) into the page cache."""
-    for f in [folder] if folder.is_file() else sorted(folder.iterdir()):
+    for f in [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file()):
         with open(f, "rb", buffering=0) as fh:
             while fh.read(64 << 20):
                 pass
@@ -166,6 +198,12 @@ def main() -> None:
         pool = work / "pool.bin"
         make_pool(pool, 1 << 30)
         made = write_checkpoint(src, args.layers, 5 * 10**9, pool)
+        t5_pth = work / "t5" / "models_t5_umt5-xxl-enc-bf16.pth"
+        if any(p.startswith("pth_") for p in args.paths):
+            t5_pth.parent.mkdir()
+            made["t5_bytes"] = write_t5_pth(t5_pth, args.layers, pool)
+            subprocess.run([str(CLI), "convert", str(t5_pth), str(work / "t5d"), *PATHS["pth_in"]],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         pool.unlink()
         log(f"wrote {made['files']} shards, {made['tensors']} tensors, {human(made['bytes'])}")
         # the transformer class's layout cached (a repeat conversion of the family)
@@ -199,6 +237,8 @@ def main() -> None:
             for path in args.paths:
                 out = work / ("out.gguf" if "gguf" in PATHS[path] else "out")
                 source = diffusers / "transformer" if path in BACKWARDS else fp8_file if path in FP8_SOURCE else src
+                if path.startswith("pth_"):  # the .pth and the Diffusers folder made of it (the cp copies it)
+                    source = t5_pth if path == "pth_in" else work / "t5d"
                 for kind in kinds:  # alternating: cp, then the path (then the earlier commit's), every round
                     read_through(source)
                     env = before_env if kind == "before" else None
@@ -217,7 +257,7 @@ def main() -> None:
                         r = timed([str(CLI), "verify", str(diffusers), "--source", str(src)], logs, label, env)
                         into[path].append(r)
                     else:
-                        only = [] if path in BACKWARDS or path in FP8_SOURCE else ["--only", "transformer"]
+                        only = [] if path in BACKWARDS or path in FP8_SOURCE or path.startswith("pth_") else ["--only", "transformer"]
                         r = timed([str(CLI), "convert", str(source), str(out), *only, *PATHS[path]], logs, label, env)
                         remove(out)
                         into[path].append(r)
@@ -228,7 +268,7 @@ def main() -> None:
             ours = statistics.median(r["wall_s"] for r in runs[path])
             cp = statistics.median(r["wall_s"] for r in cps[path])
             rows.append({"path": path, "args": " ".join(PATHS[path]) or "(dtype keep)", "wall_s": ours, "cp_s": cp,
-                         "input_gb_s": round(made["bytes"] / ours / 1e9, 2),  # float input, whole process
+                         "input_gb_s": round(made["t5_bytes" if path.startswith("pth_") else "bytes"] / ours / 1e9, 2),
                          "ratio": round(ours / cp, 2), "target": TARGETS.get(path),
                          "rss_mib": max(r["rss_mib"] for r in runs[path]),
                          "cpu_s": statistics.median(r["cpu_s"] for r in runs[path]),

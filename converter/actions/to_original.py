@@ -464,15 +464,20 @@ def write_original(r: Reversed, folder: Path, max_shard_size, progress: bool = T
 
 
 def byte_chunks(item):
-    """What produce() gives (a TensorRef to copy, an iterator of byte chunks, a tensor) as byte chunks."""
-    import torch
+    """What produce() gives (a TensorRef to copy, an iterator of byte chunks, a tensor) as byte chunks.
+    A plain byte copy needs no torch (a .pth way back of a warm family imports none)."""
+    from ..read import safetensors_file as st  # DTYPES (torch's) only where a cast needs it
 
-    from ..read.safetensors_file import DTYPES, TensorRef, iter_cast, iter_chunks
-
-    if isinstance(item, TensorRef):  # a byte copy: read ahead into reused buffers (iter_cast to its own dtype)
+    if isinstance(item, st.TensorRef):  # a byte copy: read ahead into reused buffers
+        if item.stride is None and item.scale is None and not item.deltas:
+            return st.iter_bytes(item)
         if item.stride is None:
-            return iter_cast(item, DTYPES[item.dtype])
-        return (part.view(torch.uint8).numpy().data for part in iter_chunks(item))
+            return st.iter_cast(item, st.DTYPES[item.dtype])
+        import torch
+
+        return (part.view(torch.uint8).numpy().data for part in st.iter_chunks(item))
     if hasattr(item, "contiguous"):
+        import torch
+
         return [item.contiguous().reshape(-1).view(torch.uint8).numpy().data]
     return item

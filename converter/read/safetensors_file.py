@@ -454,6 +454,37 @@ def _cast_steps(ref: TensorRef, spans, item: int, src_dtype, inputs, outputs):
             yield memoryview(out.view(torch.uint8).numpy())
 
 
+def iter_bytes(ref: TensorRef, chunk: int = CAST_CHUNK):
+    """A contiguous tensor's stored bytes, one chunk at a time, read ahead on another thread into
+    three buffers reused from tensor to tensor: no torch, no copy beyond the read.  The contract of
+    iter_cast: a yielded chunk stays valid until the one after the next is asked for (the writer
+    writes chunk i while chunk i+1 is made; chunk i+2 is read into chunk i-1's buffer)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert ref.stride is None and ref.scale is None and not ref.deltas, ref.key
+    spans = [(off, min(chunk, ref.nbytes - off)) for off in range(0, ref.nbytes, chunk)]
+    shared = not getattr(_buffers, "bytes_busy", False)  # a second copy alive at once gets buffers of its own
+    views = [memoryview(_buffer(f"bytes{i}", min(chunk, ref.nbytes), shared)) for i in range(3)]
+    if shared:
+        _buffers.bytes_busy = True
+    try:
+        with open(ref.file, "rb", buffering=0) as f, ThreadPoolExecutor(1) as reader:
+            def read(i: int):
+                off, n = spans[i]
+                if _read_fully(f, views[i % 3][:n], ref.offset + off) != n:
+                    raise ConversionError(f"{ref.file}: truncated while reading {ref.key}")
+
+            pending = reader.submit(read, 0) if spans else None
+            for i, (_, n) in enumerate(spans):
+                pending.result()
+                if i + 1 < len(spans):
+                    pending = reader.submit(read, i + 1)
+                yield views[i % 3][:n]
+    finally:
+        if shared:
+            _buffers.bytes_busy = False
+
+
 def _pread(f, view: memoryview, offset: int) -> int:
     f.seek(offset)
     return f.readinto(view)

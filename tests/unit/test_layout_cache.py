@@ -128,3 +128,20 @@ def test_a_warm_quantized_conversion_imports_no_diffusers_and_writes_the_same(tm
     foreign, foreign_imports = imported(cache, args[0], args[1], tmp_path / "foreign", *args[2:])
     assert foreign.returncode == 0 and "diffusers" in foreign_imports
     assert files(tmp_path / "cold") == files(tmp_path / "foreign")
+
+
+def test_a_pth_way_back_with_a_warm_cache_imports_no_torch(tmp_path):
+    """The .pth writer pickles torch's names without importing torch and copies bytes without it:
+    a warm `--to original` of the umT5 encoder imports neither torch nor diffusers, and writes the
+    same tensors as the cold run."""
+    cache = tmp_path / "cache"
+    run_cli("convert", FIXTURES / "t5" / "models_t5_umt5-xxl-enc-bf16.pth", tmp_path / "d", "--only", "text_encoder")
+    first, _ = imported(cache, "convert", tmp_path / "d", tmp_path / "o1", "--to", "original")
+    assert first.returncode == 0, first.stderr
+    warm, warm_imports = imported(cache, "convert", tmp_path / "d", tmp_path / "o2", "--to", "original")
+    assert warm.returncode == 0 and warm_imports == [], (warm.stderr, warm_imports)
+    import torch
+
+    a = torch.load(tmp_path / "o1" / "models_t5_umt5-xxl-enc-bf16.pth", weights_only=True)
+    b = torch.load(tmp_path / "o2" / "models_t5_umt5-xxl-enc-bf16.pth", weights_only=True)
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,6 +1,7 @@
-"""`same_values` (verify's byte comparison of a copied tensor, and the way back's tied-key check):
-reused buffers compared whole, a last partial chunk compared as a slice; a difference anywhere is
-found, at any chunk size, and a file shorter than its header is not the same."""
+"""Reads of a tensor's stored bytes into reused buffers.  `same_values` (verify's byte comparison of
+a copied tensor, and the way back's tied-key check): a difference anywhere is found, at any chunk
+size, and a file shorter than its header is not the same.  `iter_bytes` (the .pth writer's byte
+copies): the bytes in order, each chunk intact while the writer writes it and the next is read."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from wan2diffusers.read.safetensors_file import read_header, same_values
+from wan2diffusers.read.safetensors_file import iter_bytes, read_header, same_values
 
 
 @pytest.mark.parametrize("chunk", [64, 1000, 4096, 1 << 24])
@@ -37,3 +38,21 @@ def test_a_truncated_file_is_not_the_same(tmp_path):
     (tmp_path / "b.safetensors").write_bytes((tmp_path / "a.safetensors").read_bytes()[:-100])
     cut = replace(ref, file=tmp_path / "b.safetensors")
     assert not same_values(ref, cut, 4096)
+
+
+@pytest.mark.parametrize("chunk", [40, 4096, 1 << 24])
+def test_iter_bytes_gives_the_stored_bytes_while_the_writer_holds_a_chunk(tmp_path, chunk):
+    import io
+
+    from wan2diffusers.write.safetensors_writer import write_chunks
+
+    values = {"a": np.arange(5000, dtype=np.float32), "b": np.arange(7, dtype=np.int16), "c": np.zeros(0, np.float32)}
+    save_file(values, str(tmp_path / "t.safetensors"))
+    refs = read_header(tmp_path / "t.safetensors").tensors
+    for key, value in values.items():
+        out = io.BytesIO()
+        assert write_chunks(out, iter_bytes(refs[key], chunk)) == value.nbytes  # chunk i written while i+1 is read
+        assert out.getvalue() == value.tobytes(), (key, chunk)
+    cut = replace(refs["a"], nbytes=refs["a"].nbytes + 4096)  # past the end of the file: named, not short
+    with pytest.raises(Exception, match="truncated"):
+        list(iter_bytes(cut, chunk))
