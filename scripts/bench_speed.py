@@ -204,6 +204,9 @@ def main() -> None:
             made["t5_bytes"] = write_t5_pth(t5_pth, args.layers, pool)
             subprocess.run([str(CLI), "convert", str(t5_pth), str(work / "t5d"), *PATHS["pth_in"]],
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for env in [None] + ([before_env] if before_env else []):  # the way back's layout cached too
+                subprocess.run([str(CLI), "convert", str(work / "t5d"), str(work / "dry-t5"), "--to", "original",
+                                "--dry-run"], check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         pool.unlink()
         log(f"wrote {made['files']} shards, {made['tensors']} tensors, {human(made['bytes'])}")
         # the transformer class's layout cached (a repeat conversion of the family)
