@@ -464,13 +464,14 @@ def write_original(r: Reversed, folder: Path, max_shard_size, progress: bool = T
 
 
 def byte_chunks(item):
-    """What produce() gives (a TensorRef to copy, an iterator of byte chunks, a tensor) as byte chunks.
-    A plain byte copy needs no torch (a .pth way back of a warm family imports none)."""
+    """What produce() gives (a TensorRef to copy, an iterator of byte chunks, a tensor) as byte chunks,
+    or, for a plain byte copy, the TensorRef itself (write_pth copies it as cp does). Neither needs
+    torch (a .pth way back of a warm family imports none)."""
     from ..read import safetensors_file as st  # DTYPES (torch's) only where a cast needs it
 
     if isinstance(item, st.TensorRef):  # a byte copy: read ahead into reused buffers
         if item.stride is None and item.scale is None and not item.deltas:
-            return st.iter_bytes(item)
+            return item  # copied unchanged (write_pth copies it kernel-side, or streams it)
         if item.stride is None:
             return st.iter_cast(item, st.DTYPES[item.dtype])
         import torch

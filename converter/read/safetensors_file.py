@@ -277,7 +277,7 @@ def same_values(a: TensorRef, b: TensorRef, chunk: int = 16 * 1024 * 1024) -> bo
         for off in range(0, a.nbytes, chunk):
             n = min(chunk, a.nbytes - off)
             for f, ref, view in ((fa, a, views[0]), (fb, b, views[1])):
-                if _read_fully(f, view[:n], ref.offset + off) != n:
+                if read_fully(f, view[:n], ref.offset + off) != n:
                     return False  # a file shorter than its header says
             if n == len(bufs[0]):
                 if bufs[0] != bufs[1]:
@@ -287,7 +287,7 @@ def same_values(a: TensorRef, b: TensorRef, chunk: int = 16 * 1024 * 1024) -> bo
     return True
 
 
-def _read_fully(f, view: memoryview, offset: int) -> int:
+def read_fully(f, view: memoryview, offset: int) -> int:
     got = 0
     while got < len(view):
         k = os.preadv(f.fileno(), [view[got:]], offset + got) if hasattr(os, "preadv") else _pread(f, view[got:], offset + got)
@@ -471,7 +471,7 @@ def iter_bytes(ref: TensorRef, chunk: int = CAST_CHUNK):
         with open(ref.file, "rb", buffering=0) as f, ThreadPoolExecutor(1) as reader:
             def read(i: int):
                 off, n = spans[i]
-                if _read_fully(f, views[i % 3][:n], ref.offset + off) != n:
+                if read_fully(f, views[i % 3][:n], ref.offset + off) != n:
                     raise ConversionError(f"{ref.file}: truncated while reading {ref.key}")
 
             pending = reader.submit(read, 0) if spans else None

@@ -22,6 +22,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Iterable
 
+from ..errors import ConversionError
+from ..read.safetensors_file import TensorRef, _buffer, iter_bytes, read_fully
 from .safetensors_writer import write_chunks
 
 ALIGNMENT = 64
@@ -111,7 +113,8 @@ def _aligned_info(zf: zipfile.ZipFile, name: str, size: int) -> zipfile.ZipInfo:
 def write_pth(path: Path, entries: list[tuple[str, str, tuple[int, ...], int]],
               produce: Callable[[int], Iterable], on_bytes: Callable[[int], None] = lambda n: None) -> None:
     """`entries`: (key, dtype tag, shape, nbytes) in state-dict order; `produce(i)` gives entry i's
-    bytes as an iterator of byte chunks (or one bytes-like object)."""
+    bytes as an iterator of byte chunks (or one bytes-like object), or as a TensorRef whose stored
+    bytes are copied unchanged (_copy_member)."""
     archive = Path(path).stem
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         def member(name: str, data: bytes) -> None:
@@ -125,10 +128,61 @@ def write_pth(path: Path, entries: list[tuple[str, str, tuple[int, ...], int]],
         for n, (key, _, _, nbytes) in enumerate(entries):
             with zf.open(_aligned_info(zf, f"{archive}/data/{n}", nbytes), "w", force_zip64=True) as f:
                 item = produce(n)
-                # zipfile's CRC-32 and write of a chunk (both release the GIL) while the next is read
-                written = write_chunks(f, [item] if isinstance(item, (bytes, bytearray, memoryview)) else item)
+                written = _copy_member(f, item) if isinstance(item, TensorRef) else None
+                if written is None:  # zipfile's CRC-32 and write of a chunk (both release the GIL) while the next is read
+                    chunks = iter_bytes(item) if isinstance(item, TensorRef) else item
+                    written = write_chunks(f, [chunks] if isinstance(chunks, (bytes, bytearray, memoryview)) else chunks)
                 if written != nbytes:
                     raise AssertionError(f"{key}: planned {nbytes} bytes, produced {written}")
             on_bytes(nbytes)
         member("version", b"3\n")
         member(".data/serialization_id", "".join(str(b % 10) for b in os.urandom(40)).encode())
+
+
+def _copy_member(f, ref: TensorRef) -> int | None:
+    """A member that is a source tensor's bytes unchanged, copied as cp copies (os.copy_file_range:
+    the bytes never pass through this process) while their CRC-32 is computed from a read of the same
+    bytes on another thread (zlib, ~6 GB/s, into one reused buffer).  zipfile's member writer `f` is
+    then told the size and CRC it would have counted; its close() writes them into the local header
+    and the central directory.  None (nothing written) where the OS cannot copy between these files
+    (EXDEV, EINVAL) or zipfile's writer is not the one this was written against: the caller streams."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = getattr(f, "_fileobj", None)
+    if not hasattr(os, "copy_file_range") or out is None or ref.stride is not None or ref.scale is not None \
+            or ref.deltas or not all(hasattr(f, a) for a in ("_crc", "_file_size", "_compress_size")) or f._file_size:
+        return None
+    out.flush()
+    start = out.tell()
+    with open(ref.file, "rb", buffering=0) as src, ThreadPoolExecutor(1) as pool:
+        crc = pool.submit(_crc32, ref, memoryview(_buffer("crc", min(16 << 20, max(ref.nbytes, 1)))))
+        done = 0
+        try:
+            while done < ref.nbytes:
+                k = os.copy_file_range(src.fileno(), out.fileno(), min(ref.nbytes - done, 1 << 30),
+                                       ref.offset + done, start + done)
+                if k == 0:
+                    raise ConversionError(f"{ref.file}: truncated while reading {ref.key}")
+                done += k
+        except OSError:
+            if done:
+                raise
+            crc.cancel()
+            return None  # e.g. between file systems the kernel will not copy across: stream instead
+        value = crc.result()
+    out.seek(start + done)
+    f._crc, f._file_size, f._compress_size = value, done, done
+    return done
+
+
+def _crc32(ref: TensorRef, buf: memoryview) -> int:
+    import zlib
+
+    crc = 0
+    with open(ref.file, "rb", buffering=0) as f:
+        for off in range(0, ref.nbytes, len(buf)):
+            view = buf[:min(len(buf), ref.nbytes - off)]
+            if read_fully(f, view, ref.offset + off) != len(view):
+                raise ConversionError(f"{ref.file}: truncated while reading {ref.key}")
+            crc = zlib.crc32(view, crc)
+    return crc

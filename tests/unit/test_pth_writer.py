@@ -57,3 +57,51 @@ def test_the_pickle_is_written_without_importing_torch():
             "print('torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "False", (r.stdout, r.stderr)
+
+
+def test_tensor_bytes_copied_kernel_side_or_streamed_give_the_same_members(tmp_path, monkeypatch):
+    """A TensorRef member is copied by os.copy_file_range with its CRC-32 read beside it; where the
+    kernel refuses (EXDEV between file systems) it is streamed instead: both give torch.save's
+    members, and zipfile's own CRC check passes."""
+    import errno
+    import os
+
+    from safetensors.torch import save_file
+
+    from wan2diffusers.read.safetensors_file import read_header
+
+    g = torch.Generator().manual_seed(1)
+    state = {"a": torch.randn(300, 70, generator=g), "b": torch.randn(5, generator=g).bfloat16(),
+             "c": torch.zeros(0, 3), "d": torch.arange(7, dtype=torch.int64)}
+    save_file(state, str(tmp_path / "src.safetensors"))
+    refs = read_header(tmp_path / "src.safetensors").tensors
+    keys = list(state)
+    tags = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}
+    entries = [(k, tags[state[k].dtype], tuple(state[k].shape), refs[k].nbytes) for k in keys]
+    (tmp_path / "torch").mkdir()
+    torch.save(state, tmp_path / "torch" / "model.pth")
+    calls = []
+    real = os.copy_file_range
+
+    def counting(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(os, "copy_file_range", counting)
+    for kind in ("copied", "streamed"):
+        (tmp_path / kind).mkdir()
+        write_pth(tmp_path / kind / "model.pth", entries, lambda i: refs[keys[i]])
+        with zipfile.ZipFile(tmp_path / kind / "model.pth") as b, zipfile.ZipFile(tmp_path / "torch" / "model.pth") as a:
+            assert b.testzip() is None  # every member's CRC-32 as stored
+            for x in a.infolist():
+                if not x.filename.endswith("serialization_id"):
+                    assert a.read(x) == b.read(x.filename), (kind, x.filename)
+        loaded = torch.load(tmp_path / kind / "model.pth", weights_only=True)
+        assert all(torch.equal(loaded[k], state[k]) for k in keys)
+        if kind == "copied":
+            assert len(calls) >= 3  # the non-empty tensors went kernel-side
+
+            def refuse(*args):
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+            monkeypatch.setattr(os, "copy_file_range", refuse)
