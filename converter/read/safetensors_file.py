@@ -254,7 +254,7 @@ def fp8_lookup(values, scale: float | None, dtype, out=None, where: str = "fp8 v
         out = torch.empty(values.shape, dtype=dtype)
     codes = values.reshape(-1).view(torch.uint8)
     # index_select with a reused int64 index: 1.4 G values/s here (numpy's take 0.74, torch's cast 0.24-0.48)
-    index = torch.frombuffer(_buffer("fp8_index", max(8, codes.numel() * 8)), dtype=torch.int64)[:codes.numel()]
+    index = torch.frombuffer(reused_buffer("fp8_index", max(8, codes.numel() * 8)), dtype=torch.int64)[:codes.numel()]
     index.copy_(codes)
     torch.index_select(table, 0, index, out=out.reshape(-1))
     overflowing = torch.isinf(table) & torch.isfinite(wide)  # codes whose value the target cannot hold
@@ -271,7 +271,7 @@ def same_values(a: TensorRef, b: TensorRef, chunk: int = 16 * 1024 * 1024) -> bo
             or a.stride or b.stride:
         return False
     size = min(chunk, a.nbytes)
-    bufs = [_buffer("same0", size), _buffer("same1", size)]
+    bufs = [reused_buffer("same0", size), reused_buffer("same1", size)]
     views = [memoryview(buf) for buf in bufs]
     with open(a.file, "rb", buffering=0) as fa, open(b.file, "rb", buffering=0) as fb:
         for off in range(0, a.nbytes, chunk):
@@ -352,7 +352,7 @@ CAST_CHUNK = 16 * 1024 * 1024  # source bytes per step of a streamed cast (measu
 _buffers = threading.local()  # per thread: the cast's reused buffers (fresh memory costs a page fault per 4 KiB)
 
 
-def _buffer(name: str, nbytes: int, shared: bool = True) -> bytearray:
+def reused_buffer(name: str, nbytes: int, shared: bool = True) -> bytearray:
     if not shared:
         return bytearray(nbytes)
     have = getattr(_buffers, name, None)
@@ -406,8 +406,8 @@ def iter_cast(ref: TensorRef, dtype, chunk: int = CAST_CHUNK):
     step = max(item, chunk - chunk % item)
     out_item = torch.empty((), dtype=dtype).element_size()
     shared = not getattr(_buffers, "busy", False)  # a second cast alive at once gets buffers of its own
-    inputs = [_buffer("in0", step, shared), _buffer("in1", step, shared)]
-    outputs = [torch.frombuffer(_buffer(f"out{i}", step // item * out_item, shared), dtype=dtype) for i in range(2)]
+    inputs = [reused_buffer("in0", step, shared), reused_buffer("in1", step, shared)]
+    outputs = [torch.frombuffer(reused_buffer(f"out{i}", step // item * out_item, shared), dtype=dtype) for i in range(2)]
     spans = [(off, min(step, ref.nbytes - off)) for off in range(0, ref.nbytes, step)]
     if shared:
         _buffers.busy = True
@@ -464,7 +464,7 @@ def iter_bytes(ref: TensorRef, chunk: int = CAST_CHUNK):
     assert ref.stride is None and ref.scale is None and not ref.deltas, ref.key
     spans = [(off, min(chunk, ref.nbytes - off)) for off in range(0, ref.nbytes, chunk)]
     shared = not getattr(_buffers, "bytes_busy", False)  # a second copy alive at once gets buffers of its own
-    views = [memoryview(_buffer(f"bytes{i}", min(chunk, ref.nbytes), shared)) for i in range(3)]
+    views = [memoryview(reused_buffer(f"bytes{i}", min(chunk, ref.nbytes), shared)) for i in range(3)]
     if shared:
         _buffers.bytes_busy = True
     try:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..errors import ConversionError
-from ..read.safetensors_file import TensorRef, _buffer, iter_bytes, read_fully
+from ..read.safetensors_file import TensorRef, iter_bytes, read_fully, reused_buffer
 from .safetensors_writer import write_chunks
 
 ALIGNMENT = 64
@@ -155,21 +155,21 @@ def _copy_member(f, ref: TensorRef) -> int | None:
     out.flush()
     start = out.tell()
     with open(ref.file, "rb", buffering=0) as src, ThreadPoolExecutor(1) as pool:
-        crc = pool.submit(_crc32, ref, memoryview(_buffer("crc", min(16 << 20, max(ref.nbytes, 1)))))
-        done = 0
-        try:
-            while done < ref.nbytes:
+        crc, done = None, 0
+        while done < ref.nbytes:
+            try:
                 k = os.copy_file_range(src.fileno(), out.fileno(), min(ref.nbytes - done, 1 << 30),
                                        ref.offset + done, start + done)
-                if k == 0:
-                    raise ConversionError(f"{ref.file}: truncated while reading {ref.key}")
-                done += k
-        except OSError:
-            if done:
-                raise
-            crc.cancel()
-            return None  # e.g. between file systems the kernel will not copy across: stream instead
-        value = crc.result()
+            except OSError:
+                if done:
+                    raise
+                return None  # e.g. between file systems the kernel will not copy across: stream instead
+            if k == 0:
+                raise ConversionError(f"{ref.file}: truncated while reading {ref.key}")
+            if crc is None:  # the kernel copies: the CRC-32 from a read beside the rest of the copy
+                crc = pool.submit(_crc32, ref, memoryview(reused_buffer("crc", min(16 << 20, ref.nbytes))))
+            done += k
+        value = crc.result() if crc is not None else 0
     out.seek(start + done)
     f._crc, f._file_size, f._compress_size = value, done, done
     return done
