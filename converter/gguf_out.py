@@ -189,14 +189,14 @@ def append_tensor(writer, t: GGUFTensor, bar) -> None:
     if name != t.key or info.nbytes != t.nbytes:
         raise ConversionError(f"{t.key}: the GGUF header planned {name} with {info.nbytes} bytes")
     writer.write_padding(fout, fout.tell())
+    import numpy as np
+
     from .write.safetensors_writer import write_chunks
 
     def counted():
         for part in quantized_values(t):
             bar.update(part.nbytes)
             yield part.reshape(-1).view(np.uint8)
-
-    import numpy as np
 
     done = write_chunks(fout, counted())  # a slice is written while the next is read and quantized
     if done != t.nbytes:

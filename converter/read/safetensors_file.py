@@ -421,37 +421,43 @@ def iter_cast(ref: TensorRef, dtype, chunk: int = CAST_CHUNK):
 def _cast_steps(ref: TensorRef, spans, item: int, src_dtype, inputs, outputs):
     import torch
 
+    scale = ref.scale  # a scaled fp8 ref: its float32 values (stored x scale) cast once to the target
+    for i, view in enumerate(_read_ahead(ref, spans, inputs)):
+        count = len(view) // item
+        out = outputs[i % 2][:count]
+        src = torch.frombuffer(view, dtype=src_dtype, count=count)
+        if ref.deltas:  # a merge: the values (scaled) + the deltas of this range, in float32, cast once
+            values = with_deltas(scaled(src, scale), ref, spans[i][0] // item, inplace=True)  # the buffer is read again
+            out.copy_(values)
+            check_overflow(values, out, f"{ref.file}: {ref.key} (merged)")
+        elif src_dtype.itemsize == 1 and src_dtype.is_floating_point:  # fp8 (x its scale): a table lookup
+            fp8_lookup(src, scale, out.dtype, out, f"{ref.file}: {ref.key}")
+        else:
+            out.copy_(src)
+            check_overflow(src, out, f"{ref.file}: {ref.key}")
+        yield memoryview(out.view(torch.uint8).numpy())
+
+
+def _read_ahead(ref: TensorRef, spans, buffers):
+    """Each span (offset in the tensor, bytes) of `ref` read into buffers[i % len(buffers)] and
+    yielded as a view of it, while the next span is read on another thread (file reads release the
+    GIL).  Span i+2 is read into span i's buffer once span i+1 is asked for: what the consumer keeps
+    of a yielded view beyond that decides how many buffers it needs (iter_cast: 2, iter_bytes: 3)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    scale = ref.scale  # a scaled fp8 ref: its float32 values (stored x scale) cast once to the target
-
+    views = [memoryview(b) for b in buffers]
     with open(ref.file, "rb", buffering=0) as f, ThreadPoolExecutor(1) as reader:
-        def read(i: int):
+        def read(i: int) -> None:
             off, n = spans[i]
-            view = memoryview(inputs[i % 2])[:n]
-            got = os.preadv(f.fileno(), [view], ref.offset + off) if hasattr(os, "preadv") else _pread(f, view, ref.offset + off)
-            if got != n:
+            if read_fully(f, views[i % len(views)][:n], ref.offset + off) != n:
                 raise ConversionError(f"{ref.file}: truncated while reading {ref.key}")
-            return n
 
         pending = reader.submit(read, 0) if spans else None
-        for i in range(len(spans)):
-            n = pending.result()
+        for i, (_, n) in enumerate(spans):
+            pending.result()
             if i + 1 < len(spans):
                 pending = reader.submit(read, i + 1)
-            count = n // item
-            out = outputs[i % 2][:count]
-            src = torch.frombuffer(inputs[i % 2], dtype=src_dtype, count=count)
-            if ref.deltas:  # a merge: the values (scaled) + the deltas of this range, in float32, cast once
-                values = with_deltas(scaled(src, scale), ref, spans[i][0] // item, inplace=True)  # the buffer is read again
-                out.copy_(values)
-                check_overflow(values, out, f"{ref.file}: {ref.key} (merged)")
-            elif src_dtype.itemsize == 1 and src_dtype.is_floating_point:  # fp8 (x its scale): a table lookup
-                fp8_lookup(src, scale, out.dtype, out, f"{ref.file}: {ref.key}")
-            else:
-                out.copy_(src)
-                check_overflow(src, out, f"{ref.file}: {ref.key}")
-            yield memoryview(out.view(torch.uint8).numpy())
+            yield views[i % len(views)][:n]
 
 
 def iter_bytes(ref: TensorRef, chunk: int = CAST_CHUNK):
@@ -459,27 +465,14 @@ def iter_bytes(ref: TensorRef, chunk: int = CAST_CHUNK):
     three buffers reused from tensor to tensor: no torch, no copy beyond the read.  The contract of
     iter_cast: a yielded chunk stays valid until the one after the next is asked for (the writer
     writes chunk i while chunk i+1 is made; chunk i+2 is read into chunk i-1's buffer)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     assert ref.stride is None and ref.scale is None and not ref.deltas, ref.key
     spans = [(off, min(chunk, ref.nbytes - off)) for off in range(0, ref.nbytes, chunk)]
     shared = not getattr(_buffers, "bytes_busy", False)  # a second copy alive at once gets buffers of its own
-    views = [memoryview(reused_buffer(f"bytes{i}", min(chunk, ref.nbytes), shared)) for i in range(3)]
+    buffers = [reused_buffer(f"bytes{i}", min(chunk, ref.nbytes), shared) for i in range(3)]
     if shared:
         _buffers.bytes_busy = True
     try:
-        with open(ref.file, "rb", buffering=0) as f, ThreadPoolExecutor(1) as reader:
-            def read(i: int):
-                off, n = spans[i]
-                if read_fully(f, views[i % 3][:n], ref.offset + off) != n:
-                    raise ConversionError(f"{ref.file}: truncated while reading {ref.key}")
-
-            pending = reader.submit(read, 0) if spans else None
-            for i, (_, n) in enumerate(spans):
-                pending.result()
-                if i + 1 < len(spans):
-                    pending = reader.submit(read, i + 1)
-                yield views[i % 3][:n]
+        yield from _read_ahead(ref, spans, buffers)
     finally:
         if shared:
             _buffers.bytes_busy = False
