@@ -22,6 +22,7 @@ import json
 import os
 import stat
 from contextlib import contextmanager
+from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ def cache_dir() -> Path | None:
     return Path(base) / "wan2diffusers" / "layouts"
 
 
+@lru_cache(maxsize=None)  # importlib.metadata walks sys.path each call; a process sees one install
 def _version(lib: str) -> str:
     try:
         return version(lib)

@@ -31,6 +31,20 @@ def test_every_shipped_table_validates():
         assert table_file(name).suffix == ".yaml"
 
 
+def test_every_yaml_file_we_ship_reads_as_pyyamls_own_safe_loader_reads_it():
+    """parse_yaml takes libyaml's loader for speed; PyYAML's pure-Python SafeLoader is the judge."""
+    import yaml
+
+    from wan2diffusers.mapping.tables import SAFE_LOADER
+
+    assert SAFE_LOADER is yaml.CSafeLoader  # the wheels we install carry libyaml: the fast path is the one tested
+    shipped = sorted((ROOT / "mappings").glob("*.yaml"))
+    assert len(shipped) >= 10
+    for path in shipped:
+        text = path.read_text(encoding="utf-8")
+        assert yaml.load(text, Loader=SAFE_LOADER) == yaml.safe_load(text), path.name
+
+
 def transformer_yaml() -> str:
     return table_file("transformer").read_text()
 
