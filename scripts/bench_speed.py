@@ -23,11 +23,17 @@ by round, --repeat rounds (default 3), medians reported.  Paths (default all fiv
               and vocabulary, --layers blocks; written by torch.save, made once)
     pth_back  convert DIFFUSERS --to original (that encoder converted once, untimed): the .pth writer
 
-For each: median wall (s), median of the matching cp runs, the ratio, peak RSS (/usr/bin/time -v,
+For each: median wall (s), median of the matching cp runs, the ratio (and the median of each round's
+own ratio, "paired"), peak RSS (/usr/bin/time -v,
 mapped pages count), user+sys CPU seconds, and GB/s of float input for the whole process (compare
 with the kernel alone: scripts/bench_cast_floor.py, bench_ggml_floor.py, bench_fp8_floor.py).
 Targets: TARGETS (issue 23 for the casts, torchao, legacy GGUF, the way back and verify).  Every
-output is removed (and synced) before the next run.  The layout of the transformer class (and, for
+output is removed (and synced) before the next run, and every timed command, cp's included, starts
+--settle seconds (default 1) after that: on a VM that hands freed pages back to its host (virtio
+free page reporting) a new page costs more the longer ago the last output was freed (cp of 2.5 GB into
+tmpfs, medians of 6: 1.35 s at once, 3.6 s after 0.3 s, 2.7 s after 1 or 3 s), which favoured cp's
+1 ms start over our 0.2 s one; --settle 0 measures as before.  Our modules' bytecode is written
+first, as pip writes it on install (compile_bytecode).  The layout of the transformer class (and, for
 --quantize, what the quantizing loader expects) is cached
 before the first timed run (a repeat conversion of a family, as scripts/bench_convert.py documents).
 
@@ -296,6 +302,10 @@ def main() -> None:
             rows.append({"path": path, "args": " ".join(PATHS[path]) or "(dtype keep)", "wall_s": ours, "cp_s": cp,
                          "input_gb_s": round(made["t5_bytes" if path.startswith("pth_") else "bytes"] / ours / 1e9, 2),
                          "ratio": round(ours / cp, 2), "target": TARGETS.get(path),
+                         # each round's own ratio (ours / the cp just before it), their median: the host's
+                         # state drifts between rounds more than within one
+                         "paired_ratio": round(statistics.median(r["wall_s"] / c["wall_s"]
+                                                                 for r, c in zip(runs[path], cps[path])), 2),
                          "rss_mib": max(r["rss_mib"] for r in runs[path]),
                          "cpu_s": statistics.median(r["cpu_s"] for r in runs[path]),
                          "runs": [r["wall_s"] for r in runs[path]], "cp_runs": [r["wall_s"] for r in cps[path]]})
@@ -311,11 +321,11 @@ def main() -> None:
         else:
             print(f"\nsynthetic T2V-14B, {args.layers} layers, {human(made['bytes'])} float32, source in page cache, "
                   f"timed to a final sync, alternating with cp -r, median of {args.repeat}, {os.cpu_count()} CPUs")
-            print(f"{'path':8s} {'ours s':>8s} {'cp s':>7s} {'ratio':>6s} {'target':>7s} {'peak RSS':>9s} {'cpu s':>7s} "
-                  f"{'GB/s in':>8s}")
+            print(f"{'path':8s} {'ours s':>8s} {'cp s':>7s} {'ratio':>6s} {'paired':>6s} {'target':>7s} {'peak RSS':>9s} "
+                  f"{'cpu s':>7s} {'GB/s in':>8s}")
             for r in rows:
                 t = f"<= {r['target']}" if r["target"] else ""
-                print(f"{r['path']:8s} {r['wall_s']:8.2f} {r['cp_s']:7.2f} {r['ratio']:5.2f}x {t:>7s} "
+                print(f"{r['path']:8s} {r['wall_s']:8.2f} {r['cp_s']:7.2f} {r['ratio']:5.2f}x {r['paired_ratio']:5.2f}x {t:>7s} "
                       f"{r['rss_mib']:6d} MiB {r['cpu_s']:7.1f} {r['input_gb_s']:8.2f}" + (
                           f"   before {r['before_s']:6.2f} s ({r['vs_before']:.2f}x) {r['before_rss_mib']:5d} MiB "
                           f"{r['before_cpu_s']:6.1f} cpu s" if args.before else ""))

@@ -158,7 +158,10 @@ def _copy_member(f, ref: TensorRef) -> int | None:
         crc, done = None, 0
         while done < ref.nbytes:
             try:
-                k = os.copy_file_range(src.fileno(), out.fileno(), min(ref.nbytes - done, 1 << 30),
+                # a first chunk of 16 MiB: the CRC read starts once the kernel has shown it copies (not
+                # after a first GiB, which left the CRC of a 2 GB embedding running past its copy)
+                k = os.copy_file_range(src.fileno(), out.fileno(),
+                                       min(ref.nbytes - done, (16 << 20) if crc is None else (1 << 30)),
                                        ref.offset + done, start + done)
             except OSError:
                 if done:

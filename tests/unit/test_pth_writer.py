@@ -72,11 +72,13 @@ def test_tensor_bytes_copied_kernel_side_or_streamed_give_the_same_members(tmp_p
 
     g = torch.Generator().manual_seed(1)
     state = {"a": torch.randn(300, 70, generator=g), "b": torch.randn(5, generator=g).bfloat16(),
-             "c": torch.zeros(0, 3), "d": torch.arange(7, dtype=torch.int64)}
+             "c": torch.zeros(0, 3), "d": torch.arange(7, dtype=torch.int64),
+             "e": torch.randn(4_500_000, generator=g)}  # 18 MB: copied in two calls, its CRC read during the second
     save_file(state, str(tmp_path / "src.safetensors"))
     refs = read_header(tmp_path / "src.safetensors").tensors
     keys = list(state)
     tags = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}
+    assert keys[-1] == "e"
     entries = [(k, tags[state[k].dtype], tuple(state[k].shape), refs[k].nbytes) for k in keys]
     (tmp_path / "torch").mkdir()
     torch.save(state, tmp_path / "torch" / "model.pth")
@@ -99,7 +101,8 @@ def test_tensor_bytes_copied_kernel_side_or_streamed_give_the_same_members(tmp_p
         loaded = torch.load(tmp_path / kind / "model.pth", weights_only=True)
         assert all(torch.equal(loaded[k], state[k]) for k in keys)
         if kind == "copied":
-            assert len(calls) >= 3  # the non-empty tensors went kernel-side
+            assert len(calls) >= 5  # the non-empty tensors went kernel-side
+            assert [c[2] for c in calls[-2:]] == [16 << 20, refs["e"].nbytes - (16 << 20)]  # "e" in two calls
 
             def refuse(*args):
                 raise OSError(errno.EXDEV, "Invalid cross-device link")
