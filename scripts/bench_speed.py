@@ -215,9 +215,8 @@ def main() -> None:
         raise SystemExit("not enough free disk")
     compile_bytecode(None)  # as pip leaves an install: a start does not compile our modules (see compile_bytecode)
     before_env = None
-    if args.before:
+    if args.before:  # its converter/ imported as wan2diffusers ahead of the installed one
         compile_bytecode(args.before)
-  # its converter/ imported as wan2diffusers ahead of the installed one
         shim = work / "before-shim"
         shim.mkdir()
         (shim / "wan2diffusers").symlink_to((args.before / "converter").resolve())
