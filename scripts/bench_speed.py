@@ -163,12 +163,9 @@ def read_through(folder: Path) -> None:
                 pass
 
 
-SETTLE = [1.0]  # --settle
-
-
-def timed(argv: list[str], logs: Path, label: str, env: dict | None = None) -> dict:
+def timed(argv: list[str], logs: Path, label: str, settle: float, env: dict | None = None) -> dict:
     subprocess.run(["sync"], check=True)
-    time.sleep(SETTLE[0])  # every command, cp's included, starts as long after the last output was freed
+    time.sleep(settle)  # every command, cp's included, starts as long after the last output was freed
     tfile, ofile = logs / f"{label}.time", logs / f"{label}.log"
     t0 = time.perf_counter()
     with open(ofile, "wb") as out:
@@ -202,7 +199,6 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    SETTLE[0] = args.settle
     kinds = ("cp", "ours") + (("before",) if args.before else ())
 
     need = checkpoint_bytes(args.layers)
@@ -276,20 +272,20 @@ def main() -> None:
                     into = befores if kind == "before" else runs
                     label = f"{rnd}-{path}" + ("-before" if kind == "before" else "")
                     if kind == "cp":
-                        r = timed(["cp", "-r", str(source), str(work / "copy")], logs, f"{rnd}-{path}-cp")
+                        r = timed(["cp", "-r", str(source), str(work / "copy")], logs, f"{rnd}-{path}-cp", args.settle)
                         remove(work / "copy")
                         cps[path].append(r)
                     elif path == "merge":
                         r = timed([str(CLI), "merge", str(src), str(out), "--only", "transformer", "--lora",
-                                   str(lora_file)], logs, label, env)
+                                   str(lora_file)], logs, label, args.settle, env)
                         remove(out)
                         into[path].append(r)
                     elif path == "verify":
-                        r = timed([str(CLI), "verify", str(diffusers), "--source", str(src)], logs, label, env)
+                        r = timed([str(CLI), "verify", str(diffusers), "--source", str(src)], logs, label, args.settle, env)
                         into[path].append(r)
                     else:
                         only = [] if path in BACKWARDS or path in FP8_SOURCE or path.startswith("pth_") else ["--only", "transformer"]
-                        r = timed([str(CLI), "convert", str(source), str(out), *only, *PATHS[path]], logs, label, env)
+                        r = timed([str(CLI), "convert", str(source), str(out), *only, *PATHS[path]], logs, label, args.settle, env)
                         remove(out)
                         into[path].append(r)
                     log(f"  round {rnd} {path if kind == 'ours' else kind:8s} wall {r['wall_s']:6.2f} s  RSS {r['rss_mib']:5d} MiB  "

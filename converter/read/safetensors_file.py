@@ -9,6 +9,7 @@ import math
 import os
 import struct
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,14 +204,7 @@ def read_tensor(ref: TensorRef):
     buf = bytearray(ref.nbytes)
     try:
         with open(ref.file, "rb", buffering=0) as f:
-            f.seek(ref.offset)
-            view = memoryview(buf)
-            got = 0
-            while got < ref.nbytes:
-                k = f.readinto(view[got:])
-                if not k:
-                    break
-                got += k
+            got = read_fully(f, memoryview(buf), ref.offset)
     except OSError as e:
         raise ConversionError(f"{ref.file}: cannot read {ref.key}: {e.strerror or e}") from None
     if got != ref.nbytes:
@@ -288,6 +282,8 @@ def same_values(a: TensorRef, b: TensorRef, chunk: int = 16 * 1024 * 1024) -> bo
 
 
 def read_fully(f, view: memoryview, offset: int) -> int:
+    """Bytes read into `view` from `offset` of the open file `f`, short reads retried; fewer than
+    len(view) only at the end of the file."""
     got = 0
     while got < len(view):
         k = os.preadv(f.fileno(), [view[got:]], offset + got) if hasattr(os, "preadv") else _pread(f, view[got:], offset + got)
@@ -336,13 +332,11 @@ def iter_chunks(ref: TensorRef, chunk: int = 64 * 1024 * 1024):
     item = ITEMSIZE[ref.dtype]
     step = max(item, chunk - chunk % item)
     with open(ref.file, "rb", buffering=0) as f:
-        f.seek(ref.offset)
         done = 0
         while done < ref.nbytes:
             n = min(step, ref.nbytes - done)
             buf = bytearray(n)
-            got = f.readinto(buf)
-            if got != n:
+            if read_fully(f, memoryview(buf), ref.offset + done) != n:  # a short read retried, not taken for truncation
                 raise ConversionError(f"{ref.file}: truncated while reading {ref.key}")
             yield with_deltas(scaled(torch.frombuffer(buf, dtype=src_dtype), ref.scale), ref, done // item, inplace=True)
             done += n
@@ -350,6 +344,21 @@ def iter_chunks(ref: TensorRef, chunk: int = 64 * 1024 * 1024):
 
 CAST_CHUNK = 16 * 1024 * 1024  # source bytes per step of a streamed cast (measured: 16 MB beat 8/32/64)
 _buffers = threading.local()  # per thread: the cast's reused buffers (fresh memory costs a page fault per 4 KiB)
+
+
+@contextmanager
+def _claimed(kind: str):
+    """Whether this thread's reused buffers of `kind` are free for the caller (True, and held until
+    it leaves) or already held by a generator still alive (False: the caller takes fresh ones)."""
+    flag = f"busy_{kind}"
+    shared = not getattr(_buffers, flag, False)
+    if shared:
+        setattr(_buffers, flag, True)
+    try:
+        yield shared
+    finally:
+        if shared:
+            setattr(_buffers, flag, False)
 
 
 def reused_buffer(name: str, nbytes: int, shared: bool = True) -> bytearray:
@@ -405,17 +414,12 @@ def iter_cast(ref: TensorRef, dtype, chunk: int = CAST_CHUNK):
     item = ITEMSIZE[ref.dtype]
     step = max(item, chunk - chunk % item)
     out_item = torch.empty((), dtype=dtype).element_size()
-    shared = not getattr(_buffers, "busy", False)  # a second cast alive at once gets buffers of its own
-    inputs = [reused_buffer("in0", step, shared), reused_buffer("in1", step, shared)]
-    outputs = [torch.frombuffer(reused_buffer(f"out{i}", step // item * out_item, shared), dtype=dtype) for i in range(2)]
     spans = [(off, min(step, ref.nbytes - off)) for off in range(0, ref.nbytes, step)]
-    if shared:
-        _buffers.busy = True
-    try:
+    with _claimed("cast") as shared:  # a second cast alive at once gets buffers of its own
+        inputs = [reused_buffer("in0", step, shared), reused_buffer("in1", step, shared)]
+        outputs = [torch.frombuffer(reused_buffer(f"out{i}", step // item * out_item, shared), dtype=dtype)
+                   for i in range(2)]
         yield from _cast_steps(ref, spans, item, src_dtype, inputs, outputs)
-    finally:
-        if shared:
-            _buffers.busy = False
 
 
 def _cast_steps(ref: TensorRef, spans, item: int, src_dtype, inputs, outputs):
@@ -467,15 +471,9 @@ def iter_bytes(ref: TensorRef, chunk: int = CAST_CHUNK):
     writes chunk i while chunk i+1 is made; chunk i+2 is read into chunk i-1's buffer)."""
     assert ref.stride is None and ref.scale is None and not ref.deltas, ref.key
     spans = [(off, min(chunk, ref.nbytes - off)) for off in range(0, ref.nbytes, chunk)]
-    shared = not getattr(_buffers, "bytes_busy", False)  # a second copy alive at once gets buffers of its own
-    buffers = [reused_buffer(f"bytes{i}", min(chunk, ref.nbytes), shared) for i in range(3)]
-    if shared:
-        _buffers.bytes_busy = True
-    try:
+    with _claimed("bytes") as shared:  # a second copy alive at once gets buffers of its own
+        buffers = [reused_buffer(f"bytes{i}", min(chunk, ref.nbytes), shared) for i in range(3)]
         yield from _read_ahead(ref, spans, buffers)
-    finally:
-        if shared:
-            _buffers.bytes_busy = False
 
 
 def _pread(f, view: memoryview, offset: int) -> int:
